@@ -1,0 +1,20 @@
+"""Fixtures every test gets: an isolated state dir, no real credentials, no network by accident."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["tests.fixtures_sshd", "tests.fixtures_vast", "tests.fixtures_data"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Point the state dir at a temp folder and hide the user's real keys and endpoints."""
+    home = tmp_path_factory.mktemp("flux-remote-home")
+    monkeypatch.setenv("FLUX_REMOTE_HOME", str(home))
+    for var in ("VAST_API_KEY", "HF_TOKEN", "WANDB_API_KEY", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("VAST_URL", "http://127.0.0.1:9")  # nothing listens: a stray call fails fast
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home

@@ -1,0 +1,1 @@
+"""Shared pytest fixtures (loaded by conftest.py via pytest_plugins)."""

@@ -14,23 +14,21 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Defined once, in the config generator that also runs on the instance; re-exported here.
+from remote.aitk_config import BASE_MODELS, SCHNELL_ADAPTER
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 # ai-toolkit at a commit we have read; users with a fork set training.ai_toolkit.repo / commit.
 AI_TOOLKIT_REPO = "https://github.com/ostris/ai-toolkit.git"
-AI_TOOLKIT_COMMIT = "main"
+# ostris/ai-toolkit main as of 2026-08-21 ("Rework progress bar and ui speed string ...").
+AI_TOOLKIT_COMMIT = "27a03a91f23eb1b757d5ec2e80ee3e129cfcc350"
 
 DEFAULT_PROMPTS = [
     "[trigger] portrait, natural light, 85mm photo",
     "[trigger] in a cafe, sitting by the window, film grain",
     "[trigger] as a watercolor illustration",
 ]
-
-BASE_MODELS = {
-    "flux-dev": "black-forest-labs/FLUX.1-dev",
-    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
-}
-SCHNELL_ADAPTER = "ostris/FLUX.1-schnell-training-adapter"
 
 
 class _Model(BaseModel):
@@ -277,3 +275,23 @@ class BatchSpec(_Model):
                 if not isinstance(values, list) or not values:
                     raise ValueError(f"sweep key {key!r} needs a non-empty list of values")
         return self
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of a spec file, the optional ``batch:`` section included (for editors)."""
+    schema = RunSpec.model_json_schema()
+    batch = BatchSpec.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    defs.update(batch.pop("$defs", {}))
+    defs["BatchSpec"] = batch
+    schema["properties"]["batch"] = {
+        "$ref": "#/$defs/BatchSpec",
+        "description": "Makes this a batch file: the rest of the file is the base spec of every run.",
+    }
+    provider = schema["properties"]["provider"]
+    schema["properties"]["provider"] = {  # the shorthand `provider: vast` is valid too
+        "anyOf": [{"$ref": "#/$defs/ProviderSpec"}, {"enum": ["vast", "ssh", "local"]}],
+        **{key: value for key, value in provider.items() if key != "$ref"},
+    }
+    schema["title"] = "flux-remote run spec"
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}

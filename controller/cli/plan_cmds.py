@@ -1,9 +1,171 @@
-"""(filled in by its issue)"""
+"""``flux-remote plan``: which offer would run this spec, for how many dollars. Nothing is rented."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
 import typer
+
+from controller.cli.common import JSON_OPTION, console, emit_json, handles_errors
+from controller.errors import EXIT_BUDGET, SpecError
+
+if TYPE_CHECKING:
+    from controller.planner import PlanResult
+    from controller.spec import RunSpec
+
+
+def load_run_spec(path: Path) -> "RunSpec":
+    """The validated spec: ``controller.spec_loader.load_spec`` when it exists, else a plain
+    YAML + pydantic load (same result for a valid file, less precise error locations)."""
+    try:
+        from controller.spec_loader import load_spec
+    except ImportError:
+        return _load_spec_plain(path)
+    return load_spec(path)
+
+
+def _load_spec_plain(path: Path) -> "RunSpec":
+    import yaml
+    from pydantic import ValidationError
+
+    from controller.spec import RunSpec
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                    for err in exc.errors()]
+        raise SpecError(problems) from exc
+
+
+def load_offers_file(path: Path) -> list[dict[str, Any]]:
+    """Offers saved from a search: the API's ``{"offers": [...]}`` shape (a bare list works too)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read offers: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise SpecError(f"{path}: offers file is not JSON: {exc}") from exc
+    offers = data.get("offers") if isinstance(data, dict) else data
+    if not isinstance(offers, list) or not all(isinstance(o, dict) for o in offers):
+        raise SpecError(f'{path}: expected {{"offers": [...]}} as saved from a Vast.ai search')
+    return offers
+
+
+def measured_speeds() -> dict[str, float]:
+    """Seconds per step measured on the user's finished runs, by GPU model (from the journal)."""
+    from controller.journal import journal_path, open_journal
+
+    if not journal_path().exists():  # planning alone never creates the journal
+        return {}
+    journal = open_journal()
+    try:
+        return journal.measured_s_per_step()
+    finally:
+        journal.close()
+
+
+def search_live(spec: "RunSpec") -> list[dict[str, Any]]:
+    """Ask Vast.ai for the offers matching the spec (on-demand, plus bid when allowed)."""
+    from controller.planner import mark_interruptible, search_query
+    from controller.vast.client import VastClient
+
+    client = VastClient()
+    offers = client.search_offers(search_query(spec))
+    if spec.gpu.interruptible:
+        offers += mark_interruptible(client.search_offers(search_query(spec, interruptible=True)))
+    return offers
+
+
+WIDE_TABLE = 110  # narrower consoles get the "why" column as lines under the table
+
+
+def render_plan(result: "PlanResult", out: Any, *, top: int = 10) -> None:
+    """The plan as a table on a rich Console ``out``: top offers, the chosen one marked."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="Offers by estimated cost of the whole run", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for name, justify in (("", "left"), ("offer", "right"), ("GPU", "left"), ("$/h", "right"),
+                          ("est h", "right"), ("est $", "right"), ("Mb/s", "right"),
+                          ("rel", "right"), ("loc", "left")):
+        table.add_column(name, justify=justify,  # type: ignore[arg-type]
+                         no_wrap=name not in ("GPU", "loc"))
+    wide = out.width >= WIDE_TABLE
+    if wide:
+        table.add_column("why", ratio=1)
+    for est in result.offers[:top]:
+        mark = "[bold green]>[/]" if est is result.chosen else ""
+        if not est.fits:
+            mark = "[red]x[/]"
+        gpu = f"{est.num_gpus}x {est.gpu_name}" if est.num_gpus > 1 else est.gpu_name
+        if est.interruptible:
+            gpu += " (bid)"
+        why = est.why if est.fits else f"over {est.refused}; {est.why}"
+        location = str(est.offer.get("geolocation") or "?").rsplit(",", 1)[-1].strip()
+        cells = [
+            mark, str(est.offer_id), gpu, f"{est.dph_total:.3f}", f"{est.est_hours:.2f}",
+            f"{est.est_usd:.2f}", f"{float(est.offer.get('inet_down') or 0):.0f}",
+            f"{est.to_dict()['reliability']:.3f}", location,
+        ]
+        table.add_row(*cells, *([why] if wide else []))
+    out.print(table)
+    if not wide:
+        for est in result.offers[:top]:
+            why = est.why if est.fits else f"over {est.refused}; {est.why}"
+            out.print(f"  {est.offer_id}: {why}")
+    if result.excluded:
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(result.excluded.items(),
+                                                         key=lambda kv: -kv[1]))
+        out.print(f"excluded ({result.considered} offers looked at): {parts}")
+    chosen = result.chosen
+    if chosen is not None:
+        margin = chosen.est_usd * (1 + result.safety_margin)
+        out.print(
+            f"[bold]chosen:[/] offer {chosen.offer_id} ({chosen.gpu_name}), about "
+            f"{chosen.est_hours:.2f} h, est ${chosen.est_usd:.2f} (${margin:.2f} with the "
+            f"{result.safety_margin:.0%} margin) of the ${result.budget_usd:.2f} budget. "
+            "Nothing was rented."
+        )
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command("plan")
+    @handles_errors
+    def plan(
+        file: Path = typer.Argument(..., help="The run spec (run.yaml)."),
+        offers: Optional[Path] = typer.Option(
+            None, "--offers", help='Plan against a saved search result ({"offers": [...]}) '
+            "instead of asking Vast.ai."),
+        top: int = typer.Option(10, "--top", min=1, help="How many offers to show."),
+        as_json: bool = JSON_OPTION,
+    ) -> None:
+        """Show which offer would train this spec most cheaply, and the estimate vs the budget.
+
+        Example: flux-remote plan run.yaml --top 5
+        """
+        from controller.planner import plan_offers
+
+        spec = load_run_spec(file)
+        found = load_offers_file(offers) if offers is not None else search_live(spec)
+        result = plan_offers(spec, found, measured_s_per_step=measured_speeds())
+        if as_json:
+            data = result.to_dict()
+            data["offers"] = data["offers"][:top]
+            if result.chosen is None:
+                emit_json({"ok": False, "error": "BudgetError", "message": result.refusal(),
+                           **data})
+                raise typer.Exit(EXIT_BUDGET)
+            emit_json({"ok": True, **data})
+            return
+        render_plan(result, console(), top=top)
+        result.require_chosen()

@@ -1,9 +1,433 @@
-"""(filled in by its issue)"""
+"""The run commands: ``launch``, ``status``, ``ls``, ``logs``, ``stop``, ``down``, ``fetch``,
+``resume``, ``gc``, ``cost``. Parsing and rendering only; the lifecycle is
+``controller.orchestrator``.
+
+Ctrl-C while following asks whether to stop the run (graceful: checkpoint, publish, fetch,
+destroy) or to detach (the run carries on; ``flux-remote resume RUN`` reattaches). With ``--yes``
+nothing is asked and Ctrl-C detaches: an unattended script never stops a paid run by accident,
+and the agent's own cost guard and watchdog still bound its spend.
+"""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
 import typer
+
+from controller.cli.common import JSON_OPTION, console, emit_json, handles_errors
+from controller.errors import EXIT_RUN_FAILED, BudgetError, RunError, SpecError
+
+if TYPE_CHECKING:
+    from controller.journal import Journal
+    from controller.orchestrator import Options, Orchestrator, Outcome
+
+POLL_OPTION = typer.Option(2.0, "--poll-interval", hidden=True, min=0.01,
+                           help="Seconds between polls of the agent.")
+
+
+def _journal() -> "Journal":
+    from controller.journal import open_journal
+
+    return open_journal()
+
+
+def _orchestrator(journal: "Journal", provider_name: str, reporter: Any = None) -> "Orchestrator":
+    from controller.orchestrator import Orchestrator
+    from controller.providers import provider_named
+
+    return Orchestrator(journal, provider_named(provider_name, journal=journal), reporter=reporter)
+
+
+def _find_run(journal: "Journal", ref: str | None) -> dict[str, Any]:
+    """A run by id or unique id prefix; the newest run when ``ref`` is None."""
+    if ref is None:
+        runs = journal.list_runs()
+        if not runs:
+            raise SpecError("no runs yet", hint="start one with `flux-remote launch run.yaml`")
+        return runs[-1]
+    found = journal.find_runs(ref)
+    if not found:
+        raise SpecError(f"no run {ref!r}", hint="see `flux-remote ls`")
+    if len(found) > 1:
+        names = ", ".join(r["run_id"] for r in found[:5])
+        raise SpecError(f"{ref!r} matches {len(found)} runs ({names}); give more of the id")
+    return found[0]
+
+
+def _with_instance(journal: "Journal", run: dict[str, Any]) -> dict[str, Any]:
+    rows = journal.instances(run["run_id"])
+    last = rows[-1] if rows else {}
+    state = last.get("state") if last else None
+    return {**run, "instance_state": {"creating": "renting", "failed": "none",
+                                      "destroying": "live"}.get(state or "", state) or "none",
+              "instance_id": last.get("instance_id"), "gpu_name": last.get("gpu_name")}
+
+
+def _view(as_json: bool, *, show_logs: bool = True) -> Any:
+    from controller.follow import NullReporter
+    from controller.ui import LiveView
+
+    return NullReporter() if as_json else LiveView(console(), show_logs=show_logs)
+
+
+def _close(view: Any) -> None:
+    close = getattr(view, "close", None)
+    if close is not None:
+        close()
+
+
+def _drive_interactive(orch: "Orchestrator", run_id: str, options: "Options", *,
+                       yes: bool, estimate: Any = None) -> "Outcome":
+    """Drive the run; on Ctrl-C ask stop-or-detach (``--yes``: detach)."""
+    from controller.orchestrator import Options
+
+    while True:
+        try:
+            return orch.drive(run_id, options, estimate)
+        except KeyboardInterrupt:
+            _close(orch.reporter)
+            if yes or options.detach:
+                return orch._outcome(orch._run(run_id), detached=True)
+            choice = typer.prompt("\nstop the run (s) or detach and let it run (d)?",
+                                  default="d").strip().lower()
+            if not choice.startswith("s"):
+                return orch._outcome(orch._run(run_id), detached=True)
+            orch.request_stop(run_id)
+            options = Options(**{**options.__dict__, "detach": False})
+            yes = True  # a second Ctrl-C detaches
+
+
+def _finish(outcome: "Outcome", as_json: bool) -> None:
+    from controller.ui import render_summary
+
+    if as_json:
+        emit_json(outcome.to_dict())
+    else:
+        render_summary(console(), outcome)
+    if not outcome.ok:
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
+@handles_errors
+def launch(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="The run spec (YAML)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before renting."),
+    detach: bool = typer.Option(False, "--detach", help="Return once the agent has started."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where the bundle goes "
+                                       "(default: publish.out_dir, else ./runs/<name>/)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan only; rent nothing."),
+    poll_interval: float = POLL_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Plan, rent, ship, train, fetch, verify, destroy.
+
+    Example: flux-remote launch configs/demo-local.yaml --yes
+    """
+    from controller.cli.plan_cmds import load_run_spec
+    from controller.orchestrator import Options
+    from controller.ui import plan_table
+
+    if as_json and not (yes or dry_run):
+        raise SpecError("--json needs --yes or --dry-run (there is no prompt on a JSON stream)")
+    spec = load_run_spec(file)
+    journal = _journal()
+    view = _view(as_json)
+    orch = _orchestrator(journal, spec.provider.type, view)
+    estimate = orch.provider.estimate(spec)
+    if estimate.est_usd is not None and estimate.est_usd > spec.budget.max_usd:
+        raise BudgetError(f"estimated ${estimate.est_usd:.2f} exceeds the budget "
+                          f"${spec.budget.max_usd:.2f}")
+    if dry_run:
+        if as_json:
+            emit_json({"ok": True, "dry_run": True, **estimate.to_dict()})
+        else:
+            console().print(plan_table(estimate, budget_usd=spec.budget.max_usd))
+        return
+    if not as_json:
+        console().print(plan_table(estimate, budget_usd=spec.budget.max_usd))
+    if not yes and not typer.confirm("start this run?", default=True):
+        console().print("nothing rented.")
+        return
+    run_id = orch.create_run(spec, estimate, out_dir=out, spec_path=file.resolve())
+    if not as_json:
+        console().print(f"run [bold]{run_id}[/]")
+    options = Options(detach=detach, poll_interval=poll_interval)
+    try:
+        outcome = _drive_interactive(orch, run_id, options, yes=yes, estimate=estimate)
+    finally:
+        _close(view)
+    _finish(outcome, as_json)
+
+
+@handles_errors
+def resume(
+    run: str = typer.Argument(..., help="Run id (or a unique prefix)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Ctrl-C detaches without asking."),
+    detach: bool = typer.Option(False, "--detach", help="Return once the agent runs."),
+    poll_interval: float = POLL_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Reattach to a run after the controller or the laptop died, and carry it to its end.
+
+    Example: flux-remote resume demo-local-20261129-184000-3fa2
+    """
+    from controller.orchestrator import Options
+
+    journal = _journal()
+    row = _find_run(journal, run)
+    view = _view(as_json)
+    orch = _orchestrator(journal, row["provider"], view)
+    try:
+        outcome = _drive_interactive(orch, row["run_id"],
+                                     Options(detach=detach, poll_interval=poll_interval),
+                                     yes=yes or as_json)
+    finally:
+        _close(view)
+    _finish(outcome, as_json)
+
+
+@handles_errors
+def stop(
+    run: str = typer.Argument(..., help="Run id (or a unique prefix)."),
+    poll_interval: float = POLL_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Stop gracefully: the agent checkpoints and publishes; then fetch, verify, destroy.
+
+    Example: flux-remote stop demo-local-20261129-184000-3fa2
+    """
+    from controller import runs as R
+    from controller.orchestrator import Options
+
+    journal = _journal()
+    row = _find_run(journal, run)
+    view = _view(as_json)
+    orch = _orchestrator(journal, row["provider"], view)
+    try:
+        if row["state"] == R.RUNNING:
+            orch.request_stop(row["run_id"])
+            outcome = orch.drive(row["run_id"], Options(poll_interval=poll_interval))
+        elif row["state"] in R.ACTIVE_STATES and row["state"] != R.FETCHING:
+            outcome = orch.down(row["run_id"], force=True)  # no agent yet: nothing to save
+        else:
+            outcome = orch.drive(row["run_id"], Options(poll_interval=poll_interval))
+    finally:
+        _close(view)
+    _finish(outcome, as_json)
+
+
+@handles_errors
+def down(
+    run: str = typer.Argument(..., help="Run id (or a unique prefix)."),
+    force: bool = typer.Option(False, "--force", help="Destroy without fetching anything first."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Destroy the run's instance now (after fetching what can be fetched, unless --force).
+
+    Example: flux-remote down demo-local-20261129-184000-3fa2
+    """
+    journal = _journal()
+    row = _find_run(journal, run)
+    orch = _orchestrator(journal, row["provider"], _view(as_json))
+    outcome = orch.down(row["run_id"], force=force)
+    if as_json:
+        emit_json(outcome.to_dict())
+    else:
+        console().print(f"{outcome.run_id}: machine released; run {outcome.state}"
+                        + (f"; files in {outcome.bundle}" if outcome.bundle else ""))
+
+
+@handles_errors
+def fetch(
+    run: str = typer.Argument(..., help="Run id (or a unique prefix)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Download the verified bundle (or, without one, the newest checkpoint and the logs).
+
+    Example: flux-remote fetch demo-local-20261129-184000-3fa2
+    """
+    journal = _journal()
+    row = _find_run(journal, run)
+    orch = _orchestrator(journal, row["provider"], _view(as_json))
+    result = orch.fetch_now(row["run_id"])
+    if as_json:
+        emit_json({"ok": True, "run_id": row["run_id"], **result})
+    elif result["bundle"]:
+        console().print(f"bundle verified ({result['files_verified']} files): {result['bundle']}")
+    else:
+        console().print(f"no bundle yet; fetched {len(result['extras'])} files into "
+                        f"{row['out_dir']}")
+
+
+@handles_errors
+def status(
+    run: Optional[str] = typer.Argument(None, help="Run id or prefix (default: the newest)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """One run's state, stage, step, loss and spend (polled live when it is running).
+
+    Example: flux-remote status demo-local
+    """
+    from controller import runs as R
+    from controller.errors import FluxRemoteError
+    from controller.orchestrator import Options
+    from controller.ui import run_detail
+
+    journal = _journal()
+    row = _find_run(journal, run)
+    note = None
+    if row["state"] == R.RUNNING:
+        try:
+            orch = _orchestrator(journal, row["provider"])
+            orch.follower(row, Options()).poll()
+        except FluxRemoteError as exc:
+            note = f"could not reach the run's machine: {exc}"
+    row = _with_instance(journal, journal.get_run(row["run_id"]) or row)
+    if as_json:
+        emit_json({"ok": True, "run": _public(row), "note": note})
+        return
+    console().print(run_detail(row, now=time.time()))
+    if note:
+        console().print(f"[yellow]{note}[/]")
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "spec_json"}
+
+
+@handles_errors
+def ls(as_json: bool = JSON_OPTION) -> None:
+    """Every run in the journal with its state, GPU, spend and age.
+
+    Example: flux-remote ls
+    """
+    from controller.ui import runs_table
+
+    journal = _journal()
+    rows = [_with_instance(journal, r) for r in journal.list_runs()]
+    if as_json:
+        emit_json({"ok": True, "runs": [_public(r) for r in rows]})
+    else:
+        console().print(runs_table(rows, now=time.time()))
+
+
+@handles_errors
+def logs(
+    run: str = typer.Argument(..., help="Run id (or a unique prefix)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+    tail: Optional[int] = typer.Option(None, "--tail", "-n", min=0, help="Only the last N lines."),
+    poll_interval: float = POLL_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """The agent's log, from its machine while it exists, else from the fetched copy.
+
+    Example: flux-remote logs demo-local --tail 50
+    """
+    from controller.errors import FluxRemoteError
+    from controller.follow import RunPaths, read_int
+
+    journal = _journal()
+    row = _find_run(journal, run)
+    host = paths = None
+    if journal.current_instance(row["run_id"]) is not None and row["remote_run_dir"]:
+        try:
+            orch = _orchestrator(journal, row["provider"])
+            host, paths = orch.machine(row["run_id"]).host, RunPaths(row["remote_run_dir"])
+        except FluxRemoteError:
+            host = None
+    if host is not None and paths is not None:
+        data = host.read_bytes(paths.log) or b""
+    else:
+        local = Path(row["out_dir"]) / "logs" / "agent.log"
+        if not local.exists():
+            raise RunError(f"no log for {row['run_id']}: its machine is gone and nothing was "
+                           "fetched")
+        data = local.read_bytes()
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    shown = lines[-tail:] if tail is not None else lines
+    if as_json:
+        emit_json({"ok": True, "run_id": row["run_id"], "lines": shown if tail != 0 else []})
+        return
+    for line in (shown if tail != 0 else []):
+        typer.echo(line)
+    if not follow or host is None or paths is None:
+        return
+    offset = len(data) - (len(data) - data.rfind(b"\n") - 1 if b"\n" in data else len(data))
+    while True:
+        chunk = host.read_bytes(paths.log, offset) or b""
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            for line in chunk[: cut + 1].decode("utf-8", errors="replace").splitlines():
+                typer.echo(line)
+            offset += cut + 1
+        elif read_int(host, paths.rc) is not None:
+            return
+        time.sleep(poll_interval)
+
+
+@handles_errors
+def gc(
+    yes: bool = typer.Option(False, "--yes", "-y", help="Destroy without asking."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Find instances labelled flux-remote: that no live run owns, and destroy them.
+
+    Example: flux-remote gc
+    """
+    from controller.providers import provider_named
+    from controller.reconcile import destroy_orphans, find_orphans
+    from controller.ui import orphans_table
+
+    journal = _journal()
+    factory = lambda name: provider_named(name, journal=journal)  # noqa: E731
+    orphans = find_orphans(journal, factory)
+    if not orphans:
+        if as_json:
+            emit_json({"ok": True, "orphans": [], "destroyed": []})
+        else:
+            console().print("no orphaned instances.")
+        return
+    if not as_json:
+        console().print(orphans_table(orphans))
+    if not yes:
+        if as_json:
+            emit_json({"ok": True, "orphans": orphans, "destroyed": []})
+            return
+        if not typer.confirm(f"destroy these {len(orphans)} instances?", default=False):
+            console().print("nothing destroyed.")
+            return
+    destroyed = destroy_orphans(journal, factory, orphans)
+    if as_json:
+        emit_json({"ok": True, "orphans": orphans, "destroyed": destroyed})
+    else:
+        console().print(f"destroyed {len(destroyed)} instances.")
+
+
+@handles_errors
+def cost(
+    run: Optional[str] = typer.Argument(None, help="One run (default: all)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Estimated vs metered spend per run, and the total.
+
+    Example: flux-remote cost
+    """
+    from controller.ui import cost_table
+
+    journal = _journal()
+    rows = [_find_run(journal, run)] if run else journal.list_runs()
+    data = [{"run_id": r["run_id"], "state": r["state"], "est_usd": r["est_usd"],
+             "spend_usd": r["spend_usd"], "budget_usd": r["budget_usd"]} for r in rows]
+    if as_json:
+        emit_json({"ok": True, "runs": data,
+                   "total_spend_usd": sum(r["spend_usd"] or 0.0 for r in data),
+                   "total_est_usd": sum(r["est_usd"] or 0.0 for r in data)})
+    else:
+        console().print(cost_table(data))
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    for command in (launch, status, ls, logs, stop, down, fetch, resume, gc, cost):
+        app.command(name=command.__name__)(command)

@@ -1,0 +1,83 @@
+"""``flux-remote export skypilot`` and ``flux-remote publish``: taking a run elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from controller.cli.common import JSON_OPTION, console, emit_json, handles_errors
+
+export_app = typer.Typer(help="Export a run spec for other launchers.", no_args_is_help=True)
+
+
+@export_app.command("skypilot")
+@handles_errors
+def export_skypilot_cmd(
+    file: Path = typer.Argument(..., help="The run spec (run.yaml)."),
+    out: Optional[Path] = typer.Option(
+        None, "-o", "--out", help="Task YAML to write (default: ./<name>.sky.yaml)."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Write a SkyPilot task YAML (and its plan.json) that runs the same pipeline on any cloud.
+
+    Example: flux-remote export skypilot run.yaml -o me.sky.yaml
+    then:    sky launch -c me --secret HF_TOKEN me.sky.yaml
+    """
+    from controller.export_skypilot import export_skypilot
+
+    result = export_skypilot(file, out)
+    if as_json:
+        emit_json({"ok": True, **result.to_dict()})
+        return
+    out_console = console()
+    out_console.print(f"wrote {result.task_path} and {result.plan_path}", soft_wrap=True, markup=False)
+    out_console.print(f"launch with: {result.to_dict()['launch']}", soft_wrap=True, markup=False)
+
+
+def publish_cmd(
+    run_or_bundle_dir: Path = typer.Argument(..., help="A fetched bundle, or a run folder holding publish/."),
+    repo: Optional[str] = typer.Option(
+        None, "--repo", help="Hub repo id, e.g. alice/my-lora (default: publish.hf_repo in run.yaml)."
+    ),
+    public: bool = typer.Option(False, "--public", help="Create the repo public (default: private)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Upload a fetched bundle to the Hugging Face Hub (model card first), with HF_TOKEN.
+
+    Example: HF_TOKEN=hf_... flux-remote publish runs/me --repo alice/me-lora
+    """
+    from controller.errors import SpecError
+    from controller.hf_publish import publish_bundle, publish_target
+
+    bundle = find_bundle(run_or_bundle_dir)
+    target = publish_target(bundle)
+    repo_id = repo or target.get("hf_repo")
+    if not repo_id:
+        raise SpecError(f"{bundle}: no repo to publish to",
+                        hint="pass --repo OWNER/NAME or set publish.hf_repo")
+    private = not public and bool(target.get("hf_private", True))
+    url = publish_bundle(bundle, repo_id, private=private)
+    if as_json:
+        emit_json({"ok": True, "repo": repo_id, "url": url, "private": private, "bundle": str(bundle)})
+        return
+    visibility = "private" if private else "public"
+    console().print(f"published {bundle} to {url} ({visibility})", soft_wrap=True, markup=False)
+
+
+def find_bundle(path: Path) -> Path:
+    """The bundle folder: ``path`` itself when it holds SHA256SUMS, else its ``publish/``."""
+    from controller.errors import SpecError
+
+    for candidate in (path, path / "publish"):
+        if (candidate / "SHA256SUMS").is_file():
+            return candidate
+    raise SpecError(f"{path}: no bundle here (no SHA256SUMS in it or in its publish/ folder)",
+                    hint="fetch the run first: flux-remote fetch RUN")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(export_app, name="export")
+    app.command("publish")(handles_errors(publish_cmd))

@@ -1,0 +1,280 @@
+"""Following a running agent: poll, meter spend, enforce the cap, tail the log.
+
+Each poll, over the host's one kept-alive connection: read ``status.json``, read ``agent.log``
+from the byte offset reached so far (only whole lines are shown; the offset is journaled, so a
+reattaching controller neither repeats nor skips a line), touch ``heartbeat``, and meter spend
+from the moment billing started: ``dph_total x wall time + bandwidth``.
+
+Controller-side cap: when the metered spend plus what the next poll interval and the finish
+(checkpoint, publish, fetch, destroy: ``finish_allowance_s``) would cost reaches the budget, the
+follower writes ``STOP`` once: the agent checkpoints, publishes what exists and ends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from controller.errors import RunError, TransportError
+
+if TYPE_CHECKING:
+    from controller.hosts.base import Host
+    from controller.journal import Journal
+
+AGENT_TERMINAL = ("done", "failed", "stopped")
+FINISH_ALLOWANCE_S = 600.0  # time the agent needs after STOP, plus fetch and destroy
+LOST_CONTACT_S = 600.0  # give up following after this long without one good poll
+
+
+class Reporter(Protocol):
+    """Where the orchestrator reports to (the rich live view, a JSON log, a test recorder)."""
+
+    def note(self, text: str) -> None: ...
+
+    def update(self, snap: "Snapshot") -> None: ...
+
+    def log(self, lines: list[str]) -> None: ...
+
+
+class NullReporter:
+    def note(self, text: str) -> None:
+        return None
+
+    def update(self, snap: "Snapshot") -> None:
+        return None
+
+    def log(self, lines: list[str]) -> None:
+        return None
+
+
+@dataclass
+class Snapshot:
+    """One poll's view of the run, as the live panel shows it."""
+
+    run_id: str
+    agent_state: str | None = None  # status.json "state"; None before the agent wrote one
+    stage: str | None = None
+    step: int | None = None
+    total: int | None = None
+    loss: float | None = None
+    s_per_step: float | None = None
+    eta_s: float | None = None
+    spend_usd: float = 0.0
+    budget_usd: float = 0.0
+    price_per_hour: float = 0.0
+    elapsed_s: float = 0.0
+    stop_requested: bool = False
+    agent_alive: bool | None = None
+    agent_rc: int | None = None
+    error: str | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        """The agent has ended (its exit code is recorded or its process is gone)."""
+        return self.agent_rc is not None or self.agent_alive is False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("status")
+        return data
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Files of the agent's run directory on its host (the contract in DESIGN.md)."""
+
+    run_dir: str
+
+    def file(self, name: str) -> str:
+        return f"{self.run_dir}/{name}"
+
+    @property
+    def plan(self) -> str:
+        return self.file("plan.json")
+
+    @property
+    def status(self) -> str:
+        return self.file("status.json")
+
+    @property
+    def log(self) -> str:
+        return self.file("agent.log")
+
+    @property
+    def heartbeat(self) -> str:
+        return self.file("heartbeat")
+
+    @property
+    def stop(self) -> str:
+        return self.file("STOP")
+
+    @property
+    def publish(self) -> str:
+        return self.file("publish")
+
+    @property
+    def pid(self) -> str:
+        return self.file("agent.pid")  # the detached agent's pid (controller.hosts)
+
+    @property
+    def rc(self) -> str:
+        return self.file("agent.rc")  # its exit code, once it has ended
+
+    @property
+    def out(self) -> str:
+        return self.file("agent.out")  # its raw stdout/stderr (tracebacks before logging starts)
+
+
+def meter(price_per_hour: float, billing_started_at: float, now: float,
+          bandwidth_usd: float = 0.0) -> float:
+    """Dollars spent so far: the hourly price over wall time since billing began, plus bandwidth."""
+    return max(0.0, now - billing_started_at) / 3600.0 * price_per_hour + bandwidth_usd
+
+
+def read_json(host: "Host", path: str) -> dict[str, Any] | None:
+    data = host.read_bytes(path)
+    if not data:
+        return None
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None  # a writer that is not atomic; the next poll reads it whole
+    return value if isinstance(value, dict) else None
+
+
+def read_int(host: "Host", path: str) -> int | None:
+    data = host.read_bytes(path)
+    try:
+        return int(data.decode().strip()) if data else None
+    except ValueError:
+        return None
+
+
+def log_lines(chunk: bytes) -> list[str]:
+    """Whole lines of a log chunk; of a progress bar redrawn with ``\r`` only its last state."""
+    lines = []
+    for raw in chunk.decode("utf-8", errors="replace").split("\n")[:-1]:
+        line = raw.rstrip("\r").rsplit("\r", 1)[-1]
+        if line.strip():
+            lines.append(line)
+    return lines
+
+
+def request_stop(host: "Host", paths: RunPaths, reason: str) -> None:
+    host.write_bytes(paths.stop, (reason + "\n").encode("utf-8"))
+
+
+class Follower:
+    """Polls one run until its agent ends. ``poll()`` is one step; ``follow()`` loops."""
+
+    def __init__(self, host: "Host", paths: RunPaths, *, journal: "Journal", run_id: str,
+                 price_per_hour: float, billing_started_at: float, budget_usd: float,
+                 max_hours: float | None = None, bandwidth_usd: float = 0.0,
+                 poll_interval: float = 2.0, finish_allowance_s: float = FINISH_ALLOWANCE_S,
+                 lost_contact_s: float = LOST_CONTACT_S, reporter: Reporter | None = None,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.host = host
+        self.paths = paths
+        self.journal = journal
+        self.run_id = run_id
+        self.price_per_hour = price_per_hour
+        self.billing_started_at = billing_started_at
+        self.budget_usd = budget_usd
+        self.max_hours = max_hours
+        self.bandwidth_usd = bandwidth_usd
+        self.poll_interval = poll_interval
+        self.finish_allowance_s = finish_allowance_s
+        self.lost_contact_s = lost_contact_s
+        self.reporter = reporter or NullReporter()
+        self.clock = clock
+        self.sleep = sleep
+        run = journal.get_run(run_id) or {}
+        self.offset = int(run.get("log_offset") or 0)
+        self.stop_requested = bool(run.get("stop_requested"))
+
+    def _tail_log(self) -> list[str]:
+        data = self.host.read_bytes(self.paths.log, self.offset)
+        if not data:
+            return []
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            return []  # half a line: wait for its end
+        chunk = data[: cut + 1]
+        self.offset += len(chunk)
+        return log_lines(chunk)
+
+    def _cap_reached(self, spend: float, now: float) -> str | None:
+        ahead = self.poll_interval + self.finish_allowance_s
+        if self.price_per_hour > 0 and spend + self.price_per_hour * ahead / 3600 >= self.budget_usd:
+            return (f"controller cost cap: ${spend:.2f} spent, the finish would cross "
+                    f"${self.budget_usd:.2f}")
+        if self.max_hours and now - self.billing_started_at + ahead >= self.max_hours * 3600:
+            return f"controller time cap: {self.max_hours} h"
+        return None
+
+    def poll(self) -> Snapshot:
+        """One round trip: status, new log lines, heartbeat, spend; may write STOP."""
+        now = self.clock()
+        # Exit code first: when it is there, everything below was written before it.
+        rc = read_int(self.host, self.paths.rc)
+        pid = read_int(self.host, self.paths.pid)
+        alive: bool | None = False if rc is not None else None
+        if rc is None and pid is not None:
+            alive = self.host.is_alive(pid)
+        status = read_json(self.host, self.paths.status) or {}
+        lines = self._tail_log()
+        self.host.write_bytes(self.paths.heartbeat, f"{now:.3f}\n".encode())
+        spend = meter(self.price_per_hour, self.billing_started_at, now, self.bandwidth_usd)
+        snap = Snapshot(
+            run_id=self.run_id, agent_state=status.get("state"), stage=status.get("stage"),
+            step=status.get("step"), total=status.get("total"), loss=status.get("loss"),
+            s_per_step=status.get("s_per_step"), eta_s=status.get("eta_s"), spend_usd=spend,
+            budget_usd=self.budget_usd, price_per_hour=self.price_per_hour,
+            elapsed_s=max(0.0, now - self.billing_started_at), agent_alive=alive, agent_rc=rc,
+            error=status.get("error"), status=status, stop_requested=self.stop_requested,
+        )
+        if not self.stop_requested and not snap.finished:
+            reason = self._cap_reached(spend, now)
+            if reason:
+                request_stop(self.host, self.paths, reason)
+                self.stop_requested = snap.stop_requested = True
+                self.journal.update_run(self.run_id, stop_requested=1)
+                self.journal.add_event(self.run_id, "cap_stop", {"reason": reason,
+                                                                 "spend_usd": spend})
+                self.reporter.note(f"{reason}: asked the agent to stop gracefully")
+        self.journal.update_run(self.run_id, log_offset=self.offset, stage=snap.stage,
+                                step=snap.step, total=snap.total, loss=snap.loss)
+        self.journal.add_spend_sample(self.run_id, usd=spend, dph_total=self.price_per_hour,
+                                      bandwidth_usd=self.bandwidth_usd)
+        if lines:
+            self.reporter.log(lines)
+        self.reporter.update(snap)
+        return snap
+
+    def follow(self) -> Snapshot:
+        """Poll until the agent has ended; a dropped connection is retried until
+        ``lost_contact_s`` passes without one good poll (then ``RunError``)."""
+        last_ok = self.clock()
+        while True:
+            try:
+                snap = self.poll()
+            except TransportError as exc:
+                if self.clock() - last_ok > self.lost_contact_s:
+                    self.journal.add_event(self.run_id, "lost_contact", {"error": str(exc)})
+                    raise RunError(
+                        f"lost contact with the machine of run {self.run_id} for more than "
+                        f"{self.lost_contact_s:.0f} s: {exc}",
+                        hint=f"the agent keeps going on its own; `flux-remote resume "
+                             f"{self.run_id}` reattaches") from exc
+                self.reporter.note(f"connection problem ({exc}); retrying")
+                self.host.close()
+                self.sleep(self.poll_interval)
+                continue
+            last_ok = self.clock()
+            if snap.finished:
+                return snap
+            self.sleep(self.poll_interval)

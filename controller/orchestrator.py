@@ -1,0 +1,442 @@
+"""The run lifecycle as a library: small journaled steps that a controller can resume.
+
+A run's journaled state names the step still to do, so ``drive`` is one loop for a fresh launch
+and for ``resume`` alike::
+
+    planned/renting/booting --acquire--> shipping --ship+start--> running --follow--> fetching
+    fetching --fetch, verify, destroy--> done | stopped | failed
+
+Every step is idempotent: renting goes through the provider, which journals each create and
+destroy and reconciles unfinished intents first; shipping is rsync (unchanged files are not sent
+again); the agent is not started twice (its pid file is checked); following resumes at the
+journaled log offset; the fetch is verified before anything is destroyed. The same code serves
+the ``vast``, ``ssh`` and ``local`` providers (``controller.providers``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from controller import runs as R
+from controller.errors import FluxRemoteError, ProviderError, RunError, TransportError
+from controller.fetch import (CONTROLLER_RECEIPT, controller_receipt, fetch_bundle, fetch_extras,
+                              has_bundle)
+from controller.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, NullReporter,
+                               Reporter, RunPaths, meter, read_int, read_json, request_stop)
+
+if TYPE_CHECKING:
+    from controller.journal import Journal
+    from controller.providers.base import Estimate, Machine, Provider
+    from controller.spec import RunSpec
+
+SECRET_VARS = ("HF_TOKEN", "WANDB_API_KEY")
+# Controller environment variables handed to the agent (test and tuning knobs, never secrets).
+FORWARDED_PREFIXES = ("FLUX_REMOTE_TINY_", "FLUX_REMOTE_AGENT_", "FLUX_REMOTE_SKIP_",
+                      "FLUX_REMOTE_VENV_")
+REMOTE_EXCLUDES = ("__pycache__", "*.pyc")
+
+
+@dataclass
+class Options:
+    out_dir: Path | None = None  # overrides spec.publish.out_dir
+    detach: bool = False  # return once the agent has started
+    poll_interval: float = 2.0
+    finish_allowance_s: float = FINISH_ALLOWANCE_S
+    lost_contact_s: float = LOST_CONTACT_S
+    max_agent_restarts: int = 1  # an agent that vanished without an exit code is started again
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    state: str
+    out_dir: str | None = None
+    bundle: str | None = None
+    spend_usd: float = 0.0
+    est_usd: float | None = None
+    budget_usd: float = 0.0
+    error: str | None = None
+    detached: bool = False
+    receipt: dict[str, Any] | None = None
+    extras: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.state in (R.DONE, R.STOPPED) or self.detached
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "run_id": self.run_id, "state": self.state,
+                "out_dir": self.out_dir, "bundle": self.bundle, "spend_usd": self.spend_usd,
+                "est_usd": self.est_usd, "budget_usd": self.budget_usd, "error": self.error,
+                "detached": self.detached, "receipt": self.receipt}
+
+
+def spec_of(run: dict[str, Any]) -> "RunSpec":
+    from controller.spec import RunSpec
+
+    return RunSpec.model_validate(json.loads(run["spec_json"]))
+
+
+def remote_package_dir() -> Path:
+    import remote
+
+    return Path(remote.__file__).resolve().parent
+
+
+class Orchestrator:
+    """Drives runs through their lifecycle; one instance per controller process."""
+
+    def __init__(self, journal: "Journal", provider: "Provider", *,
+                 reporter: Reporter | None = None, env: Mapping[str, str] | None = None,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.journal = journal
+        self.provider = provider
+        self.reporter = reporter or NullReporter()
+        self.env = dict(os.environ if env is None else env)
+        self.clock = clock
+        self.sleep = sleep
+        self._machines: dict[str, "Machine"] = {}
+
+    # ---- creating a run --------------------------------------------------------------------
+
+    def create_run(self, spec: "RunSpec", estimate: "Estimate", *, out_dir: Path | None = None,
+                   spec_path: Path | None = None, batch_id: str | None = None,
+                   run_id: str | None = None) -> str:
+        """Journal a new run in state ``planned`` (nothing rented yet); returns its id."""
+        run_id = run_id or R.new_run_id(spec.name, now=self.clock())
+        data = spec.model_dump(mode="json")
+        data["dataset"]["path"] = str(Path(spec.dataset.path).expanduser().resolve())
+        target = Path(out_dir or spec.out_dir).expanduser().resolve()
+        self.journal.create_run(run_id=run_id, name=spec.name, provider=self.provider.name,
+                                state=R.PLANNED, spec=data, out_dir=str(target),
+                                budget_usd=spec.budget.max_usd, est_usd=estimate.est_usd,
+                                spec_path=str(spec_path) if spec_path else None,
+                                batch_id=batch_id)
+        self.journal.add_event(run_id, "estimate", estimate.to_dict())
+        return run_id
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def drive(self, run_id: str, options: Options | None = None,
+              estimate: "Estimate | None" = None) -> Outcome:
+        """Carry the run on from its journaled state until it ends (or, with ``detach``, until
+        its agent runs). Raises FluxRemoteError for failures the user must see; KeyboardInterrupt
+        passes through (the CLI asks stop-or-detach; the journal is consistent at every point)."""
+        options = options or Options()
+        while True:
+            run = self._run(run_id)
+            state = run["state"]
+            if state in (R.PLANNED, R.RENTING, R.BOOTING):
+                self._acquire(run, estimate)
+            elif state == R.SHIPPING:
+                self._ship_and_start(run)
+                if options.detach:
+                    return self._outcome(self._run(run_id), detached=True)
+            elif state == R.RUNNING:
+                if options.detach:
+                    return self._outcome(run, detached=True)
+                self._follow(run, options)
+            elif state == R.FETCHING:
+                return self._finish(run)
+            else:
+                return self._outcome(run)
+
+    def _run(self, run_id: str) -> dict[str, Any]:
+        run = self.journal.get_run(run_id)
+        if run is None:
+            raise RunError(f"no run {run_id!r} in the journal", hint="see `flux-remote ls`")
+        return run
+
+    def _set(self, run_id: str, state: str, **fields: Any) -> None:
+        self.journal.update_run(run_id, state=state, **fields)
+
+    def _fail(self, run_id: str, message: str, *, release: bool = True) -> None:
+        """Mark the run failed; by default let its machine go first (nothing left billing)."""
+        if release:
+            try:
+                self.provider.release(run_id, self.journal)
+            except FluxRemoteError as exc:
+                message += f"\n(and releasing its machine failed: {exc})"
+        self._set(run_id, R.FAILED, error=message, ended_at=self.clock())
+
+    def _notify(self, run_id: str) -> Callable[[str, str], None]:
+        def notify(state: str, message: str) -> None:
+            if state in (R.RENTING, R.BOOTING):
+                self._set(run_id, state)
+            if message:
+                self.reporter.note(message)
+        return notify
+
+    # ---- step: get a machine ---------------------------------------------------------------
+
+    def _acquire(self, run: dict[str, Any], estimate: "Estimate | None") -> None:
+        run_id = run["run_id"]
+        spec = spec_of(run)
+        for line in self.provider.reconcile(self.journal):
+            self.reporter.note(line)
+        try:
+            machine = None
+            if self.journal.current_instance(run_id) is not None:
+                machine = self._reattach_or_release(run_id, spec)
+            if machine is None:
+                self._set(run_id, R.RENTING)
+                estimate = estimate or self.provider.estimate(spec)
+                machine = self.provider.acquire(run_id, spec, estimate, self.journal,
+                                                self._notify(run_id))
+        except FluxRemoteError as exc:
+            self._fail(run_id, str(exc))
+            raise
+        self._machines[run_id] = machine
+        self._set(run_id, R.SHIPPING, remote_run_dir=f"{machine.root}/{run_id}")
+
+    def _reattach_or_release(self, run_id: str, spec: "RunSpec") -> "Machine | None":
+        """A machine from a previous attempt: use it if it answers, else destroy it."""
+        try:
+            return self.provider.reattach(run_id, spec, self.journal)
+        except (ProviderError, TransportError) as exc:
+            self.reporter.note(f"the earlier machine is not usable ({exc}); releasing it")
+            self.provider.release(run_id, self.journal)
+            return None
+
+    def machine(self, run_id: str) -> "Machine":
+        """The run's machine, reconnecting through the journal when this process has none."""
+        if run_id not in self._machines:
+            run = self._run(run_id)
+            self._machines[run_id] = self.provider.reattach(run_id, spec_of(run), self.journal)
+        return self._machines[run_id]
+
+    def paths(self, run: dict[str, Any]) -> RunPaths:
+        return RunPaths(run["remote_run_dir"] or f"{self.machine(run['run_id']).root}/"
+                                                  f"{run['run_id']}")
+
+    # ---- step: ship and start --------------------------------------------------------------
+
+    def _secrets(self) -> bytes:
+        lines = [f"{name}={self.env[name]}\n" for name in SECRET_VARS if self.env.get(name)]
+        return "".join(lines).encode("utf-8")
+
+    def _transfer_cost(self, run_id: str, machine: "Machine", direction: str, stats: Any) -> None:
+        price = float(machine.info.get("inet_down_cost" if direction == "up" else
+                                       "inet_up_cost", 0.0))
+        self.journal.add_event(run_id, "transfer", {
+            "direction": direction, **stats.to_dict(),
+            "usd": stats.bytes_sent / 1e9 * price})
+
+    def bandwidth_usd(self, run_id: str) -> float:
+        return sum(float(e["detail"].get("usd") or 0.0)
+                   for e in self.journal.events(run_id, kind="transfer"))
+
+    def _ship_and_start(self, run: dict[str, Any]) -> None:
+        from remote.plan import make_plan
+
+        run_id = run["run_id"]
+        spec = spec_of(run)
+        try:
+            machine = self.machine(run_id)
+            host, paths = machine.host, RunPaths(f"{machine.root}/{run_id}")
+            self.reporter.note(f"shipping the agent and the dataset to {paths.run_dir}")
+            stats = host.upload(remote_package_dir(), f"{paths.run_dir}/remote", delete=True,
+                                excludes=REMOTE_EXCLUDES)
+            self._transfer_cost(run_id, machine, "up", stats)
+            stats = host.upload(Path(spec.dataset.path), f"{paths.run_dir}/dataset", delete=True)
+            self._transfer_cost(run_id, machine, "up", stats)
+            secrets_file = None
+            secrets = self._secrets()
+            if secrets:
+                secrets_file = f"{machine.root}/.secrets/{run_id}.env"
+                host.write_bytes(secrets_file, secrets, mode=0o600)
+            plan = make_plan(run_id=run_id, spec=json.loads(run["spec_json"]),
+                             run_dir=paths.run_dir, dataset_dir=f"{paths.run_dir}/dataset",
+                             provider=self.provider.name, price_per_hour=machine.price_per_hour,
+                             billing_started_at=machine.billing_started_at,
+                             secrets_file=secrets_file, instance=machine.info)
+            host.write_bytes(paths.plan, json.dumps(plan, indent=2).encode("utf-8"))
+            self._start_agent(run_id, machine, paths)
+        except (TransportError, ProviderError) as exc:
+            self._fail(run_id, f"shipping to the machine failed: {exc}")
+            raise
+        self._set(run_id, R.RUNNING, remote_run_dir=paths.run_dir)
+
+    def _start_agent(self, run_id: str, machine: "Machine", paths: RunPaths) -> None:
+        """Start ``python -m remote run plan.json`` detached, unless it already runs or ran."""
+        host = machine.host
+        pid = read_int(host, paths.pid)
+        if read_int(host, paths.rc) is not None or (pid is not None and host.is_alive(pid)):
+            return
+        env = {"PYTHONPATH": paths.run_dir, "PYTHONUNBUFFERED": "1"}
+        env.update({k: v for k, v in self.env.items() if k.startswith(FORWARDED_PREFIXES)})
+        pid = host.start_detached([machine.python, "-m", "remote", "run", paths.plan],
+                                  cwd=paths.run_dir, log_path=paths.out, env=env,
+                                  pid_path=paths.pid, rc_path=paths.rc)
+        self.journal.add_event(run_id, "agent_started", {"pid": pid})
+        self.reporter.note(f"agent started (pid {pid})")
+
+    # ---- step: follow ----------------------------------------------------------------------
+
+    def follower(self, run: dict[str, Any], options: Options) -> Follower:
+        machine = self.machine(run["run_id"])
+        spec = spec_of(run)
+        return Follower(machine.host, self.paths(run), journal=self.journal, run_id=run["run_id"],
+                        price_per_hour=machine.price_per_hour,
+                        billing_started_at=machine.billing_started_at,
+                        budget_usd=run["budget_usd"], max_hours=spec.budget.max_hours,
+                        bandwidth_usd=self.bandwidth_usd(run["run_id"]),
+                        poll_interval=options.poll_interval,
+                        finish_allowance_s=options.finish_allowance_s,
+                        lost_contact_s=options.lost_contact_s, reporter=self.reporter,
+                        clock=self.clock, sleep=self.sleep)
+
+    def _follow(self, run: dict[str, Any], options: Options) -> None:
+        run_id = run["run_id"]
+        restarts = 0
+        while True:
+            snap = self.follower(run, options).follow()
+            if snap.agent_state in ("done", "failed", "stopped") or snap.agent_rc is not None:
+                break
+            if restarts >= options.max_agent_restarts:
+                break
+            restarts += 1
+            self.reporter.note("the agent vanished without an exit code; starting it again "
+                               "(it resumes from its last finished stage)")
+            self._start_agent(run_id, self.machine(run_id), self.paths(run))
+        self._set(run_id, R.FETCHING)
+
+    def request_stop(self, run_id: str, reason: str = "stop requested by the user") -> None:
+        """Write STOP (the agent checkpoints, publishes what exists and ends)."""
+        run = self._run(run_id)
+        request_stop(self.machine(run_id).host, self.paths(run), reason)
+        self.journal.update_run(run_id, stop_requested=1)
+        self.journal.add_event(run_id, "stop_requested", {"reason": reason})
+
+    # ---- step: finish ----------------------------------------------------------------------
+
+    def _finish(self, run: dict[str, Any]) -> Outcome:
+        """Fetch and verify the bundle, then destroy; an unverifiable bundle stops instead."""
+        run_id = run["run_id"]
+        machine = self.machine(run_id)
+        host, paths = machine.host, self.paths(run)
+        out_dir = Path(run["out_dir"])
+        status = read_json(host, paths.status) or {}
+        agent_state = status.get("state") or "failed"
+        extras: list[str] = []
+        fetched = None
+        if has_bundle(host, paths):
+            self.reporter.note(f"fetching the bundle into {out_dir}")
+            try:
+                fetched = fetch_bundle(host, paths, out_dir)
+                self._transfer_cost(run_id, machine, "down",
+                                    _Stats(fetched.bytes_sent))
+            except (TransportError, RunError) as exc:
+                return self._keep_for_later(run, exc)
+        extras = fetch_extras(host, paths, out_dir,
+                              checkpoint=None if fetched else status.get("last_checkpoint"))
+        instance = self.journal.get_instance(machine.instance_row)
+        try:
+            self.provider.release(run_id, self.journal)
+        except FluxRemoteError as exc:
+            self._set(run_id, R.FAILED, error=f"the bundle is home but destroying the machine "
+                                              f"failed: {exc}", ended_at=self.clock())
+            raise
+        destroyed_at = self.clock()
+        spend = meter(machine.price_per_hour, machine.billing_started_at, destroyed_at,
+                      self.bandwidth_usd(run_id))
+        self.journal.add_spend_sample(run_id, usd=spend, dph_total=machine.price_per_hour,
+                                      bandwidth_usd=self.bandwidth_usd(run_id))
+        receipt = None
+        if fetched is not None:
+            receipt = controller_receipt(run=self._run(run_id), instance=instance, status=status,
+                                         destroyed_at=destroyed_at, spend_usd=spend,
+                                         bandwidth_usd=self.bandwidth_usd(run_id),
+                                         files_verified=fetched.files_verified)
+            from remote.plan import write_json_atomic
+
+            write_json_atomic(out_dir / CONTROLLER_RECEIPT, receipt)
+        if status.get("s_per_step") and machine.info.get("gpu_name"):
+            self.journal.record_s_per_step(machine.info["gpu_name"], float(status["s_per_step"]),
+                                           run_id)
+        if fetched is not None and agent_state in ("done", "stopped"):
+            final = R.DONE if agent_state == "done" else R.STOPPED
+            self._set(run_id, final, bundle_path=str(out_dir), ended_at=self.clock())
+        else:
+            self._set(run_id, R.FAILED, error=self._agent_error(host, paths, status),
+                      ended_at=self.clock())
+        return self._outcome(self._run(run_id), receipt=receipt, extras=extras)
+
+    @staticmethod
+    def _agent_error(host: Any, paths: RunPaths, status: dict[str, Any]) -> str:
+        if status.get("state") in ("failed", "done", "stopped"):
+            error = status.get("error") or f"the agent ended {status['state']} without a bundle"
+            return f"{error} (cause: {status['cause']})" if status.get("cause") else error
+        rc = read_int(host, paths.rc)
+        out = (host.read_bytes(paths.out) or b"").decode("utf-8", errors="replace")
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        return (f"the agent exited with code {rc} before finishing" if rc is not None else
+                "the agent is gone without an exit code") + (f":\n{tail}" if tail else "")
+
+    # ---- commands on an existing run ------------------------------------------------------
+
+    def fetch_now(self, run_id: str) -> dict[str, Any]:
+        """``fetch``: the verified bundle if there is one, else the newest checkpoint and logs."""
+        run = self._run(run_id)
+        machine = self.machine(run_id)
+        paths, out_dir = self.paths(run), Path(run["out_dir"])
+        if has_bundle(machine.host, paths):
+            fetched = fetch_bundle(machine.host, paths, out_dir)
+            self.journal.update_run(run_id, bundle_path=str(out_dir))
+            self.journal.add_event(run_id, "fetched", {"files_verified": fetched.files_verified})
+            return {"bundle": str(out_dir), "files_verified": fetched.files_verified,
+                    "extras": fetch_extras(machine.host, paths, out_dir)}
+        status = read_json(machine.host, paths.status) or {}
+        extras = fetch_extras(machine.host, paths, out_dir,
+                              checkpoint=status.get("last_checkpoint"))
+        return {"bundle": None, "files_verified": 0, "extras": extras}
+
+    def down(self, run_id: str, *, force: bool = False) -> Outcome:
+        """Destroy the run's machine now; first fetch what can be fetched unless ``force``."""
+        run = self._run(run_id)
+        fetched: dict[str, Any] = {}
+        if self.journal.current_instance(run_id) is not None and not force:
+            try:
+                fetched = self.fetch_now(run_id)
+            except FluxRemoteError as exc:
+                self.reporter.note(f"could not fetch before destroying: {exc}")
+        self.provider.release(run_id, self.journal)
+        if run["state"] in R.ACTIVE_STATES:
+            self._set(run_id, R.STOPPED, error="taken down by the user", ended_at=self.clock(),
+                      **({"bundle_path": fetched["bundle"]} if fetched.get("bundle") else {}))
+        return self._outcome(self._run(run_id), extras=fetched.get("extras") or [])
+
+    def _keep_for_later(self, run: dict[str, Any], exc: Exception) -> Outcome:
+        run_id = run["run_id"]
+        message = (f"the bundle could not be fetched and verified: {exc}\n"
+                   f"The instance was stopped, not destroyed, so the files are kept.\n"
+                   f"  fetch it later:  flux-remote fetch {run_id}\n"
+                   f"  then destroy it: flux-remote down {run_id}")
+        try:
+            self.provider.release(run_id, self.journal, keep_data=True)
+        except FluxRemoteError as stop_exc:
+            message += f"\n(stopping the instance failed too: {stop_exc})"
+        self._set(run_id, R.FAILED, error=message, ended_at=self.clock())
+        raise RunError(message)
+
+    def _outcome(self, run: dict[str, Any], *, detached: bool = False,
+                 receipt: dict[str, Any] | None = None, extras: list[str] | None = None) -> Outcome:
+        return Outcome(run_id=run["run_id"], state=run["state"], out_dir=run["out_dir"],
+                       bundle=run.get("bundle_path"), spend_usd=float(run.get("spend_usd") or 0.0),
+                       est_usd=run.get("est_usd"), budget_usd=float(run["budget_usd"]),
+                       error=run.get("error"), detached=detached, receipt=receipt,
+                       extras=extras or [])
+
+
+@dataclass
+class _Stats:
+    bytes_sent: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bytes_sent": self.bytes_sent}

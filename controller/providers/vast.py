@@ -1,0 +1,305 @@
+"""``vast``: rent the cheapest Vast.ai offer that finishes the run within budget, then destroy it.
+
+Every instance is labelled ``flux-remote:<run_id>`` so that it can always be found again, and
+every create and destroy is journaled before and after the call. An offer that is gone when we try
+to rent it, or an instance that misses a readiness deadline (destroyed first), moves on to the
+next offer in the plan. The controller's own SSH key (``controller.hosts.keys``) is attached to
+the instance; the account key never leaves the laptop.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from controller.errors import (BudgetError, OfferGoneError, ProviderError, RunError,
+                               TransportError)
+from controller.journal import (INSTANCE_CREATING, INSTANCE_DESTROYING, INSTANCE_LIVE,
+                                INSTANCE_STOPPED)
+from controller.providers.base import Estimate, Machine, Notify
+from controller.runs import ACTIVE_STATES, instance_label
+
+if TYPE_CHECKING:
+    from controller.hosts.base import Host
+    from controller.journal import Journal
+    from controller.spec import RunSpec
+
+LABEL_PREFIX = "flux-remote:"
+MAX_OFFERS_TRIED = 5
+SSH_READY_S = 300.0  # after "running": Vast can take a minute more to install the key
+
+
+def _bandwidth_prices(offer: dict[str, Any] | None) -> dict[str, float]:
+    """$/GB the instance bills for traffic (``inet_down_cost``: what we upload to it)."""
+    offer = offer or {}
+    return {"inet_down_cost": float(offer.get("inet_down_cost") or 0.0),
+            "inet_up_cost": float(offer.get("inet_up_cost") or 0.0)}
+
+
+class VastProvider:
+    name = "vast"
+
+    def __init__(self, client: Any = None, *, ssh_user: str = "root",
+                 key_path: Path | None = None, public_key: str | None = None,
+                 known_hosts_path: Path | None = None, deadlines: Any = None,
+                 ssh_ready_s: float = SSH_READY_S, ssh_retry_s: float = 5.0,
+                 max_offers: int = MAX_OFFERS_TRIED,
+                 measured_s_per_step: dict[str, float] | None = None,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._client = client
+        self.ssh_user = ssh_user
+        self.key_path = key_path
+        self.public_key = public_key
+        self.known_hosts_path = known_hosts_path
+        self.deadlines = deadlines
+        self.ssh_ready_s = ssh_ready_s
+        self.ssh_retry_s = ssh_retry_s
+        self.max_offers = max_offers
+        self.measured_s_per_step = measured_s_per_step or {}
+        self.clock = clock
+        self.monotonic = monotonic
+        self.sleep = sleep
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from controller.vast.client import VastClient
+
+            self._client = VastClient()
+        return self._client
+
+    # ---- planning --------------------------------------------------------------------------
+
+    def estimate(self, spec: "RunSpec") -> Estimate:
+        from controller.planner import plan_offers, search_query
+
+        offers = self.client.search_offers(search_query(spec))
+        plan = plan_offers(spec, offers, measured_s_per_step=self.measured_s_per_step)
+        chosen = plan.chosen
+        if chosen is None:
+            reasons = ", ".join(f"{why}: {n}" for why, n in sorted(plan.excluded.items()))
+            raise BudgetError(
+                f"no Vast.ai offer can finish {spec.name!r} within ${spec.budget.max_usd:.2f}"
+                + (f" ({len(offers)} offers; excluded {reasons})" if offers else " (no offers)"),
+                hint="raise budget.max_usd, allow more GPU models (gpu.names) or relax gpu filters",
+            )
+        return Estimate(provider=self.name, price_per_hour=chosen.dph_total,
+                        est_usd=chosen.est_usd, est_hours=chosen.est_hours,
+                        gpu_name=chosen.gpu_name, plan=plan)
+
+    def _candidates(self, spec: "RunSpec", estimate: Estimate) -> list[Any]:
+        offers = list(getattr(estimate.plan, "offers", None) or [])
+        fitting = [o for o in offers if getattr(o, "fits", True)
+                   and (o.est_usd is None or o.est_usd <= spec.budget.max_usd)]
+        return fitting[: self.max_offers]
+
+    # ---- renting ---------------------------------------------------------------------------
+
+    def _keys(self) -> tuple[Path, str]:
+        if self.key_path is not None and self.public_key:
+            return self.key_path, self.public_key
+        from controller.hosts.keys import ensure_keypair
+        from controller.state import state_dir
+
+        if self.key_path is None:
+            return ensure_keypair(state_dir())
+        pub = Path(f"{self.key_path}.pub")
+        text = pub.read_text(encoding="utf-8").strip() if pub.exists() else ""
+        return self.key_path, text or ensure_keypair(state_dir())[1]
+
+    def _host(self, address: str, port: int) -> "Host":
+        from controller.hosts.ssh import SshHost, SshTarget
+        from controller.state import known_hosts_path
+
+        key_path, _ = self._keys()
+        return SshHost(SshTarget(host=address, port=int(port), user=self.ssh_user,
+                                 key_path=Path(key_path),
+                                 known_hosts_path=self.known_hosts_path or known_hosts_path()))
+
+    def _wait_ssh(self, host: "Host", instance_id: str) -> None:
+        deadline = self.monotonic() + self.ssh_ready_s
+        while True:
+            try:
+                host.run("true", timeout=30)
+                return
+            except TransportError as exc:
+                if self.monotonic() >= deadline:
+                    raise ProviderError(
+                        f"instance {instance_id} runs but SSH did not answer within "
+                        f"{self.ssh_ready_s:.0f} s: {exc}") from exc
+                host.close()
+                self.sleep(self.ssh_retry_s)
+
+    def acquire(self, run_id: str, spec: "RunSpec", estimate: Estimate, journal: "Journal",
+                notify: Notify) -> Machine:
+        from controller.vast.readiness import ssh_endpoint, wait_until_running
+
+        label = instance_label(run_id)
+        _, public_key = self._keys()
+        tried = 0
+        for offer in self._candidates(spec, estimate):
+            tried += 1
+            notify("renting", f"renting offer {offer.offer_id}: {offer.num_gpus}x {offer.gpu_name}"
+                              f" at ${offer.dph_total:.3f}/h")
+            row = journal.instance_intent(run_id, provider=self.name, label=label,
+                                          offer_id=offer.offer_id, gpu_name=offer.gpu_name,
+                                          num_gpus=offer.num_gpus, dph_total=offer.dph_total)
+            try:
+                instance_id = self.client.create_instance(
+                    int(offer.offer_id), image=spec.gpu.image, disk_gb=spec.gpu.disk_gb,
+                    label=label, price=offer.dph_total if spec.gpu.interruptible else None)
+            except OfferGoneError:
+                journal.instance_failed(row, "offer gone")
+                notify("", f"offer {offer.offer_id} is gone; trying the next one")
+                continue
+            except ProviderError as exc:
+                self._settle_create(journal, journal.get_instance(row) or {}, str(exc))
+                if journal.current_instance(run_id) is None:
+                    raise
+                instance_id = int(journal.current_instance(run_id)["instance_id"])
+            else:
+                journal.instance_created(row, instance_id, billing_started_at=self.clock())
+            notify("booting", f"instance {instance_id} created; waiting until it runs")
+            try:
+                instance = wait_until_running(self.client, int(instance_id),
+                                              deadlines=self.deadlines, sleep=self.sleep)
+                self.client.attach_ssh_key(int(instance_id), public_key)
+                address, port = ssh_endpoint(instance)
+                journal.update_instance(row, ssh_host=address, ssh_port=int(port))
+                host = self._host(address, port)
+                self._wait_ssh(host, str(instance_id))
+            except (ProviderError, TransportError) as exc:
+                notify("", f"instance {instance_id} did not become ready ({exc}); destroying it")
+                self._destroy_row(journal, row)
+                continue
+            current = journal.get_instance(row) or {}
+            return Machine(host=host, root=spec.provider.remote_root,
+                           python=spec.provider.remote_python,
+                           price_per_hour=float(offer.dph_total),
+                           billing_started_at=float(current.get("billing_started_at") or
+                                                    self.clock()),
+                           instance_row=row,
+                           info={"gpu_name": offer.gpu_name, "num_gpus": offer.num_gpus,
+                                 "offer_id": offer.offer_id, "instance_id": instance_id,
+                                 **_bandwidth_prices(offer.offer)})
+        raise ProviderError(f"none of the {tried} offers tried became a ready instance",
+                            hint="run `flux-remote plan` again later; offers change by the minute")
+
+    def reattach(self, run_id: str, spec: "RunSpec", journal: "Journal") -> Machine:
+        from controller.vast.readiness import ssh_endpoint
+
+        row = journal.current_instance(run_id)
+        if row is None or not row.get("instance_id"):
+            raise RunError(f"run {run_id} has no live instance in the journal")
+        instance = self.client.show_instance(int(row["instance_id"]))
+        if instance is None:
+            raise ProviderError(f"instance {row['instance_id']} of run {run_id} no longer exists")
+        if instance.get("actual_status") != "running":
+            raise ProviderError(f"instance {row['instance_id']} is "
+                                f"{instance.get('actual_status')!r}, not running")
+        address, port = ssh_endpoint(instance)
+        journal.update_instance(int(row["id"]), ssh_host=address, ssh_port=int(port))
+        host = self._host(address, port)
+        self._wait_ssh(host, str(row["instance_id"]))
+        return Machine(host=host, root=spec.provider.remote_root,
+                       python=spec.provider.remote_python,
+                       price_per_hour=float(row["dph_total"] or 0.0),
+                       billing_started_at=float(row["billing_started_at"] or self.clock()),
+                       instance_row=int(row["id"]),
+                       info={"gpu_name": row["gpu_name"], "num_gpus": row["num_gpus"],
+                             "offer_id": row["offer_id"], "instance_id": row["instance_id"]})
+
+    # ---- letting go ------------------------------------------------------------------------
+
+    def _destroy_row(self, journal: "Journal", row_id: int) -> None:
+        row = journal.get_instance(row_id)
+        if row is None or not row.get("instance_id"):
+            return
+        journal.destroy_intent(row_id)
+        self.client.destroy_instance(int(row["instance_id"]))
+        journal.instance_destroyed(row_id)
+
+    def release(self, run_id: str, journal: "Journal", *, keep_data: bool = False) -> None:
+        row = journal.current_instance(run_id)
+        if row is None:
+            return
+        if row["state"] == INSTANCE_CREATING:
+            self.reconcile(journal)
+            row = journal.current_instance(run_id)
+            if row is None:
+                return
+        if keep_data:
+            if row["state"] != INSTANCE_STOPPED:
+                journal.add_event(run_id, "stop_intent", {"instance_id": row["instance_id"]})
+                self.client.stop_instance(int(row["instance_id"]))
+                journal.instance_stopped(int(row["id"]))
+            return
+        self._destroy_row(journal, int(row["id"]))
+
+    # ---- reconciliation and gc -------------------------------------------------------------
+
+    def _settle_create(self, journal: "Journal", row: dict[str, Any], why: str) -> str:
+        """A create intent without a result: the label says whether the instance exists."""
+        label = row.get("label") or instance_label(row["run_id"])
+        known = {r["instance_id"] for r in journal.instances() if r.get("instance_id")}
+        found = [i for i in self.client.list_instances(label) if i.get("label") == label
+                 and str(i.get("id")) not in known]
+        if found:
+            newest = max(found, key=lambda i: int(i.get("id") or 0))
+            journal.instance_created(int(row["id"]), newest["id"], billing_started_at=self.clock())
+            return f"run {row['run_id']}: instance {newest['id']} was created (found by label)"
+        journal.instance_failed(int(row["id"]), f"no instance labelled {label}: {why}")
+        return f"run {row['run_id']}: the create never happened"
+
+    def reconcile(self, journal: "Journal") -> list[str]:
+        lines = []
+        for row in journal.pending_intents():
+            if row["provider"] != self.name:
+                continue
+            if row["state"] == INSTANCE_CREATING:
+                lines.append(self._settle_create(journal, row, "reconciled after a crash"))
+            elif row["state"] == INSTANCE_DESTROYING:
+                self.client.destroy_instance(int(row["instance_id"]))
+                journal.instance_destroyed(int(row["id"]))
+                lines.append(f"run {row['run_id']}: instance {row['instance_id']} destroyed")
+        return lines
+
+    def _owned_ids(self, journal: "Journal") -> set[str]:
+        active = {r["run_id"] for r in journal.list_runs() if r["state"] in ACTIVE_STATES}
+        owned = set()
+        for row in journal.instances():
+            if not row.get("instance_id"):
+                continue
+            if row["state"] == INSTANCE_STOPPED:
+                owned.add(str(row["instance_id"]))  # kept on purpose: its bundle is unfetched
+            elif row["state"] == INSTANCE_LIVE and row["run_id"] in active:
+                owned.add(str(row["instance_id"]))
+        return owned
+
+    def orphans(self, journal: "Journal") -> list[dict[str, Any]]:
+        owned = self._owned_ids(journal)
+        result = []
+        for inst in self.client.list_instances(LABEL_PREFIX):
+            if str(inst.get("id")) in owned:
+                continue
+            label = str(inst.get("label") or "")
+            result.append({"instance_id": inst.get("id"), "label": label,
+                           "run_id": label[len(LABEL_PREFIX):], "status": inst.get("actual_status"),
+                           "dph_total": inst.get("dph_total"), "gpu_name": inst.get("gpu_name")})
+        return result
+
+    def destroy_orphan(self, instance: dict[str, Any], journal: "Journal") -> None:
+        instance_id = str(instance["instance_id"])
+        rows = [r for r in journal.instances() if r.get("instance_id") == instance_id]
+        if rows:
+            self._destroy_row(journal, int(rows[-1]["id"]))
+            return
+        run_id = instance.get("run_id") or None
+        if run_id is not None and journal.get_run(run_id) is None:
+            run_id = None
+        journal.add_event(run_id, "gc_destroy_intent", {"instance_id": instance_id})
+        self.client.destroy_instance(int(instance_id))
+        journal.add_event(run_id, "gc_destroy_result", {"instance_id": instance_id})

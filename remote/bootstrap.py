@@ -1,0 +1,224 @@
+"""Bootstrap the trainer: ai-toolkit at a pinned commit in a cached venv, or tiny's imports.
+
+For ai-toolkit the work is done once per instance and remembered by a done-marker holding the
+repo and commit, so a second run skips all of it. An install that already exists is used instead
+of building another (image pulls and pip installs are paid GPU minutes): the spec's
+``training.ai_toolkit.path``, or the checkout the ai-toolkit Docker image carries at
+``/app/ai-toolkit``. Access to a gated base model is checked with the user's token before any
+download: 401/403 means the license was not accepted and fails the stage with that message.
+
+Knobs (environment): ``FLUX_REMOTE_SKIP_TORCH_INSTALL=1`` skips the torch install;
+``FLUX_REMOTE_VENV_ARGS`` adds arguments to ``python -m venv`` (tests use
+``--system-site-packages --without-pip`` to build in a second with no download).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from remote.status import StageFailed
+
+IMAGE_CHECKOUTS = ("/app/ai-toolkit",)
+DONE_MARKER = ".flux-remote-bootstrap.json"
+TORCH_INDEX = "https://download.pytorch.org/whl/{tag}"
+HF_ENDPOINT = "https://huggingface.co"
+TINY_IMPORTS = ("torch", "numpy", "PIL", "safetensors", "yaml", "remote.trainers.tiny")
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BootstrapResult:
+    trainer: str
+    aitk_dir: str | None = None
+    python: str | None = None
+    source: str = ""  # "tiny" | "spec path" | "image" | "built" | "cached"
+    commit: str | None = None
+    hf_access: str = "skipped"
+    steps: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def torch_cuda_tag(driver: str | None) -> str:
+    """cu130 wheels need driver 580 or newer; older drivers get cu128."""
+    major = int(re.match(r"\d+", driver).group()) if driver and re.match(r"\d+", driver) else 0
+    return "cu130" if major >= 580 else "cu128"
+
+
+def _run(argv: list[str], *, log: Log, cwd: str | None = None,
+         env: Mapping[str, str] | None = None) -> None:
+    """Run a command, teeing its output into the log; a failure fails the stage with its tail."""
+    log("$ " + " ".join(argv))
+    proc = subprocess.run(argv, cwd=cwd, env=dict(env) if env is not None else None,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace")
+    for line in proc.stdout.splitlines():
+        log(line)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.splitlines()[-20:])
+        raise StageFailed(f"`{' '.join(argv[:4])}` failed with exit code {proc.returncode}:\n{tail}",
+                          cause="bootstrap_command")
+
+
+def _imports_ok(python: str, module: str, env: Mapping[str, str]) -> bool:
+    probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True,
+                           env=dict(env))
+    return probe.returncode == 0
+
+
+def _missing_imports(python: str, modules: tuple[str, ...], env: Mapping[str, str]) -> list[str]:
+    """Which of ``modules`` fail to import in ``python`` (one child process for all of them)."""
+    script = ("import importlib, sys\nfor m in sys.argv[1:]:\n    try:\n"
+              "        importlib.import_module(m)\n    except Exception:\n        print(m)\n")
+    probe = subprocess.run([python, "-c", script, *modules], capture_output=True, text=True,
+                           env=dict(env))
+    if probe.returncode != 0:
+        return list(modules)
+    return probe.stdout.split()
+
+
+def _checkout_python(checkout: Path) -> str:
+    for venv in ("venv", ".venv"):
+        candidate = checkout / venv / "bin" / "python"
+        if candidate.exists():
+            return str(candidate)
+    return sys.executable
+
+
+def _read_marker(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / DONE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def install_ai_toolkit(repo: str, commit: str, directory: Path, *, driver: str | None,
+                       wandb: bool, env: Mapping[str, str], log: Log) -> BootstrapResult:
+    """Clone or update ``repo`` at ``commit`` into ``directory`` and build its venv (idempotent)."""
+    result = BootstrapResult(trainer="ai-toolkit", aitk_dir=str(directory),
+                             python=str(directory / "venv" / "bin" / "python"), source="built")
+    marker = _read_marker(directory)
+    if marker and marker.get("repo") == repo and marker.get("commit") == commit:
+        result.source, result.commit = "cached", marker.get("resolved")
+        return result
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    git_env = {**env, "GIT_TERMINAL_PROMPT": "0"}
+    if not (directory / ".git").exists():
+        _run(["git", "clone", "--quiet", repo, str(directory)], log=log, env=git_env)
+        result.steps.append("clone")
+    else:
+        _run(["git", "-C", str(directory), "fetch", "--quiet", "origin"], log=log, env=git_env)
+        result.steps.append("fetch")
+    remote_ref = subprocess.run(["git", "-C", str(directory), "rev-parse", "--verify", "--quiet",
+                                 f"origin/{commit}^{{commit}}"], capture_output=True, text=True)
+    target = f"origin/{commit}" if remote_ref.returncode == 0 else commit
+    _run(["git", "-C", str(directory), "checkout", "--quiet", "--force", "--detach", target],
+         log=log, env=git_env)
+    resolved = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+    result.commit = resolved
+    python = result.python
+    assert python is not None
+    if not Path(python).exists():
+        venv_args = [sys.executable, "-m", "venv", *shlex.split(env.get("FLUX_REMOTE_VENV_ARGS", ""))]
+        _run(venv_args + [str(directory / "venv")], log=log, env=env)
+        result.steps.append("venv")
+    if env.get("FLUX_REMOTE_SKIP_TORCH_INSTALL") == "1" or _imports_ok(python, "torch", env):
+        result.steps.append("torch: present")
+    else:
+        tag = torch_cuda_tag(driver)
+        _run([python, "-m", "pip", "install", "--quiet", "torch", "torchvision", "torchaudio",
+              "--index-url", TORCH_INDEX.format(tag=tag)], log=log, env=env)
+        result.steps.append(f"torch: {tag}")
+    requirements = directory / "requirements.txt"
+    if requirements.exists():
+        _run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r",
+              str(requirements)], log=log, env=env, cwd=str(directory))
+        result.steps.append("requirements")
+    if wandb:
+        _run([python, "-m", "pip", "install", "--quiet", "wandb"], log=log, env=env)
+        result.steps.append("wandb")
+    from remote.plan import write_json_atomic
+
+    write_json_atomic(directory / DONE_MARKER, {"repo": repo, "commit": commit,
+                                                "resolved": resolved})
+    return result
+
+
+def check_hf_access(model: str, *, token: str | None, env: Mapping[str, str],
+                    opener: Callable[..., Any] = urllib.request.urlopen) -> str:
+    """Can this token read ``model`` on the hub? Returns a short outcome, raises on 401/403.
+
+    Skipped for local paths, without a token, or offline (``HF_HUB_OFFLINE=1``); a network
+    failure is reported, not fatal (the download will say more).
+    """
+    if not model or "/" not in model or model.startswith(("/", ".")) or Path(model).exists():
+        return "skipped: local model path"
+    if env.get("HF_HUB_OFFLINE") == "1":
+        return "skipped: offline"
+    if not token:
+        return "skipped: no HF_TOKEN (a gated model will fail to download)"
+    base = (env.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
+    request = urllib.request.Request(f"{base}/api/models/{model}/auth-check",
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with opener(request, timeout=30) as response:
+            code = response.status
+    except urllib.error.HTTPError as exc:
+        code = exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        return f"unverified: {exc}"
+    if code in (401, 403):
+        raise StageFailed(
+            f"Hugging Face refused access to {model} (HTTP {code}): accept the license at "
+            f"{HF_ENDPOINT}/{model} with the account that owns HF_TOKEN, or check the token",
+            cause="hf_auth")
+    if code == 404:
+        raise StageFailed(f"Hugging Face has no model {model} (HTTP 404)", cause="hf_auth")
+    return "ok" if 200 <= code < 300 else f"unverified: HTTP {code}"
+
+
+def bootstrap(spec: dict[str, Any], *, cache_root: Path, env: Mapping[str, str], log: Log,
+              driver: str | None = None, base_model: str | None = None,
+              image_checkouts: tuple[str, ...] = IMAGE_CHECKOUTS,
+              opener: Callable[..., Any] = urllib.request.urlopen) -> BootstrapResult:
+    training = spec.get("training") or {}
+    if training.get("trainer") == "tiny":
+        missing = _missing_imports(sys.executable, TINY_IMPORTS, env)
+        if missing:
+            raise StageFailed(f"the tiny trainer cannot import {', '.join(missing)}",
+                              cause="import_error")
+        return BootstrapResult(trainer="tiny", python=sys.executable, source="tiny",
+                               hf_access="skipped: tiny trainer")
+    aitk = training.get("ai_toolkit") or {}
+    token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")
+    hf_access = check_hf_access(base_model or "", token=token, env=env, opener=opener)
+    existing = [aitk.get("path")] if aitk.get("path") else list(image_checkouts)
+    for candidate in existing:
+        checkout = Path(candidate)
+        if (checkout / "run.py").exists():
+            log(f"using the ai-toolkit install at {checkout}")
+            return BootstrapResult(trainer="ai-toolkit", aitk_dir=str(checkout),
+                                   python=_checkout_python(checkout), hf_access=hf_access,
+                                   source="spec path" if aitk.get("path") else "image")
+    if aitk.get("path"):
+        raise StageFailed(f"training.ai_toolkit.path {aitk['path']} holds no run.py")
+    commit = str(aitk.get("commit") or "main")
+    directory = cache_root / "ai-toolkit" / re.sub(r"[^A-Za-z0-9._-]", "_", commit)
+    result = install_ai_toolkit(str(aitk.get("repo")), commit, directory, driver=driver,
+                                wandb=bool((spec.get("wandb") or {}).get("enabled")), env=env,
+                                log=log)
+    result.hf_access = hf_access
+    return result

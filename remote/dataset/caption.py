@@ -1,0 +1,195 @@
+"""The caption stage: every ingested image gets a caption sidecar the trainer reads.
+
+Existing sidecars are kept byte for byte (ingest already copied them); the only change ever made
+to one is prepending the trigger word when it lacks it and ``insert_trigger`` is on. Missing
+captions are filled by the template (``mode="template"``), by a captioning model
+(``mode="model"``), or left missing (``mode="keep"``: the quality gate then reports
+``missing_caption``). A caption file without an image was reported by ingest and is never used.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from remote.dataset.ingest import ImageRecord, IngestResult
+
+TRIGGER_PLACEHOLDER = "[trigger]"
+MODES = ("keep", "template", "model")
+
+Captioner = Callable[[list[Any]], list[str]]  # PIL images in, one caption per image out
+
+
+@dataclass
+class CaptionReport:
+    mode: str
+    kept: int = 0  # sidecars kept as they were
+    trigger_inserted: int = 0  # sidecars or model captions that got the trigger word prepended
+    templated: int = 0
+    generated: int = 0  # written by the captioning model
+    missing: int = 0  # no caption (mode keep)
+    orphan_captions: list[str] = field(default_factory=list)
+    issues: list[str] = field(default_factory=list)
+    entries: list[dict[str, Any]] = field(default_factory=list)  # per image: output, origin
+    lengths_words: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "kept": self.kept,
+            "trigger_inserted": self.trigger_inserted,
+            "templated": self.templated,
+            "generated": self.generated,
+            "missing": self.missing,
+            "orphan_captions": list(self.orphan_captions),
+            "issues": list(self.issues),
+            "length_words": length_stats(self.lengths_words),
+            "entries": list(self.entries),
+        }
+
+
+def caption(result: IngestResult, *, mode: str, template: str, trigger: str | None,
+            caption_ext: str, model: str | None = None, insert_trigger: bool = True,
+            captioner: Captioner | None = None, batch_size: int = 8) -> CaptionReport:
+    """Give every usable image of ``result`` a caption file (as the mode allows).
+
+    ``captioner`` replaces :func:`load_captioner` (tests pass a plain function); it is only
+    called in ``model`` mode, in batches of ``batch_size``, for images without a sidecar.
+    Updates each record's ``caption_path``. Raises ``ValueError`` for an unknown mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"caption mode must be one of {', '.join(MODES)}, not {mode!r}")
+    report = CaptionReport(mode=mode, orphan_captions=list(result.orphan_captions))
+    todo: list[ImageRecord] = []
+    for record in result.images:
+        if record.path is None:
+            continue
+        sidecar = record.path.with_name(f"{record.path.stem}.{caption_ext}")
+        if sidecar.exists():
+            record.caption_path = sidecar
+            _keep_sidecar(record, sidecar, trigger if insert_trigger else None, report)
+        elif mode == "template":
+            text = render_template(template, trigger)
+            _write_caption(record, sidecar, text, "template", report)
+            report.templated += 1
+        elif mode == "model":
+            todo.append(record)
+        else:
+            record.caption_path = None
+            report.missing += 1
+            report.entries.append({"output": record.path.name, "origin": None})
+    if todo:
+        _caption_with_model(todo, captioner or load_captioner(model or ""), batch_size, trigger,
+                            insert_trigger, caption_ext, report)
+    return report
+
+
+def render_template(template: str, trigger: str | None) -> str:
+    """The template with ``[trigger]`` replaced (dropped, with its spacing, when no trigger)."""
+    if trigger:
+        return template.replace(TRIGGER_PLACEHOLDER, trigger).strip()
+    text = template.replace(TRIGGER_PLACEHOLDER, "")
+    return re.sub(r"\s{2,}", " ", text).strip(" ,")
+
+
+def with_trigger(text: str, trigger: str | None) -> tuple[str, bool]:
+    """``text`` with the trigger word prepended unless it (or ``[trigger]``) is already there."""
+    if not trigger or TRIGGER_PLACEHOLDER in text or _contains_word(text, trigger):
+        return text, False
+    stripped = text.strip()
+    return (f"{trigger}, {stripped}" if stripped else trigger), True
+
+
+def _contains_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.IGNORECASE) is not None
+
+
+def _keep_sidecar(record: ImageRecord, sidecar: Path, trigger: str | None,
+                  report: CaptionReport) -> None:
+    raw = sidecar.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        report.issues.append(f"{record.source}: caption is not UTF-8; kept as it is")
+        report.kept += 1
+        report.entries.append({"output": record.path.name, "origin": "sidecar"})
+        return
+    new_text, changed = with_trigger(text, trigger)
+    if changed:
+        sidecar.write_text(new_text, encoding="utf-8")
+        report.trigger_inserted += 1
+        report.entries.append({"output": record.path.name, "origin": "sidecar+trigger"})
+    else:
+        report.kept += 1
+        report.entries.append({"output": record.path.name, "origin": "sidecar"})
+    report.lengths_words.append(len(new_text.split()))
+
+
+def _write_caption(record: ImageRecord, sidecar: Path, text: str, origin: str,
+                   report: CaptionReport) -> None:
+    sidecar.write_text(text, encoding="utf-8")
+    record.caption_path = sidecar
+    report.entries.append({"output": record.path.name if record.path else None, "origin": origin})
+    report.lengths_words.append(len(text.split()))
+
+
+def _caption_with_model(records: list[ImageRecord], captioner: Captioner, batch_size: int,
+                        trigger: str | None, insert_trigger: bool, caption_ext: str,
+                        report: CaptionReport) -> None:
+    from PIL import Image
+
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        images = []
+        for record in batch:
+            with Image.open(record.path) as im:
+                images.append(im.convert("RGB"))
+        texts = captioner(images)
+        if len(texts) != len(batch):
+            raise ValueError(f"the captioner returned {len(texts)} captions for {len(batch)} images")
+        for record, text in zip(batch, texts):
+            text = " ".join(str(text).split())
+            if insert_trigger:
+                text, changed = with_trigger(text, trigger)
+                report.trigger_inserted += int(changed)
+            sidecar = record.path.with_name(f"{record.path.stem}.{caption_ext}")
+            _write_caption(record, sidecar, text, "model", report)
+            report.generated += 1
+
+
+def length_stats(lengths: Sequence[int]) -> dict[str, float | int | None]:
+    if not lengths:
+        return {"count": 0, "min": None, "max": None, "mean": None, "median": None}
+    return {
+        "count": len(lengths),
+        "min": min(lengths),
+        "max": max(lengths),
+        "mean": round(statistics.fmean(lengths), 2),
+        "median": statistics.median(lengths),
+    }
+
+
+def load_captioner(model_name: str, *, device: str | None = None,
+                   batch_size: int = 8) -> Captioner:
+    """An image-to-text captioner from a Hugging Face model (downloaded on the instance).
+
+    transformers is imported here only; ``device`` defaults to the first GPU when torch sees one.
+    """
+    if not model_name:
+        raise ValueError("caption mode 'model' needs captioning.model (a Hugging Face model id)")
+    import torch
+    from transformers import pipeline
+
+    if device is None:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    pipe = pipeline("image-to-text", model=model_name, device=device)
+
+    def run(images: list[Any]) -> list[str]:
+        outputs = pipe(images, batch_size=batch_size)
+        return [out[0]["generated_text"] if isinstance(out, list) else out["generated_text"]
+                for out in outputs]
+
+    return run

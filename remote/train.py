@@ -1,0 +1,304 @@
+"""The train stage's supervisor: run the trainer as a child, watch it, stop it gracefully, retry.
+
+The trainer (ai-toolkit's ``run.py`` or the tiny trainer) runs in its own process group with
+stdout and stderr on one pipe. Every byte goes to ``ctx.log`` (the agent's log); a
+:class:`~remote.progress.LogWatcher` turns the bytes into progress and checkpoint callbacks.
+
+Graceful stop. A checkpoint must never be cut in half, and ai-toolkit does not save on SIGTERM,
+so when ``ctx.stop_requested()`` turns true the supervisor waits for a safe moment to send
+SIGTERM to the group:
+
+* ``after_next_save`` (ai-toolkit): wait for the next ``Saved checkpoint`` line, then SIGTERM;
+  the work since that save is the only thing lost, and nothing is lost that was saved.
+* ``sigterm`` (tiny trainer, which saves on SIGTERM): SIGTERM at once unless a save is running
+  (between ``Saving at step`` and ``Saved checkpoint``), in which case right after it.
+
+Either way, SIGKILL follows if the trainer has not exited ``grace_s`` after SIGTERM.
+
+Crashes. A non-zero exit that was not asked for is a crash: the cause is recognised from the log
+(:func:`remote.progress.recognise_error`) and the trainer is launched again up to
+``max_retries`` times (both trainers resume from the newest checkpoint by themselves), except for
+causes a retry cannot fix (HF auth, import errors, a full disk).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from remote.progress import NON_RETRYABLE_CAUSES, LogWatcher, Progress
+
+TAIL_LINES = 50
+_TAIL_BYTES = 256 * 1024
+STOP_POLICIES = ("after_next_save", "sigterm")
+
+
+@dataclass
+class TrainContext:
+    """What the runner hands the supervisor. ``env`` is laid over the agent's own environment."""
+
+    config_path: Path
+    output_dir: Path  # training_folder/name: where the checkpoints appear
+    name: str
+    command: list[str]
+    log: Callable[[str], None]
+    env: dict[str, str]
+    stop_requested: Callable[[], bool]
+    on_progress: Callable[[Progress], None]
+    on_checkpoint: Callable[[Path, int], None]
+    max_retries: int
+    total_steps: int
+    cwd: Path
+    stop_policy: str | None = None  # None: "sigterm" for the tiny trainer, else "after_next_save"
+    grace_s: float = 120.0  # SIGTERM -> SIGKILL
+    poll_s: float = 0.2  # how often stop_requested() is asked while the trainer is quiet
+    clock: Callable[[], float] = time.monotonic
+
+
+@dataclass
+class TrainResult:
+    state: str  # "done" | "stopped" | "failed"
+    final_lora: Path | None
+    last_checkpoint: Path | None
+    step: int
+    error: str | None
+    cause: str | None
+    log_tail: list[str] = field(default_factory=list)
+    s_per_step: float | None = None
+    attempts: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("final_lora", "last_checkpoint"):
+            data[key] = str(data[key]) if data[key] else None
+        return data
+
+
+@dataclass
+class _Attempt:
+    returncode: int
+    stop_asked: bool
+    term_sent: bool
+    watcher: LogWatcher
+    tail: list[str]
+
+
+def trainer_command(spec: dict[str, Any], config_path: Path, aitk_dir: Path | None) -> list[str]:
+    """The argv that trains ``config_path``: ``training.command`` (with ``{config}`` filled in)
+    when the spec gives one, else the tiny trainer or ai-toolkit's ``run.py`` (to be run with
+    ``cwd=aitk_dir``, using the checkout's ``venv`` or ``.venv`` when it has one)."""
+    training = spec.get("training") or {}
+    if training.get("command"):
+        return [str(arg).replace("{config}", str(config_path)) for arg in training["command"]]
+    if training.get("trainer", "ai-toolkit") == "tiny":
+        return [sys.executable, "-m", "remote.trainers.tiny", str(config_path)]
+    if aitk_dir is None:
+        raise ValueError("the ai-toolkit trainer needs the directory of its checkout")
+    python = next((str(p) for p in (aitk_dir / "venv" / "bin" / "python",
+                                     aitk_dir / ".venv" / "bin" / "python") if p.exists()),
+                  sys.executable)
+    return [python, "run.py", str(config_path)]
+
+
+def default_stop_policy(command: list[str]) -> str:
+    return "sigterm" if "remote.trainers.tiny" in command else "after_next_save"
+
+
+def render_tail(data: bytes, lines: int = TAIL_LINES) -> list[str]:
+    """The last ``lines`` lines as a terminal shows them (each ``\\r`` redraw replaces the line)."""
+    text = data.decode("utf-8", errors="replace")
+    shown = [segment.split("\r")[-1] if segment.split("\r")[-1] else segment.strip("\r")
+             for segment in text.split("\n")]
+    shown = [line.rstrip() for line in shown if line.strip()]
+    return shown[-lines:]
+
+
+def read_lora_step(path: Path) -> int | None:
+    """``training_info.step`` from a safetensors header, with the standard library only."""
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size < 100_000_000:
+                return None
+            header = json.loads(fh.read(size))
+        return int(json.loads(header["__metadata__"]["training_info"])["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _newest_on_disk(output_dir: Path, name: str) -> Path | None:
+    pattern = re.compile(rf"^{re.escape(name)}_(\d{{9}})\.safetensors$")
+    steps = sorted((int(m.group(1)), p) for p in output_dir.glob(f"{name}_*.safetensors")
+                   if (m := pattern.match(p.name)))
+    if steps:
+        return steps[-1][1]
+    final = output_dir / f"{name}.safetensors"
+    return final if final.is_file() else None
+
+
+class _Supervisor:
+    def __init__(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+        self.policy = ctx.stop_policy or default_stop_policy(ctx.command)
+        if self.policy not in STOP_POLICIES:
+            raise ValueError(f"stop_policy {self.policy!r} is not one of {STOP_POLICIES}")
+        self.step = 0
+        self.s_per_step: float | None = None
+        self.last_checkpoint: Path | None = None
+        self._at_line_start = True
+
+    def note(self, message: str) -> None:
+        """A supervisor line in the trainer's log, on a line of its own."""
+        self.ctx.log(("" if self._at_line_start else "\n") + f"[train] {message}\n")
+        self._at_line_start = True
+
+    def _tee(self, text: str) -> None:
+        if text:
+            self.ctx.log(text)
+            self._at_line_start = text.endswith("\n")
+
+    def _resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else self.ctx.cwd / p
+
+    def _dispatch(self, watcher: LogWatcher, chunk: bytes) -> None:
+        for event in watcher.feed(chunk) if chunk else watcher.close():
+            if event.kind == "progress" and event.progress is not None:
+                self.step = max(self.step, event.progress.step)
+                self.s_per_step = event.progress.s_per_step or self.s_per_step
+                self.ctx.on_progress(event.progress)
+            elif event.kind == "checkpoint" and event.path is not None:
+                path = self._resolve(event.path)
+                step = event.step if event.step is not None else self.step
+                self.step = max(self.step, step)
+                self.last_checkpoint = path
+                self.ctx.on_checkpoint(path, step)
+
+    def attempt(self) -> _Attempt:
+        ctx = self.ctx
+        env = {**os.environ, **ctx.env}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        proc = subprocess.Popen(ctx.command, cwd=ctx.cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        watcher, decoder = LogWatcher(), codecs.getincrementaldecoder("utf-8")("replace")
+        tail = bytearray()
+        saves_at_stop: int | None = None
+        term_at: float | None = None
+        fd = proc.stdout.fileno()
+        eof = False
+        try:
+            while True:
+                exited = proc.poll() is not None
+                if not eof:
+                    ready, _, _ = select.select([fd], [], [], 0 if exited else ctx.poll_s)
+                    if ready:
+                        chunk = os.read(fd, 65536)
+                        eof = not chunk
+                        if chunk:
+                            tail = (tail + chunk)[-_TAIL_BYTES:]
+                            self._tee(decoder.decode(chunk))
+                            self._dispatch(watcher, chunk)
+                    elif exited:  # drained; a grandchild may still hold the pipe open
+                        break
+                if eof:
+                    if exited:
+                        break
+                    try:
+                        proc.wait(timeout=ctx.poll_s)
+                    except subprocess.TimeoutExpired:
+                        pass
+                if saves_at_stop is None and ctx.stop_requested():
+                    saves_at_stop = watcher.saves
+                    self.note(f"stop requested at step {self.step}: "
+                              + ("stopping after the next checkpoint" if self.policy == "after_next_save"
+                                 else "stopping (a save in progress finishes first)"))
+                if saves_at_stop is not None and term_at is None and not watcher.saving and (
+                        self.policy == "sigterm" or watcher.saves > saves_at_stop):
+                    self._signal(proc, signal.SIGTERM)
+                    term_at = ctx.clock()
+                elif term_at is not None and ctx.clock() - term_at > ctx.grace_s:
+                    self.note(f"trainer still running {ctx.grace_s:.0f}s after SIGTERM: SIGKILL")
+                    self._signal(proc, signal.SIGKILL)
+                    term_at = float("inf")
+        finally:
+            if proc.poll() is None:
+                self._signal(proc, signal.SIGKILL)
+                proc.wait()
+            proc.stdout.close()
+        self._tee(decoder.decode(b"", final=True))
+        self._dispatch(watcher, b"")
+        return _Attempt(proc.returncode, saves_at_stop is not None, term_at is not None, watcher,
+                        render_tail(bytes(tail)))
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def result(self, state: str, attempt: _Attempt | None, attempts: int, *,
+               error: str | None = None) -> TrainResult:
+        ctx = self.ctx
+        final = ctx.output_dir / f"{ctx.name}.safetensors"
+        last = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.is_file() \
+            else _newest_on_disk(ctx.output_dir, ctx.name)
+        for path in (final if state == "done" else None, last):
+            if path is not None and (step := read_lora_step(path)) is not None:
+                self.step = max(self.step, step)
+                break
+        return TrainResult(
+            state=state, final_lora=final if state == "done" else None, last_checkpoint=last,
+            step=self.step, error=error, cause=attempt.watcher.cause if attempt else None,
+            log_tail=attempt.tail if attempt else [], s_per_step=self.s_per_step, attempts=attempts)
+
+
+def run_training(ctx: TrainContext) -> TrainResult:
+    """Train until done, a graceful stop, or a failure that retries did not fix."""
+    sup = _Supervisor(ctx)
+    attempts = 0
+    attempt: _Attempt | None = None
+    error: str | None = None
+    while True:
+        if ctx.stop_requested():
+            sup.note("stop requested: not starting the trainer")
+            return sup.result("stopped", attempt, attempts, error=error)
+        attempts += 1
+        sup.note(f"starting trainer (attempt {attempts}/{ctx.max_retries + 1}): "
+                 + " ".join(ctx.command))
+        attempt = sup.attempt()
+        final = ctx.output_dir / f"{ctx.name}.safetensors"
+        rc = attempt.returncode
+        if rc == 0 and final.is_file():
+            sup.note(f"trainer finished: {final}")
+            return sup.result("done", attempt, attempts)
+        if attempt.stop_asked:
+            error = None if attempt.term_sent else f"trainer exited with code {rc} while stopping"
+            sup.note(f"trainer stopped at step {sup.step} (exit code {rc})")
+            return sup.result("stopped", attempt, attempts, error=error)
+        cause = attempt.watcher.cause
+        if rc == 0:
+            error = f"trainer exited 0 but wrote no {final.name}"
+        else:
+            error = f"trainer exited with code {rc}"
+            if attempt.watcher.error_line:
+                error += f": {attempt.watcher.error_line}"
+        if cause in NON_RETRYABLE_CAUSES or attempts > ctx.max_retries:
+            why = f"{cause}: a retry cannot fix it" if cause in NON_RETRYABLE_CAUSES \
+                else f"{ctx.max_retries} retries used"
+            sup.note(f"trainer failed ({error}); not retrying ({why})")
+            return sup.result("failed", attempt, attempts, error=error)
+        sup.note(f"trainer crashed ({cause or 'unrecognised cause'}); retrying from "
+                 f"{_newest_on_disk(ctx.output_dir, ctx.name) or 'the start'}")

@@ -1,0 +1,142 @@
+"""The agent's watchdog: act when the laptop has gone quiet.
+
+The controller touches ``heartbeat`` in the run dir at every poll. When it has been stale for
+longer than ``heartbeat_grace_s`` and either the run has finished (bundle packed, or failed: nothing
+more will happen) or the cap / ``max_hours`` is reached, the watchdog
+
+* asks training to stop (the cost guard normally did already), and
+* once the run is finished, stops its own instance through Vast with the per-instance
+  ``CONTAINER_API_KEY`` (``PUT /api/v0/instances/$CONTAINER_ID/ {"state": "stopped"}``). Stop, not
+  destroy: the disk and the bundle survive for a later ``flux-remote fetch``.
+
+Without the Vast variables (ssh or local provider) it only stops the training. Every action is an
+event. Clock, sleep and the HTTP opener are injectable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+DEFAULT_VAST_URL = "https://console.vast.ai"
+CHECK_INTERVAL_S = 30.0
+
+
+def stop_instance_request(env: Mapping[str, str]) -> urllib.request.Request | None:
+    """The self-stop request for this instance, or None without the Vast variables."""
+    key, container = env.get("CONTAINER_API_KEY"), env.get("CONTAINER_ID")
+    if not key or not container:
+        return None
+    base = (env.get("VAST_URL") or DEFAULT_VAST_URL).rstrip("/")
+    return urllib.request.Request(
+        f"{base}/api/v0/instances/{container}/", method="PUT",
+        data=json.dumps({"state": "stopped"}).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+
+
+class Watchdog:
+    """Checks the heartbeat; ``check_once`` does one round, ``start`` runs it in a thread."""
+
+    def __init__(self, run_dir: Path, *, grace_s: float, env: Mapping[str, str],
+                 event: Callable[..., None], is_finished: Callable[[], bool],
+                 cap_reached: Callable[[], bool], stop_training: Callable[[str], None],
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 opener: Callable[..., Any] = urllib.request.urlopen,
+                 interval_s: float = CHECK_INTERVAL_S) -> None:
+        self.heartbeat = run_dir / "heartbeat"
+        self.grace_s = grace_s
+        self.env = env
+        self.event = event
+        self.is_finished = is_finished
+        self.cap_reached = cap_reached
+        self.stop_training = stop_training
+        self.clock = clock
+        self.sleep = sleep
+        self.opener = opener
+        self.interval_s = interval_s
+        self.started_at = clock()
+        self.instance_stopped = False
+        self._training_stop_sent = False
+        self._thread: threading.Thread | None = None
+        self._halt = threading.Event()
+
+    @property
+    def can_stop_instance(self) -> bool:
+        return stop_instance_request(self.env) is not None
+
+    def silence_s(self) -> float:
+        """Seconds since the controller last touched ``heartbeat`` (or since the agent started)."""
+        try:
+            last = os.stat(self.heartbeat).st_mtime
+        except OSError:
+            last = self.started_at
+        return self.clock() - max(last, self.started_at)
+
+    def check_once(self) -> str | None:
+        """One round; returns the action taken ("stop_training", "stop_instance") or None."""
+        silence = self.silence_s()
+        if silence <= self.grace_s or self.instance_stopped:
+            return None
+        if self.is_finished():
+            if self.can_stop_instance:
+                return "stop_instance" if self._stop_instance(silence) else None
+            return None
+        if self.cap_reached() and not self._training_stop_sent:
+            self._training_stop_sent = True
+            self.event("watchdog", action="stop_training", silence_s=round(silence),
+                       reason="cap or max_hours reached while the controller is silent")
+            self.stop_training("watchdog: cap reached and the controller is silent")
+            return "stop_training"
+        return None
+
+    def _stop_instance(self, silence: float) -> bool:
+        request = stop_instance_request(self.env)
+        assert request is not None
+        try:
+            with self.opener(request, timeout=30) as response:
+                code = response.status
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+        except (urllib.error.URLError, OSError) as exc:
+            self.event("watchdog", action="stop_instance", ok=False, error=str(exc),
+                       silence_s=round(silence))
+            return False
+        ok = 200 <= code < 300
+        self.event("watchdog", action="stop_instance", ok=ok, http_status=code,
+                   silence_s=round(silence))
+        self.instance_stopped = ok
+        return ok
+
+    # -- threading ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="watchdog", daemon=True)
+        self._thread.start()
+
+    def halt(self) -> None:
+        self._halt.set()
+
+    def _loop(self) -> None:
+        while not self._halt.is_set():
+            self.check_once()
+            self._halt.wait(self.interval_s)
+
+    def wait_for_stop(self, *, max_s: float | None = None) -> bool:
+        """After the run: keep checking (in this thread) until the instance is stopped.
+
+        Only meaningful on Vast; returns False at once without the variables, or after ``max_s``.
+        """
+        if not self.can_stop_instance:
+            return False
+        begun = self.clock()
+        while not self.instance_stopped:
+            if max_s is not None and self.clock() - begun >= max_s:
+                return False
+            if self.check_once() is None:
+                self.sleep(self.interval_s)
+        return True

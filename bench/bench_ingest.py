@@ -47,7 +47,8 @@ SIZE = (2048, 1536)
 def generate(folder: Path, n: int, seed: int = 0) -> None:
     """``n`` sharp synthetic photos; every third one stored sideways with EXIF orientation 6/8."""
     rng = np.random.default_rng(seed)
-    noise = rng.normal(0, 10, (SIZE[1], SIZE[0], 1)).astype(np.int16)  # one field, shifted per image
+    # One noise field (cheap), shifted per image so no two files share their texture.
+    noise = rng.normal(0, 10, (SIZE[1], SIZE[0], 1)).astype(np.int16)
     for i in range(n):
         coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
         im = Image.fromarray(coarse, "RGB").resize(SIZE, Image.Resampling.BICUBIC)

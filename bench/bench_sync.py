@@ -58,19 +58,20 @@ def plain_rsync(src: Path, dest: str, ssh_command: str) -> float:
 
 def first_upload(host: SshHost, server: SshServer, src: Path, work: Path, repeats: int) -> dict:
     ssh_command = shlex.join(ssh_argv(host.target))
-    ours, plain = [], []
+    ours: list[float] = []
+    plain: list[float] = []
+
+    def run_ours(i: int) -> None:
+        t0 = time.perf_counter()
+        host.upload(src, str(work / f"ours-{i}"))
+        ours.append(time.perf_counter() - t0)
+
+    def run_plain(i: int) -> None:
+        plain.append(plain_rsync(src, f"{server.host}:{work / f'plain-{i}'}/", ssh_command))
+
     for i in range(repeats):  # interleaved, alternating who goes first, fresh destinations
-
-        def run_ours() -> None:
-            t0 = time.perf_counter()
-            host.upload(src, str(work / f"ours-{i}"))
-            ours.append(time.perf_counter() - t0)
-
-        def run_plain() -> None:
-            plain.append(plain_rsync(src, f"{server.host}:{work / f'plain-{i}'}/", ssh_command))
-
         for step in (run_ours, run_plain) if i % 2 == 0 else (run_plain, run_ours):
-            step()
+            step(i)
     ours_s, plain_s = statistics.median(ours), statistics.median(plain)
     return {
         "ours_s": round(ours_s, 3),
@@ -186,7 +187,8 @@ def main() -> int:
          result["passed"]["interrupted_resume"]),
     ]  # fmt: skip
     print(
-        f"sync benchmark: {total / 1e6:.0f} MB dataset over a local sshd ({result['machine']['rsync']})"
+        f"sync benchmark: {total / 1e6:.0f} MB dataset over a local sshd "
+        f"({result['machine']['rsync']})"
     )
     print(f"{'case':42} {'measured':26} {'value':>10} {'target':>8}  ok")
     for case, measured, value, target, ok in rows:

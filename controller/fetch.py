@@ -13,6 +13,7 @@ agent's ``receipt.json`` and ``SHA256SUMS`` are left exactly as the agent signed
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -32,7 +33,7 @@ CONTROLLER_RECEIPT = "controller_receipt.json"
 class FetchResult:
     path: Path
     files_verified: int
-    bytes_sent: int
+    stats: Any  # controller.hosts.rsync.TransferStats of the download
 
 
 def parse_sums(text: str) -> list[tuple[str, str]]:
@@ -82,6 +83,19 @@ def verify_sums(bundle: Path) -> int:
     return len(entries)
 
 
+def bundle_of_run(out_dir: Path, run_id: str) -> int:
+    """Verify the bundle in ``out_dir`` and that it is this run's (an out dir is reused by the
+    next run of the same name); returns the number of files verified, else raises RunError."""
+    count = verify_sums(out_dir)
+    try:
+        owner = json.loads((out_dir / "receipt.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{out_dir} has no readable receipt.json") from exc
+    if owner != run_id:
+        raise RunError(f"the bundle in {out_dir} belongs to run {owner}, not {run_id}")
+    return count
+
+
 def has_bundle(host: "Host", paths: RunPaths) -> bool:
     return host.read_bytes(posixpath.join(paths.publish, SUMS_NAME), 0, 1) is not None
 
@@ -91,7 +105,7 @@ def fetch_bundle(host: "Host", paths: RunPaths, out_dir: Path) -> FetchResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = host.download(paths.publish, out_dir)
     count = verify_sums(out_dir)
-    return FetchResult(path=out_dir, files_verified=count, bytes_sent=stats.bytes_sent)
+    return FetchResult(path=out_dir, files_verified=count, stats=stats)
 
 
 def fetch_extras(host: "Host", paths: RunPaths, out_dir: Path, *,
@@ -108,9 +122,9 @@ def fetch_extras(host: "Host", paths: RunPaths, out_dir: Path, *,
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         wanted.append((checkpoint, out_dir / "checkpoints"))
     for remote, local_dir in wanted:
-        if host.read_bytes(remote, 0, 1) is None:
-            continue
         try:
+            if host.read_bytes(remote, 0, 1) is None:
+                continue
             host.download(remote, local_dir / posixpath.basename(remote))
         except TransportError:
             continue

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 AGENT_TERMINAL = ("done", "failed", "stopped")
 FINISH_ALLOWANCE_S = 600.0  # time the agent needs after STOP, plus fetch and destroy
 LOST_CONTACT_S = 600.0  # give up following after this long without one good poll
+SPEND_SAMPLE_S = 30.0  # a spend sample is journaled at most this often (the total every poll)
 
 
 class Reporter(Protocol):
@@ -195,6 +196,7 @@ class Follower:
         run = journal.get_run(run_id) or {}
         self.offset = int(run.get("log_offset") or 0)
         self.stop_requested = bool(run.get("stop_requested"))
+        self._last_sample: float | None = None
 
     def _tail_log(self) -> list[str]:
         data = self.host.read_bytes(self.paths.log, self.offset)
@@ -247,9 +249,12 @@ class Follower:
                                                                  "spend_usd": spend})
                 self.reporter.note(f"{reason}: asked the agent to stop gracefully")
         self.journal.update_run(self.run_id, log_offset=self.offset, stage=snap.stage,
-                                step=snap.step, total=snap.total, loss=snap.loss)
-        self.journal.add_spend_sample(self.run_id, usd=spend, dph_total=self.price_per_hour,
-                                      bandwidth_usd=self.bandwidth_usd)
+                                step=snap.step, total=snap.total, loss=snap.loss,
+                                spend_usd=spend)
+        if self._last_sample is None or now - self._last_sample >= SPEND_SAMPLE_S or snap.finished:
+            self.journal.add_spend_sample(self.run_id, usd=spend, dph_total=self.price_per_hour,
+                                          bandwidth_usd=self.bandwidth_usd)
+            self._last_sample = now
         if lines:
             self.reporter.log(lines)
         self.reporter.update(snap)

@@ -24,22 +24,18 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from controller import runs as R
 from controller.errors import FluxRemoteError, ProviderError, RunError, TransportError
-from controller.fetch import (CONTROLLER_RECEIPT, controller_receipt, fetch_bundle, fetch_extras,
-                              has_bundle)
+from controller.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_receipt,
+                              fetch_bundle, fetch_extras, has_bundle)
 from controller.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, NullReporter,
                                Reporter, RunPaths, meter, read_int, read_json, request_stop)
+from controller.runs import run_lock
+from controller.ship import (remove_secrets, secrets_path, secrets_payload, start_agent,
+                             upload_run, write_plan)
 
 if TYPE_CHECKING:
     from controller.journal import Journal
     from controller.providers.base import Estimate, Machine, Provider
     from controller.spec import RunSpec
-
-SECRET_VARS = ("HF_TOKEN", "WANDB_API_KEY")
-# Controller environment variables handed to the agent (test and tuning knobs, never secrets).
-FORWARDED_PREFIXES = ("FLUX_REMOTE_TINY_", "FLUX_REMOTE_AGENT_", "FLUX_REMOTE_SKIP_",
-                      "FLUX_REMOTE_VENV_")
-REMOTE_EXCLUDES = ("__pycache__", "*.pyc")
-
 
 @dataclass
 class Options:
@@ -80,12 +76,6 @@ def spec_of(run: dict[str, Any]) -> "RunSpec":
     from controller.spec import RunSpec
 
     return RunSpec.model_validate(json.loads(run["spec_json"]))
-
-
-def remote_package_dir() -> Path:
-    import remote
-
-    return Path(remote.__file__).resolve().parent
 
 
 class Orchestrator:
@@ -129,9 +119,19 @@ class Orchestrator:
         its agent runs). Raises FluxRemoteError for failures the user must see; KeyboardInterrupt
         passes through (the CLI asks stop-or-detach; the journal is consistent at every point)."""
         options = options or Options()
+        with run_lock(self.journal, run_id):
+            return self._drive(run_id, options, estimate)
+
+    def _drive(self, run_id: str, options: Options, estimate: "Estimate | None") -> Outcome:
+        if self.state(run_id) in R.ACTIVE_STATES:
+            for line in self.provider.reconcile(self.journal):
+                self.reporter.note(line)
         while True:
             run = self._run(run_id)
             state = run["state"]
+            if state in (R.SHIPPING, R.RUNNING, R.FETCHING) and \
+                    self.journal.current_instance(run_id) is None:
+                return self._machine_gone(run)
             if state in (R.PLANNED, R.RENTING, R.BOOTING):
                 self._acquire(run, estimate)
             elif state == R.SHIPPING:
@@ -175,11 +175,22 @@ class Orchestrator:
 
     # ---- step: get a machine ---------------------------------------------------------------
 
+    def _machine_gone(self, run: dict[str, Any]) -> Outcome:
+        """The journal says the run's machine no longer exists: keep what is home, end the run."""
+        out_dir = Path(run["out_dir"])
+        try:
+            bundle_of_run(out_dir, run["run_id"])
+        except RunError:
+            self._set(run["run_id"], R.FAILED, ended_at=self.clock(),
+                      error=run.get("error") or "the run's machine is gone and no verified "
+                                                 "bundle is home")
+        else:
+            self._set(run["run_id"], R.DONE, bundle_path=str(out_dir), ended_at=self.clock())
+        return self._outcome(self._run(run["run_id"]))
+
     def _acquire(self, run: dict[str, Any], estimate: "Estimate | None") -> None:
         run_id = run["run_id"]
         spec = spec_of(run)
-        for line in self.provider.reconcile(self.journal):
-            self.reporter.note(line)
         try:
             machine = None
             if self.journal.current_instance(run_id) is not None:
@@ -217,10 +228,6 @@ class Orchestrator:
 
     # ---- step: ship and start --------------------------------------------------------------
 
-    def _secrets(self) -> bytes:
-        lines = [f"{name}={self.env[name]}\n" for name in SECRET_VARS if self.env.get(name)]
-        return "".join(lines).encode("utf-8")
-
     def _transfer_cost(self, run_id: str, machine: "Machine", direction: str, stats: Any) -> None:
         price = float(machine.info.get("inet_down_cost" if direction == "up" else
                                        "inet_up_cost", 0.0))
@@ -241,22 +248,19 @@ class Orchestrator:
             machine = self.machine(run_id)
             host, paths = machine.host, RunPaths(f"{machine.root}/{run_id}")
             self.reporter.note(f"shipping the agent and the dataset to {paths.run_dir}")
-            stats = host.upload(remote_package_dir(), f"{paths.run_dir}/remote", delete=True,
-                                excludes=REMOTE_EXCLUDES)
-            self._transfer_cost(run_id, machine, "up", stats)
-            stats = host.upload(Path(spec.dataset.path), f"{paths.run_dir}/dataset", delete=True)
-            self._transfer_cost(run_id, machine, "up", stats)
+            for stats in upload_run(host, paths, Path(spec.dataset.path)):
+                self._transfer_cost(run_id, machine, "up", stats)
             secrets_file = None
-            secrets = self._secrets()
+            secrets = secrets_payload(self.env)
             if secrets:
-                secrets_file = f"{machine.root}/.secrets/{run_id}.env"
+                secrets_file = secrets_path(machine.root, run_id)
                 host.write_bytes(secrets_file, secrets, mode=0o600)
-            plan = make_plan(run_id=run_id, spec=json.loads(run["spec_json"]),
-                             run_dir=paths.run_dir, dataset_dir=f"{paths.run_dir}/dataset",
-                             provider=self.provider.name, price_per_hour=machine.price_per_hour,
-                             billing_started_at=machine.billing_started_at,
-                             secrets_file=secrets_file, instance=machine.info)
-            host.write_bytes(paths.plan, json.dumps(plan, indent=2).encode("utf-8"))
+            write_plan(host, paths, make_plan(
+                run_id=run_id, spec=json.loads(run["spec_json"]), run_dir=paths.run_dir,
+                dataset_dir=f"{paths.run_dir}/dataset", provider=self.provider.name,
+                price_per_hour=machine.price_per_hour,
+                billing_started_at=machine.billing_started_at, secrets_file=secrets_file,
+                instance=machine.info))
             self._start_agent(run_id, machine, paths)
         except (TransportError, ProviderError) as exc:
             self._fail(run_id, f"shipping to the machine failed: {exc}")
@@ -264,18 +268,10 @@ class Orchestrator:
         self._set(run_id, R.RUNNING, remote_run_dir=paths.run_dir)
 
     def _start_agent(self, run_id: str, machine: "Machine", paths: RunPaths) -> None:
-        """Start ``python -m remote run plan.json`` detached, unless it already runs or ran."""
-        host = machine.host
-        pid = read_int(host, paths.pid)
-        if read_int(host, paths.rc) is not None or (pid is not None and host.is_alive(pid)):
-            return
-        env = {"PYTHONPATH": paths.run_dir, "PYTHONUNBUFFERED": "1"}
-        env.update({k: v for k, v in self.env.items() if k.startswith(FORWARDED_PREFIXES)})
-        pid = host.start_detached([machine.python, "-m", "remote", "run", paths.plan],
-                                  cwd=paths.run_dir, log_path=paths.out, env=env,
-                                  pid_path=paths.pid, rc_path=paths.rc)
-        self.journal.add_event(run_id, "agent_started", {"pid": pid})
-        self.reporter.note(f"agent started (pid {pid})")
+        pid = start_agent(machine.host, paths, machine.python, self.env)
+        if pid is not None:
+            self.journal.add_event(run_id, "agent_started", {"pid": pid})
+            self.reporter.note(f"agent started (pid {pid})")
 
     # ---- step: follow ----------------------------------------------------------------------
 
@@ -330,13 +326,13 @@ class Orchestrator:
             self.reporter.note(f"fetching the bundle into {out_dir}")
             try:
                 fetched = fetch_bundle(host, paths, out_dir)
-                self._transfer_cost(run_id, machine, "down",
-                                    _Stats(fetched.bytes_sent))
+                self._transfer_cost(run_id, machine, "down", fetched.stats)
             except (TransportError, RunError) as exc:
                 return self._keep_for_later(run, exc)
         extras = fetch_extras(host, paths, out_dir,
                               checkpoint=None if fetched else status.get("last_checkpoint"))
         instance = self.journal.get_instance(machine.instance_row)
+        remove_secrets(host, machine.root, run_id)
         try:
             self.provider.release(run_id, self.journal)
         except FluxRemoteError as exc:
@@ -399,6 +395,10 @@ class Orchestrator:
 
     def down(self, run_id: str, *, force: bool = False) -> Outcome:
         """Destroy the run's machine now; first fetch what can be fetched unless ``force``."""
+        with run_lock(self.journal, run_id):
+            return self._down(run_id, force=force)
+
+    def _down(self, run_id: str, *, force: bool) -> Outcome:
         run = self._run(run_id)
         fetched: dict[str, Any] = {}
         if self.journal.current_instance(run_id) is not None and not force:
@@ -406,6 +406,8 @@ class Orchestrator:
                 fetched = self.fetch_now(run_id)
             except FluxRemoteError as exc:
                 self.reporter.note(f"could not fetch before destroying: {exc}")
+        if run_id in self._machines:
+            remove_secrets(self._machines[run_id].host, self._machines[run_id].root, run_id)
         self.provider.release(run_id, self.journal)
         if run["state"] in R.ACTIVE_STATES:
             self._set(run_id, R.STOPPED, error="taken down by the user", ended_at=self.clock(),
@@ -425,6 +427,13 @@ class Orchestrator:
         self._set(run_id, R.FAILED, error=message, ended_at=self.clock())
         raise RunError(message)
 
+    def outcome(self, run_id: str, *, detached: bool = False) -> Outcome:
+        """The run as it stands in the journal (``detached``: it carries on without us)."""
+        return self._outcome(self._run(run_id), detached=detached)
+
+    def state(self, run_id: str) -> str:
+        return str(self._run(run_id)["state"])
+
     def _outcome(self, run: dict[str, Any], *, detached: bool = False,
                  receipt: dict[str, Any] | None = None, extras: list[str] | None = None) -> Outcome:
         return Outcome(run_id=run["run_id"], state=run["state"], out_dir=run["out_dir"],
@@ -433,10 +442,3 @@ class Orchestrator:
                        error=run.get("error"), detached=detached, receipt=receipt,
                        extras=extras or [])
 
-
-@dataclass
-class _Stats:
-    bytes_sent: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"bytes_sent": self.bytes_sent}

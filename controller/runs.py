@@ -7,8 +7,17 @@ controller that died can look at the state and carry on from there (``controller
 
 from __future__ import annotations
 
+import fcntl
 import secrets
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from controller.errors import RunError
+
+if TYPE_CHECKING:
+    from controller.journal import Journal
 
 PLANNED = "planned"
 RENTING = "renting"
@@ -37,3 +46,26 @@ def instance_label(run_id: str) -> str:
 
 def is_terminal(state: str) -> bool:
     return state in TERMINAL_STATES
+
+
+class RunLockedError(RunError):
+    """Another controller process is driving this run right now."""
+
+
+@contextmanager
+def run_lock(journal: "Journal", run_id: str) -> Iterator[None]:
+    """Only one controller process drives a run at a time: an flock next to the journal, which
+    the kernel drops with its holder, so a SIGKILLed controller never blocks ``resume``."""
+    folder = Path(journal.path).parent / "locks"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    with open(folder / f"{run_id}.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise RunLockedError(f"run {run_id} is being driven by another flux-remote process",
+                                 hint=f"watch it with `flux-remote status {run_id}`; "
+                                      f"`flux-remote stop {run_id}` asks it to finish") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -23,12 +23,12 @@ def state_dir() -> Path:
 
 
 def known_hosts_path() -> Path:
-    """The OpenSSH-format file where host keys are pinned on first contact (paramiko and ssh read it)."""
+    """The OpenSSH-format file of host keys pinned on first contact (paramiko and ssh read it)."""
     return state_dir() / "known_hosts"
 
 
 def write_text_atomic(path: Path, text: str, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``text`` so that no reader ever sees half of it (temp + fsync + rename)."""
+    """Replace ``path`` with ``text`` so no reader ever sees half of it (temp, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:

@@ -166,7 +166,8 @@ def render_summary(console: Console, outcome: "Outcome") -> None:
 def runs_table(runs: list[dict[str, Any]], *, now: float) -> Table:
     """``ls``: one row per run: state, provider, GPU, spend, age."""
     table = Table(title="runs", title_justify="left")
-    for name, justify in (("run", "left"), ("state", "left"), ("provider", "left"),
+    table.add_column("run", no_wrap=True)
+    for name, justify in (("state", "left"), ("provider", "left"),
                           ("GPU", "left"), ("instance", "left"), ("spend", "right"),
                           ("budget", "right"), ("age", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -199,7 +200,8 @@ def run_detail(run: dict[str, Any], *, now: float) -> Panel:
 def cost_table(rows: list[dict[str, Any]]) -> Table:
     """``cost``: estimated vs metered spend per run, and the total."""
     table = Table(title="cost", title_justify="left")
-    for name, justify in (("run", "left"), ("state", "left"), ("estimated", "right"),
+    table.add_column("run", no_wrap=True)
+    for name, justify in (("state", "left"), ("estimated", "right"),
                           ("metered", "right"), ("budget", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for row in rows:

@@ -31,7 +31,8 @@ AGENT_PACKAGES = ("pyyaml", "pillow", "numpy", "safetensors")
 PSEUDO_FS = {"proc", "sysfs", "devtmpfs", "devpts", "tmpfs", "cgroup", "cgroup2", "mqueue",
              "securityfs", "debugfs", "tracefs", "pstore", "bpf", "autofs", "configfs",
              "fusectl", "hugetlbfs", "nsfs", "binfmt_misc", "ramfs", "squashfs", "efivarfs"}
-SYSTEM_PREFIXES = ("/proc", "/sys", "/dev", "/run", "/boot", "/etc", "/usr", "/snap", "/var/lib/docker")
+SYSTEM_PREFIXES = ("/proc", "/sys", "/dev", "/run", "/boot", "/etc", "/usr", "/snap",
+                   "/var/lib/docker")
 GB = 1024 ** 3
 
 
@@ -134,7 +135,8 @@ class ChecksReport:
 
 # -- GPU ---------------------------------------------------------------------------------------
 def parse_nvidia_smi_gpus(csv_text: str) -> list[dict[str, Any]]:
-    """``--query-gpu=name,memory.total,memory.free,driver_version --format=csv,noheader,nounits``."""
+    """Rows of ``nvidia-smi --query-gpu=name,memory.total,memory.free,driver_version
+    --format=csv,noheader,nounits`` (MiB)."""
     gpus = []
     for line in csv_text.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
@@ -176,7 +178,10 @@ def gpu_facts(probes: Probes) -> dict[str, Any]:
         apps = probes.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
                            "--format=csv,noheader,nounits"])
         facts["processes"] = parse_nvidia_smi_apps(apps or "")
-    torch_info = probes.torch_info()
+    # torch is asked only when nvidia-smi is missing but a driver is loaded (a child process that
+    # imports torch costs seconds); on a box without a driver there is no GPU to find.
+    driver_loaded = probes.read("/proc/driver/nvidia/version") is not None
+    torch_info = probes.torch_info() if not smi and driver_loaded else None
     if torch_info:
         facts["torch"] = {k: torch_info.get(k) for k in ("version", "cuda_build", "cuda_available")}
         if not facts["devices"] and torch_info.get("devices"):
@@ -282,7 +287,8 @@ def disk_check(path: str, spec: dict[str, Any], probes: Probes) -> Check:
 
 def choose_mount(probes: Probes, default_root: str) -> tuple[str, dict[str, Any]]:
     """The largest writable volume for caches: mounts from /proc/mounts, ``DATA_DIRECTORY``,
-    and the run's own root. Returns (cache root, a record of the choice)."""
+    and the run's own root (``<remote_root>/cache``, kept when it is on the chosen volume anyway).
+    Returns (cache root, a record of the choice)."""
     candidates: list[tuple[str, str]] = [(default_root, "remote_root")]
     data_dir = probes.env.get("DATA_DIRECTORY")
     if data_dir:
@@ -303,11 +309,13 @@ def choose_mount(probes: Probes, default_root: str) -> tuple[str, dict[str, Any]
             continue
         scored.append((probes.disk_free(path), -order, path, origin))
     if not scored:
-        return default_root, {"chosen": default_root, "reason": "no writable candidate"}
+        root = str(Path(default_root) / "cache")
+        return root, {"chosen": root, "reason": "no writable candidate"}
     free, _, path, origin = max(scored)
-    if origin != "remote_root" and probes.writable(default_root) and probes.same_device(path, default_root):
+    if (origin != "remote_root" and probes.writable(default_root)
+            and probes.same_device(path, default_root)):
         path, origin = default_root, "remote_root"  # same volume: keep caches next to the run
-    root = default_root if origin == "remote_root" else str(Path(path) / "flux-remote-cache")
+    root = str(Path(path) / ("cache" if origin == "remote_root" else "flux-remote-cache"))
     return root, {"chosen": root, "volume": path, "origin": origin, "free_gb": round(free / GB, 1),
                   "candidates": [{"path": p, "origin": o, "free_gb": round(f / GB, 1)}
                                  for f, _, p, o in sorted(scored, reverse=True)]}
@@ -360,8 +368,8 @@ def run_checks(spec: dict[str, Any], plan: dict[str, Any], *, probes: Probes | N
     if provider.get("auto_mount_paths", True) and plan.get("provider", "local") != "local":
         cache_root, choice = choose_mount(probes, remote_root)
     else:
-        cache_root, choice = remote_root, {"chosen": remote_root, "reason": "auto_mount_paths off "
-                                           "or local provider"}
+        cache_root = str(Path(remote_root) / "cache")
+        choice = {"chosen": cache_root, "reason": "auto_mount_paths off or local provider"}
     facts = gpu_facts(probes)
     checks = software_checks(spec, probes) + gpu_checks(spec, facts) + [ram_check(spec, probes)]
     checks.append(disk_check(_nearest_existing(cache_root), spec, probes))

@@ -45,16 +45,16 @@ class CostGuard:
             return True
         return self.max_hours is not None and self.hours() >= float(self.max_hours)
 
-    def check(self, *, step: int | None, s_per_step: float | None,
-              save_every: int | None) -> str | None:
+    def check(self, *, step: int | None, s_per_step: float | None, save_every: int | None,
+              saves_ahead: int = 1) -> str | None:
         """Why training should stop now, or None. Remembers the first reason it gave."""
-        reason = self._reason(step, s_per_step, save_every)
+        reason = self._reason(step, s_per_step, save_every, max(1, saves_ahead))
         if reason and not self.stop_reason:
             self.stop_reason = reason
         return reason
 
-    def _reason(self, step: int | None, s_per_step: float | None,
-                save_every: int | None) -> str | None:
+    def _reason(self, step: int | None, s_per_step: float | None, save_every: int | None,
+                saves_ahead: int) -> str | None:
         hours_now = self.hours()
         if self.max_hours is not None and hours_now >= float(self.max_hours):
             return f"max_hours {self.max_hours} reached ({hours_now:.2f} h)"
@@ -63,14 +63,14 @@ class CostGuard:
             return f"budget ${self.budget_usd:.2f} reached (spent ${spend_now:.2f})"
         if s_per_step is None or not save_every or step is None:
             return None
-        steps_left = save_every - (step % save_every) if step % save_every else save_every
+        steps_left = save_every - (step % save_every) + (saves_ahead - 1) * save_every
         ahead_s = steps_left * s_per_step + self.reserve_s
         if self.max_hours is not None and hours_now + ahead_s / 3600 > float(self.max_hours):
-            return (f"the next checkpoint (step {step + steps_left}) would pass max_hours "
+            return (f"the checkpoint at step {step + steps_left} would pass max_hours "
                     f"{self.max_hours}")
         if self.price_per_hour > 0 and self.budget_usd > 0:
             projected = spend_now + self.price_per_hour * ahead_s / 3600
             if projected > self.budget_usd:
-                return (f"the next checkpoint (step {step + steps_left}) would cost "
+                return (f"the checkpoint at step {step + steps_left} would cost "
                         f"${projected:.2f}, over the ${self.budget_usd:.2f} budget")
         return None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf"
 _PROGRESS_RE = re.compile(
-    r"(?P<pct>\d{1,3})%\|(?P<bar>[^|\r\n]*)\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
+    r"(?:(?P<desc>[^\]\r\n]*?):)?\s*(?P<pct>\d{1,3})%\|(?P<bar>[^|\r\n]*)\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
     r"\[(?P<elapsed>\d+(?::\d{2}){1,2})<(?P<remaining>\d+(?::\d{2}){1,2}|\?),\s*"
     r"(?P<rate>\d+\.?\d*|\?)\s*(?P<prefix>[kMG]?)(?P<unit>it/s|s/it)"
     r"(?:,\s*(?P<postfix>[^\]\r\n]*))?\]"
@@ -120,11 +120,14 @@ def _from_match(m: re.Match[str]) -> Progress:
 
 
 def parse_progress(text: str) -> Progress | None:
-    """The latest progress redraw in ``text`` (any mix of ``\\r`` and ``\\n``), or None."""
-    last = None
-    for last in _PROGRESS_RE.finditer(text):
-        pass
-    return _from_match(last) if last else None
+    """The latest training progress in ``text`` (any mix of ``\\r`` and ``\\n``), or None.
+
+    Training bars are told from the other bars in a log (caching latents, loading shards,
+    sampling) as :class:`LogWatcher` does; a text with no training bar gives its last bar."""
+    watcher = LogWatcher()
+    watcher.feed(text.encode("utf-8"))
+    watcher.close()
+    return watcher.progress or watcher.other_progress
 
 
 def recognise_error(text: str) -> str | None:
@@ -144,15 +147,21 @@ def checkpoint_step(path: str) -> int | None:
 class LogWatcher:
     """Incremental log reader: ``feed(bytes)`` returns the events completed so far.
 
+    Only the training bar makes ``progress`` events: the bar whose description is ``name`` (the
+    job name, which both trainers use), or any bar with a ``loss:`` postfix (whose description is
+    then learned). Other tqdm bars (caching latents, loading shards, sampling) are ignored.
+
     A segment ends at ``\\r`` or ``\\n``. A tqdm redraw is complete once its closing ``]`` has
     arrived even though its terminating ``\\r`` comes with the next redraw, so an unterminated
     tail that already holds a whole bar is reported at once (and not again when it completes).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
         self._pending = b""
         self._reported_tail: str | None = None
+        self._train_desc = name  # the training bar's description: the job name
         self.progress: Progress | None = None
+        self.other_progress: Progress | None = None  # the last bar that is not training
         self.last_checkpoint: str | None = None
         self.saving = False  # between "Saving at step" and "Saved checkpoint"
         self.saves = 0
@@ -189,8 +198,15 @@ class LogWatcher:
         for found in _PROGRESS_RE.finditer(text):
             pass
         if found:
-            self.progress = _from_match(found)
-            events.append(LogEvent("progress", text, progress=self.progress))
+            progress = _from_match(found)
+            desc = (found.group("desc") or "").strip()
+            if progress.loss is not None and self._train_desc is None:
+                self._train_desc = desc
+            if progress.loss is not None or desc == self._train_desc:
+                self.progress = progress
+                events.append(LogEvent("progress", text, progress=progress))
+            else:
+                self.other_progress = progress
         if progress_only:
             return events
         if m := _SAVING_RE.search(text):
@@ -214,7 +230,7 @@ class LogWatcher:
 
     def summary(self) -> dict[str, object]:
         """The JSON that ``python -m remote progress`` prints."""
-        p = self.progress
+        p = self.progress or self.other_progress
         return {
             "step": p.step if p else None,
             "total": p.total if p else None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -28,68 +29,13 @@ from remote.checks import Probes
 from remote.costguard import CostGuard
 from remote.plan import PlanError, load_plan, write_json_atomic
 from remote.secrets import load_secrets, redactor_for
-from remote.status import FINISHED_STATES, STAGES, RunRecorder, StageFailed
+from remote.status import FINISHED_STATES, STAGES, AgentLog, RunRecorder, StageFailed
 from remote.watchdog import Watchdog
 
 DATASET_STAGES = ("ingest", "caption", "quality_gate")
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 STATUS_MIN_INTERVAL_S = 0.5  # progress redraws update status.json at most this often
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_PLAN = 0, 1, 2
-
-
-class AgentLog:
-    """``agent.log``: append-only, every line redacted; echoed to a terminal when there is one.
-
-    Trainer output arrives in arbitrary chunks; it is written up to its last line break (``\n``
-    or a tqdm ``\r``) so that a secret split across two chunks is still redacted whole.
-    """
-
-    MAX_PENDING = 8192
-
-    def __init__(self, path: Path, redact: Callable[[str], str],
-                 clock: Callable[[], float] = time.time) -> None:
-        self._fh = open(path, "a", encoding="utf-8", buffering=1)
-        self._redact = redact
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._echo = sys.stdout.isatty()
-        self._pending = ""
-        self._at_line_start = True
-
-    def agent(self, message: str) -> None:
-        stamp = time.strftime("%H:%M:%S", time.gmtime(self._clock()))
-        lines = "".join(f"[agent {stamp}] {line}\n" for line in str(message).splitlines() or [""])
-        with self._lock:
-            self._write(("" if self._at_line_start else "\n") + lines)
-
-    def trainer(self, text: str) -> None:
-        with self._lock:
-            data = self._pending + text
-            cut = max(data.rfind("\n"), data.rfind("\r")) + 1
-            if len(data) - cut > self.MAX_PENDING:
-                cut = len(data)
-            self._pending = data[cut:]
-            if cut:
-                self._write(data[:cut])
-
-    def _write(self, text: str) -> None:
-        text = self._redact(text)
-        self._fh.write(text)
-        self._at_line_start = text.endswith(("\n", "\r"))
-        if self._echo:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
-    def flush(self) -> None:
-        """Write a held trainer tail (the trainer has exited)."""
-        with self._lock:
-            if self._pending:
-                self._write(self._pending + "\n")
-                self._pending = ""
-
-    def close(self) -> None:
-        self.flush()
-        self._fh.close()
 
 
 class RunLock:
@@ -133,6 +79,34 @@ def _newest_lora(output_dir: Path, name: str) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+def trainer_pids(config_path: Path, proc_root: Path = Path("/proc")) -> list[int]:
+    """Processes whose command line names ``config_path``: a trainer a killed agent left behind."""
+    pids = []
+    for entry in proc_root.iterdir() if proc_root.is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(config_path).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited; only its parent's wait is missing
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 class Runner:
     """One agent run of one plan. Construct, then :meth:`run`."""
 
@@ -143,6 +117,7 @@ class Runner:
         self.spec: dict[str, Any] = plan["spec"]
         self.name: str = plan["name"]
         self.run_dir = Path(plan["run_dir"])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.work = self.run_dir / "work"
         self.output = self.run_dir / "output"
         self.env = dict(os.environ if env is None else env)
@@ -150,9 +125,10 @@ class Runner:
         self.probes = probes
         self.image_checkouts = image_checkouts
         self.secrets, secret_warnings = load_secrets(plan.get("secrets_file"))
-        self.log = AgentLog(self.run_dir / "agent.log", redactor_for(self.secrets, self.env), clock)
-        self.recorder = RunRecorder(self.run_dir, plan["run_id"], float(plan.get("budget_usd") or 0),
-                                    clock=clock)
+        redact = redactor_for(self.secrets, self.env)
+        self.log = AgentLog(self.run_dir / "agent.log", redact, clock)
+        self.recorder = RunRecorder(self.run_dir, plan["run_id"],
+                                    float(plan.get("budget_usd") or 0), clock=clock, redact=redact)
         for warning in secret_warnings:
             self.warn(warning)
         self.guard = CostGuard.from_plan(plan, clock=clock)
@@ -161,10 +137,11 @@ class Runner:
         self._ingest_result: Any = None
         self._last_status_write = 0.0
         self._last_loss_step: int | None = None
+        self._saves_ahead = 1
         self.watchdog = Watchdog(
             self.run_dir, grace_s=float(plan.get("heartbeat_grace_s") or 900), env=self.env,
-            event=self.recorder.event, is_finished=self._finished, cap_reached=self.guard.cap_reached,
-            stop_training=self.request_stop, clock=clock)
+            event=self.recorder.event, is_finished=self._finished,
+            cap_reached=self.guard.cap_reached, stop_training=self.request_stop, clock=clock)
 
     # -- small helpers -----------------------------------------------------------------------
     def warn(self, message: str) -> None:
@@ -201,7 +178,8 @@ class Runner:
     # -- the pipeline ------------------------------------------------------------------------
     def run(self) -> int:
         status = self.recorder.status
-        if status.get("state") in FINISHED_STATES and (self.run_dir / "publish" / "SHA256SUMS").is_file():
+        packed = (self.run_dir / "publish" / "SHA256SUMS").is_file()
+        if status.get("state") in FINISHED_STATES and packed:
             self.log.agent(f"run {self.plan['run_id']} is already {status['state']}; nothing to do")
             self.recorder.event("already_finished", state=status["state"])
             return EXIT_DONE
@@ -209,6 +187,8 @@ class Runner:
         self.recorder.update(state="running", pid=os.getpid(), error=None, cause=None)
         self.recorder.event("agent_start", pid=os.getpid(), resumed=resumed)
         self.log.agent(("resuming" if resumed else "starting") + f" run {self.plan['run_id']}")
+        if not packed:
+            self.recorder.stage("publish")["state"] = "pending"  # the bundle went missing: repack
         if not all(self.recorder.stage_done(s) for s in DATASET_STAGES):
             for stage in DATASET_STAGES:
                 self.recorder.stage(stage)["state"] = "pending"
@@ -284,7 +264,8 @@ class Runner:
         from remote.bootstrap import IMAGE_CHECKOUTS, bootstrap
 
         checks = self.detail("checks")
-        result = bootstrap(self.spec, cache_root=Path(checks.get("cache_root") or self.run_dir.parent),
+        cache_root = Path(checks.get("cache_root") or self.run_dir.parent / "cache")
+        result = bootstrap(self.spec, cache_root=cache_root,
                            env=self.trainer_env(), log=self.log.agent,
                            driver=(checks.get("gpu") or {}).get("driver"),
                            base_model=base_model_path(self.spec),
@@ -369,9 +350,9 @@ class Runner:
         from remote.aitk_config import build_aitk_config, dump_yaml
 
         has_gpu = bool((self.detail("checks").get("gpu") or {}).get("devices"))
-        config = build_aitk_config(self.spec, dataset_dir=self.detail("quality_gate").get(
-            "dataset_dir") or self.detail("ingest")["dataset_dir"],
-            training_folder=str(self.output), device="cuda:0" if has_gpu else "cpu")
+        config = build_aitk_config(self.spec, dataset_dir=self.detail("ingest")["dataset_dir"],
+                                   training_folder=str(self.output),
+                                   device="cuda:0" if has_gpu else "cpu")
         path = self.work / "config.yaml"
         tmp = path.with_name(".config.yaml.tmp")
         tmp.write_text(dump_yaml(config), encoding="utf-8")
@@ -383,12 +364,15 @@ class Runner:
                         "prompts": process.get("sample", {}).get("prompts", [])}
 
     def _stage_train(self) -> tuple[str, dict[str, Any]]:
-        from remote.train import TrainContext, run_training, trainer_command
+        from remote.train import TrainContext, default_stop_policy, run_training, trainer_command
 
         config = self.detail("config")
         config_path = Path(config["config_path"])
         aitk_dir = self.detail("bootstrap").get("aitk_dir")
         command = trainer_command(self.spec, config_path, Path(aitk_dir) if aitk_dir else None)
+        # a trainer that saves on SIGTERM stops at once; ai-toolkit only after its next save
+        self._saves_ahead = 1 if default_stop_policy(command) == "sigterm" else 2
+        self._reap_orphans(config_path)
         self.recorder.update(total=config["steps"])
         self.recorder.event("train_start", command=[Path(a).name if i == 0 else a
                                                     for i, a in enumerate(command)])
@@ -403,7 +387,8 @@ class Runner:
         self.log.flush()
         detail = {"state": result.state, "step": result.step, "s_per_step": result.s_per_step,
                   "final_lora": str(result.final_lora) if result.final_lora else None,
-                  "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+                  "last_checkpoint": (str(result.last_checkpoint) if result.last_checkpoint
+                                      else None),
                   "stop_reason": self.stop_reason}
         self.recorder.update(step=result.step, spend_usd=self.guard.spend())
         if result.state == "failed":
@@ -414,6 +399,30 @@ class Runner:
                               f"{result.error}\n{tail}", cause=result.cause or "trainer")
         return ("stopped" if result.state == "stopped" else "done"), detail
 
+    def _reap_orphans(self, config_path: Path, *, wait_s: float = 30.0) -> None:
+        """A trainer left by a killed agent must not train next to the new one.
+
+        Its output pipe is gone, so it dies at its next write; give it ``wait_s`` to do so (it may
+        be in the middle of a save), then SIGTERM, then SIGKILL.
+        """
+        pids = trainer_pids(config_path)
+        if not pids:
+            return
+        self.recorder.event("orphan_trainer", pids=pids)
+        self.log.agent(f"a previous trainer is still running (pid {pids}); waiting for it to end")
+        for sig, patience in ((None, wait_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            living = [pid for pid in pids if _alive(pid)]
+            if not living:
+                return
+            for pid in living if sig else []:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + patience
+            while time.monotonic() < deadline and any(_alive(pid) for pid in living):
+                time.sleep(0.2)
+
     def _on_progress(self, progress: Any) -> None:
         now = self.clock()
         if progress.loss is not None and progress.step != self._last_loss_step:
@@ -422,12 +431,14 @@ class Runner:
                 fh.write(json.dumps({"step": progress.step, "loss": progress.loss,
                                      "lr": progress.lr, "t": now}) + "\n")
         reason = self.guard.check(step=progress.step, s_per_step=progress.s_per_step,
-                                  save_every=self.detail("config").get("save_every"))
+                                  save_every=self.detail("config").get("save_every"),
+                                  saves_ahead=self._saves_ahead)
         if reason and self.stop_reason is None:
             self.recorder.event("costguard", reason=reason, spend_usd=self.guard.spend(),
                                 step=progress.step)
             self.request_stop(f"cost guard: {reason}")
-        if now - self._last_status_write >= STATUS_MIN_INTERVAL_S or progress.step >= progress.total:
+        due = now - self._last_status_write >= STATUS_MIN_INTERVAL_S
+        if due or progress.step >= progress.total:
             self._last_status_write = now
             self.recorder.update(step=progress.step, total=progress.total, loss=progress.loss,
                                  lr=progress.lr, s_per_step=progress.s_per_step,

@@ -2,7 +2,8 @@
 
 ``status.json`` is replaced atomically on every change (the controller reads it at any moment);
 ``events.jsonl`` is append-only, one JSON object per line with ``t`` (epoch seconds) and
-``event``. Times in both are epoch seconds.
+``event``. Times in both are epoch seconds. ``agent.log`` (:class:`AgentLog`) holds every line
+the agent and its trainer print, redacted.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ class RunRecorder:
     """Owns status.json and events.jsonl for one agent process (thread-safe)."""
 
     def __init__(self, run_dir: Path, run_id: str, budget_usd: float, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 redact: Callable[[str], str] = lambda text: text) -> None:
         self.run_dir = run_dir
         self.clock = clock
+        self.redact = redact
         self._lock = threading.Lock()
         status = read_status(run_dir)
         if not status or status.get("run_id") != run_id:
@@ -67,6 +70,8 @@ class RunRecorder:
 
     # -- status.json -------------------------------------------------------------------------
     def update(self, **fields: Any) -> None:
+        if isinstance(fields.get("error"), str):
+            fields["error"] = self.redact(fields["error"])
         with self._lock:
             self.status.update(fields)
             self._write()
@@ -91,6 +96,8 @@ class RunRecorder:
 
     def end_stage(self, name: str, outcome: str, detail: Any = None) -> None:
         """``outcome``: done | failed | stopped | skipped."""
+        if detail is not None:
+            detail = json.loads(self.redact(json.dumps(detail, default=str)))
         with self._lock:
             entry = self.status["stages"][name]
             entry.update(state=outcome, ended_at=self.clock(), detail=detail)
@@ -100,9 +107,64 @@ class RunRecorder:
     # -- events.jsonl ------------------------------------------------------------------------
     def event(self, kind: str, **data: Any) -> None:
         record = {"t": self.clock(), "event": kind, **data}
-        line = json.dumps(record, default=str) + "\n"
+        line = self.redact(json.dumps(record, default=str)) + "\n"
         with self._lock, open(self.run_dir / "events.jsonl", "a", encoding="utf-8") as fh:
             fh.write(line)
+
+
+class AgentLog:
+    """``agent.log``: append-only, every line redacted; echoed to a terminal when there is one.
+
+    Trainer output arrives in arbitrary chunks; it is written up to its last line break (``\n``
+    or a tqdm ``\r``) so that a secret split across two chunks is still redacted whole.
+    """
+
+    MAX_PENDING = 8192
+
+    def __init__(self, path: Path, redact: Callable[[str], str],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._fh = open(path, "a", encoding="utf-8", buffering=1)
+        self._redact = redact
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._echo = sys.stdout.isatty()
+        self._pending = ""
+        self._at_line_start = True
+
+    def agent(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S", time.gmtime(self._clock()))
+        lines = "".join(f"[agent {stamp}] {line}\n" for line in str(message).splitlines() or [""])
+        with self._lock:
+            self._write(("" if self._at_line_start else "\n") + lines)
+
+    def trainer(self, text: str) -> None:
+        with self._lock:
+            data = self._pending + text
+            cut = max(data.rfind("\n"), data.rfind("\r")) + 1
+            if len(data) - cut > self.MAX_PENDING:
+                cut = len(data)
+            self._pending = data[cut:]
+            if cut:
+                self._write(data[:cut])
+
+    def _write(self, text: str) -> None:
+        text = self._redact(text)
+        self._fh.write(text)
+        self._at_line_start = text.endswith(("\n", "\r"))
+        if self._echo:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def flush(self) -> None:
+        """Write a held trainer tail (the trainer has exited)."""
+        with self._lock:
+            if self._pending:
+                self._write(self._pending + "\n")
+                self._pending = ""
+
+    def close(self) -> None:
+        self.flush()
+        self._fh.close()
 
 
 def read_events(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -138,7 +200,8 @@ def format_status(status: dict[str, Any]) -> str:
             + (f"  loss {loss:.4g}" if isinstance(loss, (int, float)) else "")
             + (f"  {status['s_per_step']:.2f} s/step" if status.get("s_per_step") else "")
             + f"  eta {_fmt_duration(status.get('eta_s'))}")
-    lines.append(f"spend ${status.get('spend_usd') or 0:.2f} of ${status.get('budget_usd') or 0:.2f}")
+    spend, budget = status.get("spend_usd") or 0, status.get("budget_usd") or 0
+    lines.append(f"spend ${spend:.2f} of ${budget:.2f}")
     for name, entry in status.get("stages", {}).items():
         took = None
         if entry.get("started_at") and entry.get("ended_at"):

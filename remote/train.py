@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remote.progress import NON_RETRYABLE_CAUSES, LogWatcher, Progress
+from remote.progress import NON_RETRYABLE_CAUSES, LogEvent, LogWatcher, Progress
 
 TAIL_LINES = 50
 _TAIL_BYTES = 256 * 1024
@@ -92,6 +92,7 @@ class _Attempt:
     term_sent: bool
     watcher: LogWatcher
     tail: list[str]
+    start_error: str | None = None  # the command could not be started at all: no retry
 
 
 def trainer_command(spec: dict[str, Any], config_path: Path, aitk_dir: Path | None) -> list[str]:
@@ -117,10 +118,11 @@ def default_stop_policy(command: list[str]) -> str:
 
 def render_tail(data: bytes, lines: int = TAIL_LINES) -> list[str]:
     """The last ``lines`` lines as a terminal shows them (each ``\\r`` redraw replaces the line)."""
-    text = data.decode("utf-8", errors="replace")
-    shown = [segment.split("\r")[-1] if segment.split("\r")[-1] else segment.strip("\r")
-             for segment in text.split("\n")]
-    shown = [line.rstrip() for line in shown if line.strip()]
+    shown = []
+    for segment in data.decode("utf-8", errors="replace").split("\n"):
+        redraws = [piece.rstrip() for piece in segment.split("\r") if piece.strip()]
+        if redraws:
+            shown.append(redraws[-1])
     return shown[-lines:]
 
 
@@ -147,6 +149,37 @@ def _newest_on_disk(output_dir: Path, name: str) -> Path | None:
     return final if final.is_file() else None
 
 
+class _Pipe:
+    """The trainer's output: read without blocking past a timeout, teed, parsed, tail kept."""
+
+    def __init__(self, fd: int, sup: "_Supervisor") -> None:
+        self.fd, self.sup = fd, sup
+        self.watcher = LogWatcher(sup.ctx.name)
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.tail = bytearray()
+        self.eof = False
+
+    def pump(self, timeout: float) -> bool:
+        """Read what arrives within ``timeout``; True when something was read."""
+        if self.eof:
+            return False
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return False
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            self.eof = True
+            return False
+        self.tail = (self.tail + chunk)[-_TAIL_BYTES:]
+        self.sup.tee(self.decoder.decode(chunk))
+        self.sup.dispatch(self.watcher.feed(chunk))
+        return True
+
+    def finish(self) -> None:
+        self.sup.tee(self.decoder.decode(b"", final=True))
+        self.sup.dispatch(self.watcher.close())
+
+
 class _Supervisor:
     def __init__(self, ctx: TrainContext) -> None:
         self.ctx = ctx
@@ -163,7 +196,7 @@ class _Supervisor:
         self.ctx.log(("" if self._at_line_start else "\n") + f"[train] {message}\n")
         self._at_line_start = True
 
-    def _tee(self, text: str) -> None:
+    def tee(self, text: str) -> None:
         if text:
             self.ctx.log(text)
             self._at_line_start = text.endswith("\n")
@@ -172,8 +205,8 @@ class _Supervisor:
         p = Path(path)
         return p if p.is_absolute() else self.ctx.cwd / p
 
-    def _dispatch(self, watcher: LogWatcher, chunk: bytes) -> None:
-        for event in watcher.feed(chunk) if chunk else watcher.close():
+    def dispatch(self, events: list[LogEvent]) -> None:
+        for event in events:
             if event.kind == "progress" and event.progress is not None:
                 self.step = max(self.step, event.progress.step)
                 self.s_per_step = event.progress.s_per_step or self.s_per_step
@@ -189,45 +222,40 @@ class _Supervisor:
         ctx = self.ctx
         env = {**os.environ, **ctx.env}
         env.setdefault("PYTHONUNBUFFERED", "1")
-        proc = subprocess.Popen(ctx.command, cwd=ctx.cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        watcher, decoder = LogWatcher(), codecs.getincrementaldecoder("utf-8")("replace")
-        tail = bytearray()
+        try:
+            proc = subprocess.Popen(ctx.command, cwd=ctx.cwd, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        except OSError as exc:
+            message = f"cannot start the trainer {ctx.command[0]!r}: {exc.strerror or exc}"
+            self.note(message)
+            return _Attempt(127, False, False, LogWatcher(), [message], start_error=message)
+        pipe = _Pipe(proc.stdout.fileno(), self)
         saves_at_stop: int | None = None
         term_at: float | None = None
-        fd = proc.stdout.fileno()
-        eof = False
         try:
             while True:
                 exited = proc.poll() is not None
-                if not eof:
-                    ready, _, _ = select.select([fd], [], [], 0 if exited else ctx.poll_s)
-                    if ready:
-                        chunk = os.read(fd, 65536)
-                        eof = not chunk
-                        if chunk:
-                            tail = (tail + chunk)[-_TAIL_BYTES:]
-                            self._tee(decoder.decode(chunk))
-                            self._dispatch(watcher, chunk)
-                    elif exited:  # drained; a grandchild may still hold the pipe open
-                        break
-                if eof:
-                    if exited:
-                        break
+                got_data = pipe.pump(0 if exited else ctx.poll_s)
+                if exited and not got_data:  # drained (a grandchild may still hold the pipe)
+                    break
+                if pipe.eof and not exited:
                     try:
                         proc.wait(timeout=ctx.poll_s)
                     except subprocess.TimeoutExpired:
                         pass
                 if saves_at_stop is None and ctx.stop_requested():
-                    saves_at_stop = watcher.saves
+                    saves_at_stop = pipe.watcher.saves
                     self.note(f"stop requested at step {self.step}: "
                               + ("stopping after the next checkpoint" if self.policy == "after_next_save"
                                  else "stopping (a save in progress finishes first)"))
-                if saves_at_stop is not None and term_at is None and not watcher.saving and (
-                        self.policy == "sigterm" or watcher.saves > saves_at_stop):
-                    self._signal(proc, signal.SIGTERM)
-                    term_at = ctx.clock()
+                if saves_at_stop is not None and term_at is None:
+                    while pipe.pump(0):  # lines already written must count before deciding
+                        pass
+                    watcher = pipe.watcher
+                    if not watcher.saving and (self.policy == "sigterm" or watcher.saves > saves_at_stop):
+                        self._signal(proc, signal.SIGTERM)
+                        term_at = ctx.clock()
                 elif term_at is not None and ctx.clock() - term_at > ctx.grace_s:
                     self.note(f"trainer still running {ctx.grace_s:.0f}s after SIGTERM: SIGKILL")
                     self._signal(proc, signal.SIGKILL)
@@ -237,10 +265,9 @@ class _Supervisor:
                 self._signal(proc, signal.SIGKILL)
                 proc.wait()
             proc.stdout.close()
-        self._tee(decoder.decode(b"", final=True))
-        self._dispatch(watcher, b"")
-        return _Attempt(proc.returncode, saves_at_stop is not None, term_at is not None, watcher,
-                        render_tail(bytes(tail)))
+        pipe.finish()
+        return _Attempt(proc.returncode, saves_at_stop is not None, term_at is not None,
+                        pipe.watcher, render_tail(bytes(pipe.tail)))
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -276,8 +303,8 @@ def run_training(ctx: TrainContext) -> TrainResult:
             sup.note("stop requested: not starting the trainer")
             return sup.result("stopped", attempt, attempts, error=error)
         attempts += 1
-        sup.note(f"starting trainer (attempt {attempts}/{ctx.max_retries + 1}): "
-                 + " ".join(ctx.command))
+        sup.note(f"starting trainer for {ctx.total_steps} steps (attempt {attempts}/"
+                 f"{ctx.max_retries + 1}): " + " ".join(ctx.command))
         attempt = sup.attempt()
         final = ctx.output_dir / f"{ctx.name}.safetensors"
         rc = attempt.returncode
@@ -289,6 +316,8 @@ def run_training(ctx: TrainContext) -> TrainResult:
             sup.note(f"trainer stopped at step {sup.step} (exit code {rc})")
             return sup.result("stopped", attempt, attempts, error=error)
         cause = attempt.watcher.cause
+        if attempt.start_error:
+            return sup.result("failed", attempt, attempts, error=attempt.start_error)
         if rc == 0:
             error = f"trainer exited 0 but wrote no {final.name}"
         else:

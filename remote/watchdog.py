@@ -46,7 +46,8 @@ class Watchdog:
     def __init__(self, run_dir: Path, *, grace_s: float, env: Mapping[str, str],
                  event: Callable[..., None], is_finished: Callable[[], bool],
                  cap_reached: Callable[[], bool], stop_training: Callable[[str], None],
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep,
                  opener: Callable[..., Any] = urllib.request.urlopen,
                  interval_s: float = CHECK_INTERVAL_S) -> None:
         self.heartbeat = run_dir / "heartbeat"

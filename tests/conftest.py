@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.fixtures_sshd", "tests.fixtures_vast", "tests.fixtures_data"]
+pytest_plugins = ["tests.fixtures_sshd", "tests.fixtures_vast", "tests.fixtures_data", "tests.fakehub"]
 
 
 @pytest.fixture(autouse=True)

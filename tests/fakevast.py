@@ -55,13 +55,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 _HERE = Path(__file__).resolve()
-# shared/ sits in the checkout on some machines and next to it on others.
-REFERENCE = next(
-    (p for p in (_HERE.parents[1] / "shared" / "reference" / "vast",
-                 _HERE.parents[2] / "shared" / "reference" / "vast")
-     if p.is_dir()),
-    _HERE.parents[2] / "shared" / "reference" / "vast",
-)
+# Copies of shared/reference/vast/ (see tests/data/reference/README.md).
+REFERENCE = _HERE.parent / "data" / "reference" / "vast"
 
 
 def reference(name: str) -> Any:

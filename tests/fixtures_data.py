@@ -103,15 +103,17 @@ def make_hostile_dataset(root: Path) -> HostileDataset:
     expected["notes.jpg"] = "corrupt"
 
     gray = np.asarray(make_photo(20).convert("L"), dtype=np.uint16) * 257
-    Image.fromarray(gray).save(folder / "deep16.png")  # mode I;16: a 16-bit grayscale PNG
+    # mode I;16: written as a 16-bit grayscale PNG
+    Image.fromarray(gray).save(folder / "deep16.png", compress_level=1)
     expected["deep16.png"] = None
     make_photo(21).convert("CMYK").save(folder / "cmyk.jpg", quality=92)
     expected["cmyk.jpg"] = None
     rgba = make_photo(22).convert("RGBA")
     rgba.putalpha(Image.new("L", rgba.size, 128))
-    rgba.save(folder / "alpha.png")
+    rgba.save(folder / "alpha.png", compress_level=1)
     expected["alpha.png"] = None
-    make_photo(23).quantize(64).save(folder / "palette.gif")
+    palette = make_photo(23).quantize(64, method=Image.Quantize.FASTOCTREE)
+    palette.save(folder / "palette.gif")
     expected["palette.gif"] = None
     make_photo(24).save(folder / "photo.webp", quality=90)
     expected["photo.webp"] = None
@@ -138,7 +140,7 @@ def make_hostile_dataset(root: Path) -> HostileDataset:
     make_photo(29).save(folder / hostile_name, quality=92)
     expected[hostile_name] = None
     odd_name = "my \"quoted\" 'photo' café ñ.png"
-    make_photo(30).save(folder / odd_name)
+    make_photo(30).save(folder / odd_name, compress_level=1)
     expected[odd_name] = None
 
     symlink = "linked_outside.jpg"

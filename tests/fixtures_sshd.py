@@ -219,3 +219,9 @@ def sshd(tmp_path_factory: pytest.TempPathFactory, sshd_client_key: Path) -> Ite
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def sshd_changed_hostkey(sshd: SshServer):
+    """A function that restarts this test's ``sshd`` with a new host key (pins must refuse it)."""
+    return sshd.change_host_key

@@ -13,10 +13,8 @@ import yaml
 from controller.spec import RunSpec
 from remote.aitk_config import OverrideError, apply_overrides, build_aitk_config, dump_yaml, scaled_every
 
-REFERENCE = Path("/work/shared/reference/ai-toolkit")
+REFERENCE = Path(__file__).parent / "data" / "reference" / "ai-toolkit"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-# The reference examples live outside the repository; the copies in these tests stand in when absent.
-needs_reference = pytest.mark.skipif(not REFERENCE.exists(), reason="ai-toolkit reference not present")
 
 
 def _spec(**fields: Any) -> dict[str, Any]:
@@ -50,7 +48,6 @@ def _render(config_name: str) -> dict[str, Any]:
     return yaml.safe_load(dump_yaml(render_config(load_spec(CONFIGS / config_name))))
 
 
-@needs_reference
 @pytest.mark.parametrize("config_name, reference", [
     ("flux-dev-vast.yaml", "train_lora_flux_24gb.yaml"),
     ("flux-schnell-vast.yaml", "train_lora_flux_schnell_24gb.yaml"),
@@ -65,7 +62,6 @@ def test_render_has_every_reference_key_with_the_same_nesting(config_name: str, 
         assert type(_get(ref, path)) is type(_get(rendered, path)) or _numbers(ref, rendered, path), path
 
 
-@needs_reference
 def test_defaults_reproduce_the_reference_values() -> None:
     """A spec left at its defaults trains what ai-toolkit's example trains."""
     ref = yaml.safe_load((REFERENCE / "train_lora_flux_24gb.yaml").read_text())
@@ -81,7 +77,6 @@ def test_defaults_reproduce_the_reference_values() -> None:
         assert got == want, path
 
 
-@needs_reference
 def test_schnell_uses_adapter_guidance_1_and_4_steps() -> None:
     ref = yaml.safe_load((REFERENCE / "train_lora_flux_schnell_24gb.yaml").read_text())
     process = _build(_spec(base_model="flux-schnell"))["config"]["process"][0]

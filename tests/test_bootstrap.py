@@ -4,6 +4,7 @@ second time; tiny checks imports; the Hugging Face access check against a local 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -54,8 +55,10 @@ def save(path, step):
 def png(path):
     raw = b"".join(b"\x00" + b"\x80\x40\x20" * 8 for _ in range(8))
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+    header = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                      + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 done = [int(m.group(1)) for p in out.glob(f"{name}_*.safetensors")
@@ -79,8 +82,9 @@ print("\nDone", flush=True)
 
 def git(*args: str, cwd: Path) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                   env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                        "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
+                   env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+                        "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
 
 
 def make_fake_aitk(root: Path) -> tuple[str, str]:
@@ -99,8 +103,6 @@ def make_fake_aitk(root: Path) -> tuple[str, str]:
 
 def aitk_env(**extra: str) -> dict[str, str]:
     """The knobs that keep bootstrap offline: a system-site venv and no torch install."""
-    import os
-
     return {**os.environ, "FLUX_REMOTE_VENV_ARGS": "--system-site-packages --without-pip",
             "FLUX_REMOTE_SKIP_TORCH_INSTALL": "1", **extra}
 
@@ -171,8 +173,6 @@ def test_an_existing_install_is_used_instead_of_building(tmp_path: Path) -> None
 
 
 def test_tiny_checks_imports_only(tmp_path: Path) -> None:
-    import os
-
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     result = bootstrap({"training": {"trainer": "tiny"}}, cache_root=tmp_path, env=env,
                        log=lambda _: None)
@@ -225,7 +225,8 @@ def test_hf_access_check(hub) -> None:
     with pytest.raises(StageFailed, match="no model"):
         check_hf_access("someone/missing", token="hf_good_token", env=hub)
     assert check_hf_access(model, token=None, env=hub).startswith("skipped: no HF_TOKEN")
-    assert check_hf_access(model, token="t", env={**hub, "HF_HUB_OFFLINE": "1"}) == "skipped: offline"
+    offline = {**hub, "HF_HUB_OFFLINE": "1"}
+    assert check_hf_access(model, token="t", env=offline) == "skipped: offline"
     assert check_hf_access("/models/flux", token="t", env=hub).startswith("skipped: local")
     assert check_hf_access(model, token="t", env={"HF_ENDPOINT": "http://127.0.0.1:9"}
                            ).startswith("unverified")

@@ -34,6 +34,8 @@ def machine(*, smi: bool = True, free_gb: float = 500.0, mounts: str = "", env=N
         return apps
 
     files = {"/proc/meminfo": MEMINFO, "/proc/mounts": mounts}
+    if smi or torch:
+        files["/proc/driver/nvidia/version"] = "NVRM version: 580.65.06"
     return Probes(run=run, read=files.get, disk_free=lambda p: int(free_gb * GB),
                   writable=writable, same_device=lambda a, b: False, torch_info=lambda: torch,
                   package_version=lambda name: "1.0", env=env or {})
@@ -121,13 +123,13 @@ def test_choose_mount_keeps_caches_by_the_run_on_the_same_volume() -> None:
                     disk_free=lambda p: 100 * GB, writable=lambda p: True,
                     same_device=lambda a, b: True, env={})
     root, choice = choose_mount(probes, "/workspace/flux-remote")
-    assert root == "/workspace/flux-remote" and choice["origin"] == "remote_root"
+    assert root == "/workspace/flux-remote/cache" and choice["origin"] == "remote_root"
 
 
 def test_local_provider_does_not_move_caches(tmp_path: Path) -> None:
     report = run_checks(spec("tiny"), {"run_dir": str(tmp_path / "run"), "provider": "local"},
                         probes=machine(smi=False))
-    assert report.cache_root == str(tmp_path)
+    assert report.cache_root == str(tmp_path / "cache")
 
 
 def test_bandwidth_with_an_injected_opener() -> None:
@@ -139,8 +141,10 @@ def test_bandwidth_with_an_injected_opener() -> None:
             return False
 
     ticks = iter([0.0, 2.0])
-    mbps = measure_bandwidth("http://x/blob", opener=lambda url, timeout: Response(b"x" * 25_000_000),
-                             clock=lambda: next(ticks))
+    def opener(url, timeout):
+        return Response(b"x" * 25_000_000)
+
+    mbps = measure_bandwidth("http://x/blob", opener=opener, clock=lambda: next(ticks))
     assert mbps == 100.0
     plan = {**PLAN, "bandwidth_url": "http://x/blob"}
     ticks2 = iter([0.0, 20.0])

@@ -52,6 +52,18 @@ def test_stops_when_the_next_checkpoint_would_cross_the_budget() -> None:
     assert g.stop_reason == reason
 
 
+def test_a_trainer_stopped_after_its_next_save_is_judged_one_checkpoint_further() -> None:
+    clock = Clock()
+    g = guard(clock)
+    clock.now += 500
+    # next checkpoint (200) in 100 s: $0.60 fits; the one after (300) in 200 s: $0.70 fits
+    assert g.check(step=100, s_per_step=1.0, save_every=100, saves_ahead=2) is None
+    # at 2 s/step the checkpoint at 300 lands at $0.90, at 3 s/step at $1.10: stop now,
+    # so that the trainer ends just after saving step 200
+    assert g.check(step=100, s_per_step=2.0, save_every=100, saves_ahead=2) is None
+    assert "step 300" in g.check(step=100, s_per_step=3.0, save_every=100, saves_ahead=2)
+
+
 def test_cap_and_max_hours() -> None:
     clock = Clock()
     g = guard(clock)

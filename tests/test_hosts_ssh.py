@@ -1,4 +1,4 @@
-"""SshHost against a real sshd on 127.0.0.1: commands, files, detached processes, drops, pins, rsync."""
+"""SshHost against a real sshd on 127.0.0.1: commands, files, detached runs, drops, pins, rsync."""
 
 from __future__ import annotations
 
@@ -67,7 +67,9 @@ def test_run_feeds_stdin_and_handles_large_output(host: SshHost) -> None:
 
 
 def test_run_timeout_raises_and_next_call_works(host: SshHost) -> None:
-    with pytest.raises(TransportError, match="timed out"):
+    from controller.hosts.ssh import CommandTimeout
+
+    with pytest.raises(CommandTimeout, match="timed out"):
         host.run("sleep 5", timeout=0.3)
     assert host.run("echo back").stdout == "back\n"
 
@@ -139,7 +141,10 @@ def test_hostile_names_are_never_executed(host: SshHost, tmp_path: Path) -> None
 
 
 def _argv_recorder(out: Path) -> list[str]:
-    code = "import json,os,sys; open(sys.argv[1],'w').write(json.dumps([sys.argv[2:], os.getcwd(), os.environ.get('GREETING')]))"
+    code = (
+        "import json,os,sys; seen = [sys.argv[2:], os.getcwd(), os.environ.get('GREETING')]; "
+        "open(sys.argv[1],'w').write(json.dumps(seen))"
+    )
     return [sys.executable, "-c", code, str(out)]
 
 
@@ -180,7 +185,10 @@ def test_detached_process_survives_a_dropped_connection(
     sshd, host: SshHost, tmp_path: Path
 ) -> None:
     log, pid_file, rc_file = tmp_path / "agent.log", tmp_path / "pid", tmp_path / "rc"
-    script = "import sys,time; print('started', flush=True); time.sleep(1.5); print('finished', flush=True); sys.exit(7)"
+    script = (
+        "import sys,time; print('started', flush=True); time.sleep(1.5); "
+        "print('finished', flush=True); sys.exit(7)"
+    )
     pid = host.start_detached(
         [sys.executable, "-c", script], cwd=str(tmp_path), log_path=str(log),
         pid_path=str(pid_file), rc_path=str(rc_file),
@@ -243,7 +251,7 @@ def test_gives_up_after_the_reconnect_window(sshd, known_hosts: Path) -> None:
 
 
 def test_host_key_is_pinned_on_first_use_and_a_change_is_refused(
-    sshd, known_hosts: Path, tmp_path: Path
+    sshd, sshd_changed_hostkey, known_hosts: Path, tmp_path: Path
 ) -> None:
     with SshHost(sshd.target(known_hosts)) as h:
         h.run("true")
@@ -256,7 +264,7 @@ def test_host_key_is_pinned_on_first_use_and_a_change_is_refused(
         h.run("true")
     assert known_hosts.read_text() == pinned
 
-    sshd.change_host_key()
+    sshd_changed_hostkey()
     with pytest.raises(HostKeyError) as info:
         SshHost(sshd.target(known_hosts), sleep=lambda s: None).run("touch pwned-by-mitm")
     message = str(info.value)

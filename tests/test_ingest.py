@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from remote.dataset.imageops import blur_metric, hamming, phash
 from remote.dataset.ingest import ingest, sanitise_stem
@@ -81,7 +81,8 @@ def test_conversions_and_rotation_are_recorded(hostile_dataset: HostileDataset,
     assert records["palette.gif"].path.suffix == ".png"
     assert records["photo.webp"].path.suffix == ".jpg"
     assert records["good_00.jpg"].decisions == ["copied unchanged"]
-    assert records["good_00.jpg"].path.read_bytes() == (hostile_dataset.dir / "good_00.jpg").read_bytes()
+    original = (hostile_dataset.dir / "good_00.jpg").read_bytes()
+    assert records["good_00.jpg"].path.read_bytes() == original
 
 
 def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
@@ -107,17 +108,17 @@ def test_alpha_is_composited_on_white(tmp_path: Path) -> None:
 def test_downscales_with_draft_and_never_upscales(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    make_photo(1, (3000, 1000)).save(src / "wide.jpg", quality=90)
-    make_photo(2, (1600, 1200)).save(src / "big.png")
+    make_photo(1, (1500, 500)).save(src / "wide.jpg", quality=90)
+    make_photo(2, (800, 600)).save(src / "big.png", compress_level=1)
     make_photo(3, (500, 400)).save(src / "small.jpg", quality=90)
-    records = by_source(ingest(src, tmp_path / "work", max_side=1024, workers=1))
-    assert (records["wide.jpg"].width, records["wide.jpg"].height) == (1024, 341)
-    assert "resized from 3000x1000 to 1024x341" in records["wide.jpg"].decisions
-    assert (records["big.png"].width, records["big.png"].height) == (1024, 768)
+    records = by_source(ingest(src, tmp_path / "work", max_side=600, workers=1))
+    assert (records["wide.jpg"].width, records["wide.jpg"].height) == (600, 200)
+    assert "resized from 1500x500 to 600x200" in records["wide.jpg"].decisions
+    assert (records["big.png"].width, records["big.png"].height) == (600, 450)
     assert records["big.png"].path.suffix == ".png"
     assert (records["small.jpg"].width, records["small.jpg"].height) == (500, 400)
     with Image.open(records["wide.jpg"].path) as im:
-        assert im.size == (1024, 341)
+        assert im.size == (600, 200)
 
 
 def test_pool_and_inline_agree(small_dataset: Path, tmp_path: Path) -> None:
@@ -168,8 +169,15 @@ def test_symlink_inside_the_folder_is_read(tmp_path: Path) -> None:
     (src / "sub").mkdir(parents=True)
     make_photo(7).save(src / "sub" / "a.jpg", quality=90)
     (src / "alias.jpg").symlink_to(src / "sub" / "a.jpg")
-    records = by_source(ingest(src, tmp_path / "work", workers=1))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours", encoding="utf-8")
+    (src / "alias.txt").symlink_to(secret)
+    result = ingest(src, tmp_path / "work", workers=1)
+    records = by_source(result)
     assert records["alias.jpg"].path is not None
+    assert records["alias.jpg"].caption_path is None
+    assert [item["source"] for item in result.skipped] == ["alias.txt"]
+    assert result.skipped[0]["reason"].startswith("symlink_outside")
     assert records["sub/a.jpg"].path.name == "sub__a.jpg"
 
 
@@ -188,8 +196,8 @@ def test_phash_and_blur_behave() -> None:
     a, b = make_photo(1), make_photo(2)
     assert hamming(phash(a), phash(a.resize((300, 240)))) <= 4
     assert hamming(phash(a), phash(b)) > 10
-    from PIL import ImageFilter
-    assert blur_metric(a.convert("L")) > 10 * blur_metric(a.filter(ImageFilter.GaussianBlur(5)).convert("L"))
+    blurred = a.filter(ImageFilter.GaussianBlur(5))
+    assert blur_metric(a.convert("L")) > 10 * blur_metric(blurred.convert("L"))
 
 
 def _png_rgb16(width: int, height: int, value: int) -> bytes:

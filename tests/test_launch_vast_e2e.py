@@ -100,7 +100,7 @@ def test_vast_launch_end_to_end(tmp_path: Path, fake_vast: Any, sshd: Any,
     assert "hf_canary_token_123456" not in plan
     secrets_file = json.loads(plan)["secrets_file"]
     assert secrets_file and not secrets_file.startswith(str(root / run_id))
-    assert os.stat(secrets_file).st_mode & 0o777 == 0o600
+    assert not os.path.exists(secrets_file)  # removed before the destroy
     assert "hf_canary_token_123456" not in journal.path.read_bytes().decode("latin-1")
 
 
@@ -108,8 +108,12 @@ def test_offer_gone_moves_to_the_next_offer(tmp_path: Path, fake_vast: Any, sshd
     fake_vast.ssh_endpoint = (sshd.host, sshd.port)
     spec = load_spec(vast_spec(tmp_path, name="v2"))
     journal = open_journal()
+    twins = [{**o, "id": int(o["id"]) + 1000, "dph_total": float(o["dph_total"]) * 1.1}
+             for o in fake_vast.offers]
+    fake_vast.offers.extend(twins)
     provider = vast_provider(fake_vast, sshd)
     estimate = provider.estimate(spec)
+    assert len(estimate.plan.offers) >= 2
     first = estimate.plan.offers[0].offer_id
     fake_vast.offer_gone_ids.add(int(first))
     orch = Orchestrator(journal, provider)
@@ -122,3 +126,27 @@ def test_offer_gone_moves_to_the_next_offer(tmp_path: Path, fake_vast: Any, sshd
     orch.down(run_id, force=True)
     assert journal.instances(run_id)[-1]["state"] == "destroyed"
     assert len(fake_vast.calls("DELETE", "/api/v0/instances/")) == 1
+
+
+def test_an_instance_that_fails_to_start_is_destroyed_and_the_next_offer_used(
+        tmp_path: Path, fake_vast: Any, sshd: Any) -> None:
+    fake_vast.ssh_endpoint = (sshd.host, sshd.port)
+    fake_vast.offers.extend({**o, "id": int(o["id"]) + 1000, "dph_total": float(o["dph_total"])
+                             * 1.1} for o in list(fake_vast.offers))
+    fake_vast.image_pull_error(40000001)  # the first instance FakeVast creates
+    spec = load_spec(vast_spec(tmp_path, name="v3"))
+    journal = open_journal()
+    provider = vast_provider(fake_vast, sshd)
+    rec = Recorder()
+    orch = Orchestrator(journal, provider, reporter=rec)
+    estimate = provider.estimate(spec)
+    run_id = orch.create_run(spec, estimate, out_dir=tmp_path / "o3")
+    assert orch.drive(run_id, Options(detach=True), estimate).detached
+    rows = journal.instances(run_id)
+    assert [r["state"] for r in rows] == ["destroyed", "live"]
+    assert rows[0]["instance_id"] == "40000001"
+    assert any("did not become ready" in n for n in rec.notes)
+    orch.down(run_id, force=True)
+    deleted = [c["path"] for c in fake_vast.calls("DELETE", "/api/v0/instances/")]
+    assert deleted == ["/api/v0/instances/40000001/", f"/api/v0/instances/{rows[1]['instance_id']}/"]
+    assert fake_vast.instances == {}

@@ -120,7 +120,8 @@ def test_pack_run_assembles_the_bundle(tmp_path: Path) -> None:
     (run_dir / "work" / "dataset" / "a.txt").write_text("p3r5on, a photo")
     (run_dir / "work" / "dataset" / "a.png").write_bytes(b"")
     (run_dir / "work" / "quality_report.json").write_text('{"passed": true}')
-    (run_dir / "work" / "loss.jsonl").write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 0.5}\n')
+    (run_dir / "work" / "loss.jsonl").write_text('{"step": 1, "loss": 1}\n'
+                                                 '{"step": 2, "loss": 0.5}\n')
     config = run_dir / "work" / "config.yaml"
     config.write_text("job: extension\n")
     plan = make_plan(run_id="r1", spec=spec(), run_dir=str(run_dir), dataset_dir="/data",

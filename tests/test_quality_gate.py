@@ -113,6 +113,22 @@ def test_nsfw_hook(small_dataset: Path, tmp_path: Path) -> None:
     assert len(seen[0]) == 12
 
 
+def test_nsfw_model_is_loaded_on_the_instance_only(small_dataset: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from remote.dataset import quality
+
+    def no_transformers(name: str) -> None:
+        raise ImportError("No module named 'transformers'")
+
+    monkeypatch.setattr(quality, "load_nsfw_classifier", no_transformers)
+    result = ingest(small_dataset, tmp_path / "work", workers=1)
+    gate = {"allow_nsfw": False, "nsfw_model": "some/nsfw-model"}
+    laptop = run_gate(result, gate, caption_ext="txt", load_models=False, prune=False)
+    assert any(w.startswith("nsfw: not checked") for w in laptop.warnings)
+    with pytest.raises(ValueError, match="some/nsfw-model"):
+        run_gate(result, gate, caption_ext="txt")
+
+
 def test_duplicates_keep_the_larger(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -131,6 +147,10 @@ def test_gate_settings_are_checked() -> None:
         gate_settings({"min_imags": 3})
     with pytest.raises(ValueError, match="ugly"):
         gate_settings({"exclude": ["ugly"]})
+    for bad in ({"min_images": "5"}, {"exclude": "blurry"}, {"strict": 1},
+                {"blur_threshold": -1}, {"nsfw_model": 3}):
+        with pytest.raises(ValueError, match="quality_gate"):
+            gate_settings(bad)
 
 
 def test_defaults_match_the_spec_model() -> None:

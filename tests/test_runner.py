@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import HTTPServer
 from pathlib import Path
 
-import pytest
-
 from controller.spec import RunSpec
-from remote.plan import make_plan, write_json_atomic
+from remote.checks import Probes
+from remote.plan import load_plan, make_plan, write_json_atomic
 from remote.publish.bundle import verify_sha256sums
-from remote.runner import RunLock, run_plan
-from remote.status import STAGES, read_events, read_status
+from remote.runner import RunLock, Runner, run_plan, trainer_pids
+from remote.secrets import Redactor, load_secrets, parse_env_file
+from remote.status import STAGES, AgentLog, read_events, read_status
 from tests.test_bootstrap import aitk_env, make_fake_aitk
+from tests.test_costguard_watchdog import FakeVastHandler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +111,8 @@ def test_whole_pipeline_then_a_second_run_is_a_no_op(tmp_path: Path, small_datas
     assert receipt["s_per_step"] and receipt["durations_s"]["train"] > 0
     report = (publish / "report.html").read_text()
     assert "<svg" in report and "data:image/jpeg;base64," in report
-    losses = [json.loads(line) for line in (run_dir / "work" / "loss.jsonl").read_text().splitlines()]
+    loss_lines = (run_dir / "work" / "loss.jsonl").read_text().splitlines()
+    losses = [json.loads(line) for line in loss_lines]
     assert losses[-1]["step"] == 24
     events = kinds(run_dir)
     assert events.count("stage_start") == len(STAGES) and "checkpoint" in events
@@ -120,12 +125,19 @@ def test_whole_pipeline_then_a_second_run_is_a_no_op(tmp_path: Path, small_datas
     assert (publish / "SHA256SUMS").read_bytes() == sums_before
     assert "already done; nothing to do" in (run_dir / "agent.log").read_text()
 
+    shutil.rmtree(publish)  # a lost bundle is packed again; nothing else runs
+    seen = len(read_events(run_dir))
+    assert run_agent(plan) == 0
+    assert verify_sha256sums(publish) == []
+    assert [e["stage"] for e in read_events(run_dir)[seen:] if e["event"] == "stage_start"] == [
+        "publish"]
+
 
 def test_killed_mid_training_resumes_from_its_checkpoint(tmp_path: Path,
                                                          small_dataset: Path) -> None:
-    plan = write_plan(tmp_path, tiny_spec(small_dataset, steps=40), small_dataset)
+    plan = write_plan(tmp_path, tiny_spec(small_dataset, steps=32), small_dataset)
     run_dir = plan.parent
-    proc = agent(plan, {"FLUX_REMOTE_TINY_STEP_DELAY": "0.15"})
+    proc = agent(plan, {"FLUX_REMOTE_TINY_STEP_DELAY": "0.1"})
     try:
         wait_for(lambda: "checkpoint" in kinds(run_dir) and (read_status(run_dir) or {}).get(
             "step", 0) and read_status(run_dir)["step"] >= 10, what="a checkpoint")
@@ -135,12 +147,15 @@ def test_killed_mid_training_resumes_from_its_checkpoint(tmp_path: Path,
     killed_at = read_status(run_dir)
     assert killed_at["state"] == "running" and killed_at["stage"] == "train"
     checkpoint_step = max(e["step"] for e in read_events(run_dir) if e["event"] == "checkpoint")
+    # the trainer runs in a session of its own: it outlives the agent until its next write fails,
+    # and the new agent waits for it before training again
     assert run_agent(plan) == 0, (run_dir / "agent.log").read_text()[-3000:]
+    assert not trainer_pids(run_dir / "work" / "config.yaml")
     status = read_status(run_dir)
-    assert status["state"] == "done" and status["step"] == 40
+    assert status["state"] == "done" and status["step"] == 32
     log = (run_dir / "agent.log").read_text()
     second = log[log.rindex("resuming run r1"):]
-    first_step = int(second.split("/40 [")[0].rsplit("| ", 1)[-1].strip())
+    first_step = int(second.split("/32 [")[0].rsplit("| ", 1)[-1].strip())
     assert first_step > checkpoint_step - 1  # it went on from the checkpoint, not from step 1
     starts = [e for e in read_events(run_dir) if e["event"] == "stage_start"]
     assert [e["stage"] for e in starts].count("checks") == 1  # finished stages were skipped
@@ -183,28 +198,38 @@ def test_a_trainer_crash_fails_with_its_cause(tmp_path: Path, small_dataset: Pat
     assert not (run_dir / "publish").exists()
 
 
-def test_gate_failure_and_secrets_redacted(tmp_path: Path, small_dataset: Path) -> None:
+def test_gate_failure_stops_before_training(tmp_path: Path, small_dataset: Path) -> None:
     spec = tiny_spec(small_dataset)
     spec["quality_gate"]["min_images"] = 50
-    secrets = tmp_path / "secrets.env"
-    secrets.write_text("HF_TOKEN=hf_supersecretvalue123\n")
-    secrets.chmod(0o600)
-    plan = write_plan(tmp_path, spec, small_dataset, secrets_file=str(secrets))
+    plan = write_plan(tmp_path, spec, small_dataset)
     run_dir = plan.parent
-    env = {"FLUX_REMOTE_LEAK": "hf_supersecretvalue123"}
-    code = run_agent(plan, env)
-    assert code == 1
+    assert run_agent(plan) == 1
     status = read_status(run_dir)
     assert status["state"] == "failed" and status["cause"] == "quality_gate"
     assert "quality gate FAILED" in status["error"]
     assert status["stages"]["train"]["state"] == "pending"
-    assert "hf_supersecretvalue123" not in (run_dir / "agent.log").read_text()
+    assert (run_dir / "work" / "quality_report.json").is_file()
+
+
+def test_secrets_reach_the_trainer_and_are_redacted_everywhere(tmp_path: Path,
+                                                               small_dataset: Path) -> None:
+    leak = ("import os, sys; print('token is', os.environ['HF_TOKEN'], flush=True); "
+            "sys.exit(3)")
+    spec = tiny_spec(small_dataset, command=[sys.executable, "-c", leak])
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text("export HF_TOKEN='hf_supersecretvalue123'\n")
+    secrets.chmod(0o600)
+    plan = write_plan(tmp_path, spec, small_dataset, secrets_file=str(secrets))
+    run_dir = plan.parent
+    assert run_agent(plan) == 1
+    assert "token is ***" in (run_dir / "agent.log").read_text()
+    assert "token is ***" in read_status(run_dir)["error"]
+    for name in ("agent.log", "events.jsonl", "status.json"):
+        assert "hf_supersecretvalue123" not in (run_dir / name).read_text(), name
+    assert "hf_supersecretvalue123" not in json.dumps(load_plan(plan))
 
 
 def test_redaction_in_the_agent_log(tmp_path: Path) -> None:
-    from remote.runner import AgentLog
-    from remote.secrets import Redactor
-
     log = AgentLog(tmp_path / "agent.log", Redactor(["hf_supersecretvalue123"]))
     log.agent("token is hf_supersecretvalue123")
     log.trainer("progress 1\rprogress 2 token hf_supersec")
@@ -244,21 +269,16 @@ def test_ai_toolkit_path_bootstraps_and_launches_run_py(tmp_path: Path,
     record = tmp_path / "launch.json"
     env = {**aitk_env(FAKE_AITK_RECORD=str(record)), "PYTHONPATH": str(ROOT)}
     # a CPU-only box cannot pass ai-toolkit's GPU checks: describe a GPU machine to the runner
-    from remote.checks import Probes
-    from remote.runner import Runner
-
     probes = Probes(run=lambda argv: ("RTX 4090, 24564, 24000, 580.65\n" if "--query-gpu" in
                                       " ".join(argv) else ("CUDA Version: 13.0" if argv == [
                                           "nvidia-smi"] else "")),
                     disk_free=lambda p: 500 * 1024 ** 3, torch_info=lambda: None,
                     read={"/proc/meminfo": "MemTotal: 67108864 kB\n"}.get)
-    from remote.plan import load_plan
-
     runner = Runner(load_plan(plan), env=env, probes=probes, image_checkouts=())
     assert runner.run() == 0, (run_dir / "agent.log").read_text()[-3000:]
     runner.log.close()
     launched = json.loads(record.read_text())
-    checkout = tmp_path / "runs" / "ai-toolkit" / commit
+    checkout = tmp_path / "runs" / "cache" / "ai-toolkit" / commit
     assert launched["argv"] == ["run.py", str(run_dir / "work" / "config.yaml")]
     assert Path(launched["cwd"]) == checkout
     assert launched["python"] == str(checkout / "venv" / "bin" / "python")
@@ -267,12 +287,110 @@ def test_ai_toolkit_path_bootstraps_and_launches_run_py(tmp_path: Path,
     assert status["stages"]["bootstrap"]["detail"]["source"] == "built"
     assert verify_sha256sums(run_dir / "publish") == []
     # a second plan on the same instance reuses the install
-    second = tmp_path / "second"
-    second.mkdir()
     plan2 = make_plan(run_id="r2", spec=spec, run_dir=str(tmp_path / "runs" / "r2"),
                       dataset_dir=str(small_dataset), provider="local")
     runner2 = Runner(plan2, env=env, probes=probes, image_checkouts=())
-    (tmp_path / "runs" / "r2").mkdir()
     assert runner2.run() == 0
     runner2.log.close()
-    assert read_status(tmp_path / "runs" / "r2")["stages"]["bootstrap"]["detail"]["source"] == "cached"
+    reused = read_status(tmp_path / "runs" / "r2")["stages"]["bootstrap"]["detail"]
+    assert reused["source"] == "cached"
+
+
+def test_cost_guard_stops_training_and_packs(tmp_path: Path, small_dataset: Path) -> None:
+    # $36/h with $4.80 already spent of $5: the reserve for publishing alone crosses the cap
+    spec = tiny_spec(small_dataset, steps=200)
+    plan_path = write_plan(tmp_path, spec, small_dataset, billing_started_at=time.time() - 480)
+    plan = json.loads(plan_path.read_text())
+    plan["price_per_hour"] = 36.0
+    write_json_atomic(plan_path, plan)
+    run_dir = plan_path.parent
+    assert run_agent(plan_path, {"FLUX_REMOTE_TINY_STEP_DELAY": "0.05"}) == 0, \
+        (run_dir / "agent.log").read_text()[-3000:]
+    status = read_status(run_dir)
+    assert status["state"] == "stopped" and status["spend_usd"] >= 4.8
+    assert status["stages"]["train"]["detail"]["stop_reason"].startswith("cost guard")
+    guard = [e for e in read_events(run_dir) if e["event"] == "costguard"]
+    assert guard and "over the $5.00 budget" in guard[0]["reason"]
+    assert status["stages"]["train"]["detail"]["step"] < 200
+    assert verify_sha256sums(run_dir / "publish") == []
+
+
+def test_status_command(tmp_path: Path, small_dataset: Path) -> None:
+    plan = write_plan(tmp_path, tiny_spec(small_dataset, steps=8), small_dataset)
+    assert run_agent(plan) == 0
+    human = subprocess.run([sys.executable, "-m", "remote", "status", str(plan.parent)], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert human.returncode == 0
+    assert "run r1: done" in human.stdout and "step 8/8" in human.stdout
+    assert "train" in human.stdout and "publish" in human.stdout
+    as_json = subprocess.run([sys.executable, "-m", "remote", "status", "--json",
+                              str(plan.parent)], cwd=ROOT, capture_output=True, text=True)
+    assert json.loads(as_json.stdout)["state"] == "done"
+    missing = subprocess.run([sys.executable, "-m", "remote", "status", str(tmp_path)], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "no status.json" in missing.stderr
+
+
+def test_on_vast_the_finished_agent_stops_its_instance_when_the_laptop_is_silent(
+        tmp_path: Path, small_dataset: Path) -> None:
+    FakeVastHandler.requests = []
+    FakeVastHandler.status_code = 200
+    server = HTTPServer(("127.0.0.1", 0), FakeVastHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        plan = write_plan(tmp_path, tiny_spec(small_dataset, steps=8), small_dataset)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CONTAINER_ID": "99",
+               "CONTAINER_API_KEY": "instance-key-abc",
+               "VAST_URL": f"http://127.0.0.1:{server.server_port}"}
+        runner = Runner(load_plan(plan), env=env)
+        assert runner.run() == 0
+        assert runner.watchdog.can_stop_instance and not FakeVastHandler.requests
+        (plan.parent / "heartbeat").touch()
+        os.utime(plan.parent / "heartbeat", (time.time() - 1000, time.time() - 1000))
+        runner.watchdog.started_at = time.time() - 1000  # the agent has been up that long
+        assert runner.watchdog.wait_for_stop(max_s=5) is True
+        runner.log.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert FakeVastHandler.requests == [{"path": "/api/v0/instances/99/",
+                                         "auth": "Bearer instance-key-abc",
+                                         "body": {"state": "stopped"}}]
+    stops = [e for e in read_events(plan.parent) if e["event"] == "watchdog"]
+    assert stops and stops[-1]["action"] == "stop_instance" and stops[-1]["ok"]
+    assert "instance-key-abc" not in (plan.parent / "agent.log").read_text()
+
+
+def test_stop_before_training_ends_stopped_without_a_bundle(tmp_path: Path,
+                                                            small_dataset: Path) -> None:
+    plan = write_plan(tmp_path, tiny_spec(small_dataset), small_dataset)
+    (plan.parent / "STOP").touch()
+    runner = Runner(load_plan(plan), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert runner.run() == 1
+    runner.log.close()
+    status = read_status(plan.parent)
+    assert status["state"] == "stopped" and status["cause"] == "stopped"
+    assert status["stages"]["checks"]["state"] == "skipped"
+    assert not (plan.parent / "publish").exists()
+
+
+def test_trainer_pids_reads_command_lines(tmp_path: Path) -> None:
+    for pid, argv in (("101", [b"python", b"-m", b"remote.trainers.tiny", b"/r/work/config.yaml"]),
+                      ("102", [b"python", b"run.py", b"/other/config.yaml"]), ("self", [b"x"])):
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "cmdline").write_bytes(b"\0".join(argv) + b"\0")
+    assert trainer_pids(Path("/r/work/config.yaml"), tmp_path) == [101]
+
+
+def test_secrets_file_parsing_and_mode(tmp_path: Path) -> None:
+    assert parse_env_file("# c\nexport HF_TOKEN=\"a b\"\nWANDB_API_KEY='x'\nBAD\n=v\n") == {
+        "HF_TOKEN": "a b", "WANDB_API_KEY": "x"}
+    path = tmp_path / "s.env"
+    path.write_text("HF_TOKEN=hf_abcdefgh\n")
+    path.chmod(0o644)
+    values, warnings = load_secrets(path)
+    assert values == {"HF_TOKEN": "hf_abcdefgh"} and "should be 600" in warnings[0]
+    path.chmod(0o600)
+    assert load_secrets(path) == ({"HF_TOKEN": "hf_abcdefgh"}, [])
+    assert load_secrets(None) == ({}, [])
+    assert "does not exist" in load_secrets(tmp_path / "none")[1][0]

@@ -44,6 +44,7 @@ def make_dataset(folder: Path, count: int = 12) -> Path:
 def write_job(root: Path, *, name: str = "demo", steps: int = 100, save_every: int = 25,
               keep: int = 2, sample_every: int | None = 50, rank: int = 4, alpha: float = 4,
               dtype: str = "float16", resolution: int = 32, dataset: Path | None = None,
+              lr: float = 1e-4,
               train_extra: dict[str, Any] | None = None) -> Path:
     """An ai-toolkit job YAML (the generator's shape) training on ``root/data``."""
     root.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def write_job(root: Path, *, name: str = "demo", steps: int = 100, save_every: i
         "save": {"dtype": dtype, "save_every": save_every, "max_step_saves_to_keep": keep},
         "datasets": [{"folder_path": str(dataset), "caption_ext": "txt", "caption_dropout_rate": 0.05,
                       "resolution": [resolution, 768]}],
-        "train": {"batch_size": 1, "steps": steps, "lr": 1e-4, **(train_extra or {})},
+        "train": {"batch_size": 1, "steps": steps, "lr": lr, **(train_extra or {})},
         "model": {"name_or_path": "black-forest-labs/FLUX.1-dev", "is_flux": True},
     }
     if sample_every is not None:
@@ -127,6 +128,21 @@ def test_full_run_layout_keys_samples_and_loss(tmp_path: Path, capsys) -> None:
     assert len(values) == 100
     fifth = len(values) // 5
     assert np.mean(values[-fifth:]) < np.mean(values[:fifth])
+
+
+DEMO_DATA = Path(__file__).resolve().parent.parent / "configs" / "demo-data"
+
+
+@pytest.mark.skipif(not DEMO_DATA.is_dir(), reason="configs/demo-data is not in this checkout")
+def test_loss_goes_down_on_the_demo_data(tmp_path: Path, capsys) -> None:
+    """configs/demo-local.yaml's settings: 80 steps at 64 px, rank 4, lr 1e-3."""
+    config = write_job(tmp_path, steps=80, save_every=20, sample_every=40, resolution=64,
+                       dataset=DEMO_DATA, lr=1e-3)
+    rc, log = run_inprocess(config, capsys)
+    assert rc == 0, log
+    values = losses(log)
+    fifth = len(values) // 5
+    assert len(values) == 80 and np.mean(values[-fifth:]) < 0.9 * np.mean(values[:fifth])
 
 
 def test_prints_ai_toolkit_lines(tmp_path: Path, capsys) -> None:
@@ -213,13 +229,14 @@ def test_sigterm_during_a_save_finishes_it_then_stops(tmp_path: Path, capsys, mo
 
 def test_module_entry_point_and_bad_config(tmp_path: Path) -> None:
     env = {**os.environ, "FLUX_REMOTE_TINY_STEP_DELAY": "0"}
-    config = write_job(tmp_path, steps=5, save_every=100, sample_every=None, train_extra={
+    config = write_job(tmp_path, steps=5, save_every=100, sample_every=2, train_extra={
         "disable_sampling": True})
     done = subprocess.run([sys.executable, "-m", "remote.trainers.tiny", str(config)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "5/5 [" in done.stdout
     assert (tmp_path / "output" / "demo" / "demo.safetensors").is_file()
+    assert not (tmp_path / "output" / "demo" / "samples").exists()  # train.disable_sampling
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("config: {name: x}\n")

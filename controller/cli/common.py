@@ -38,14 +38,32 @@ def handles_errors(func: F) -> F:
             return func(*args, **kwargs)
         except FluxRemoteError as exc:
             as_json = bool(kwargs.get("as_json"))
+            problems = getattr(exc, "problems", None)
             if as_json:
-                emit_json({"ok": False, "error": type(exc).__name__, "message": str(exc)})
+                data: dict[str, Any] = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+                if problems is not None:
+                    data["problems"] = problems
+                emit_json(data)
             else:
-                err = console(stderr=True)
-                err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+                _print_error(exc, problems)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _print_error(exc: FluxRemoteError, problems: list[str] | None) -> None:
+    """One problem on the error line; several as a count, then one ``FILE:LINE:COL:`` line each."""
+    from rich.markup import escape
+
+    err = console(stderr=True)
+    if problems and len(problems) > 1:
+        err.print(f"[bold red]error:[/] {len(problems)} problems", soft_wrap=True)
+        for problem in problems:
+            err.print(escape(problem), soft_wrap=True)
+        if exc.hint:
+            err.print(f"  hint: {escape(exc.hint)}", soft_wrap=True)
+        return
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")

@@ -26,8 +26,10 @@ def check_dataset_cmd(
 ) -> None:
     """Check a dataset: ingest, template captions and the quality gate, on this machine.
 
-    With a run spec the thresholds, trigger word and caption settings come from it (for a batch,
-    each distinct dataset/settings pair is checked once); with a folder, the defaults apply.
+    With a run spec, its thresholds, trigger word and caption settings apply.
+
+    With a folder, the defaults apply. A batch checks each distinct dataset once.
+
     Exit 0 when the gate passes, 1 when it fails, 2 for bad input.
 
     Example: flux-remote check-dataset run.yaml

@@ -33,11 +33,19 @@ def _journal() -> "Journal":
     return open_journal()
 
 
-def _orchestrator(journal: "Journal", provider_name: str, reporter: Any = None) -> "Orchestrator":
+QUICK_SSH_READY_S = 20.0  # status / logs: an instance that does not answer soon is reported
+
+
+def _orchestrator(journal: "Journal", provider_name: str, reporter: Any = None, *,
+                  quick: bool = False) -> "Orchestrator":
     from controller.orchestrator import Orchestrator
     from controller.providers import provider_named
 
-    return Orchestrator(journal, provider_named(provider_name, journal=journal), reporter=reporter)
+    extra: dict[str, Any] = {}
+    if quick and provider_name == "vast":
+        extra["ssh_ready_s"] = QUICK_SSH_READY_S
+    provider = provider_named(provider_name, journal=journal, **extra)
+    return Orchestrator(journal, provider, reporter=reporter)
 
 
 def _find_run(journal: "Journal", ref: str | None) -> dict[str, Any]:
@@ -80,7 +88,12 @@ def _close(view: Any) -> None:
 
 def _drive_interactive(orch: "Orchestrator", run_id: str, options: "Options", *,
                        yes: bool, estimate: Any = None) -> "Outcome":
-    """Drive the run; on Ctrl-C ask stop-or-detach (``--yes``: detach)."""
+    """Drive the run; on Ctrl-C ask stop-or-detach (``--yes``: detach).
+
+    Before the agent runs there is nothing to detach from: Ctrl-C then releases the machine at
+    once (a rented instance must not bill while nothing uses it).
+    """
+    from controller import runs as R
     from controller.orchestrator import Options
 
     while True:
@@ -88,12 +101,16 @@ def _drive_interactive(orch: "Orchestrator", run_id: str, options: "Options", *,
             return orch.drive(run_id, options, estimate)
         except KeyboardInterrupt:
             _close(orch.reporter)
-            if yes or options.detach:
-                return orch._outcome(orch._run(run_id), detached=True)
+            if orch.state(run_id) in R.TERMINAL_STATES:
+                return orch.outcome(run_id)
+            if orch.state(run_id) != R.RUNNING:
+                return orch.down(run_id, force=True)
+            if yes:
+                return orch.outcome(run_id, detached=True)
             choice = typer.prompt("\nstop the run (s) or detach and let it run (d)?",
                                   default="d").strip().lower()
             if not choice.startswith("s"):
-                return orch._outcome(orch._run(run_id), detached=True)
+                return orch.outcome(run_id, detached=True)
             orch.request_stop(run_id)
             options = Options(**{**options.__dict__, "detach": False})
             yes = True  # a second Ctrl-C detaches
@@ -200,6 +217,7 @@ def stop(
     """
     from controller import runs as R
     from controller.orchestrator import Options
+    from controller.runs import RunLockedError
 
     journal = _journal()
     row = _find_run(journal, run)
@@ -208,7 +226,12 @@ def stop(
     try:
         if row["state"] == R.RUNNING:
             orch.request_stop(row["run_id"])
-            outcome = orch.drive(row["run_id"], Options(poll_interval=poll_interval))
+            try:
+                outcome = orch.drive(row["run_id"], Options(poll_interval=poll_interval))
+            except RunLockedError:
+                console(stderr=True).print(f"{row['run_id']}: STOP written; the controller "
+                                           "following it fetches the bundle and destroys")
+                return
         elif row["state"] in R.ACTIVE_STATES and row["state"] != R.FETCHING:
             outcome = orch.down(row["run_id"], force=True)  # no agent yet: nothing to save
         else:
@@ -280,7 +303,7 @@ def status(
     note = None
     if row["state"] == R.RUNNING:
         try:
-            orch = _orchestrator(journal, row["provider"])
+            orch = _orchestrator(journal, row["provider"], quick=True)
             orch.follower(row, Options()).poll()
         except FluxRemoteError as exc:
             note = f"could not reach the run's machine: {exc}"
@@ -333,7 +356,7 @@ def logs(
     host = paths = None
     if journal.current_instance(row["run_id"]) is not None and row["remote_run_dir"]:
         try:
-            orch = _orchestrator(journal, row["provider"])
+            orch = _orchestrator(journal, row["provider"], quick=True)
             host, paths = orch.machine(row["run_id"]).host, RunPaths(row["remote_run_dir"])
         except FluxRemoteError:
             host = None

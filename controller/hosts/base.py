@@ -49,7 +49,7 @@ class CommandFailed(TransportError):
 
 @runtime_checkable
 class Host(Protocol):
-    """A machine that can run commands and hold files. All methods block; all raise TransportError."""
+    """A machine that runs commands and holds files. Every method blocks; raises TransportError."""
 
     def run(
         self,
@@ -64,7 +64,7 @@ class Host(Protocol):
         ``stdin`` is written to the command's standard input, then closed. Not retried: the
         command may have side effects. Raises CommandFailed when ``check`` and the exit is not 0,
         TransportError on timeout (the command is abandoned) or when the connection is lost while
-        it runs (the next call reconnects).
+        it runs (the next call reconnects). Without ``timeout`` it may wait for ever: pass one.
         """
         ...
 

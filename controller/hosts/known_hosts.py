@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 def host_key_name(host: str, port: int) -> str:
-    """The name OpenSSH and paramiko file a host under: ``host`` on port 22, else ``[host]:port``."""
+    """How OpenSSH and paramiko name a host: ``host`` on port 22, else ``[host]:port``."""
     return host if port == 22 else f"[{host}]:{port}"
 
 
@@ -87,7 +87,7 @@ def pin_host_key(known_hosts: Path, host: str, port: int, key: paramiko.PKey) ->
 
 
 def forget_host_key(known_hosts: Path, host: str, port: int) -> bool:
-    """Remove the pin for host:port (a newly rented instance on a reused address). True if removed."""
+    """Remove the pin for host:port (a new instance on a reused address); True if removed."""
     name = host_key_name(host, port)
     with _locked(known_hosts):
         if not known_hosts.exists():

@@ -7,7 +7,9 @@ written with Python; transfers use the local rsync binary (same resume and skip 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,21 +23,19 @@ from controller.hosts.shell import detached_script
 
 
 def process_alive(pid: int) -> bool:
-    """True when ``pid`` runs here and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        stat = ""
-    if stat:
+    """True when ``pid`` runs here and is not a zombie (zombies are only visible with /proc)."""
+    if Path("/proc/self/stat").exists():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
         return stat.rsplit(") ", 1)[-1][:1] not in ("Z", "X")
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return True  # it exists, owned by someone else
     return True
 
 
@@ -64,20 +64,25 @@ class LocalHost:
         timeout: float | None = None,
         check: bool = True,
     ) -> CommandResult:
+        # its own process group, so a timeout ends the whole pipeline, not just ``sh``
+        proc = subprocess.Popen(
+            ["sh", "-c", command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
-            proc = subprocess.run(
-                ["sh", "-c", command],
-                input=stdin if stdin is not None else b"",
-                capture_output=True,
-                timeout=timeout,
-                check=False,
-            )
+            out, err = proc.communicate(stdin if stdin is not None else b"", timeout=timeout)
         except subprocess.TimeoutExpired as exc:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             raise TransportError(f"command on {self.where} timed out after {timeout} s") from exc
         result = CommandResult(
             command=command,
-            stdout=proc.stdout.decode("utf-8", "replace"),
-            stderr=proc.stderr.decode("utf-8", "replace"),
+            stdout=out.decode("utf-8", "replace"),
+            stderr=err.decode("utf-8", "replace"),
             exited=proc.returncode,
         )
         if check and not result.ok:

@@ -84,7 +84,7 @@ def start_command(
     pid_path: str,
     rc_path: str,
 ) -> str:
-    """Start ``detached_script`` under ``setsid`` in the background, wait for its pid file, print it.
+    """Start ``detached_script`` under ``setsid`` in the background, then print its pid.
 
     ``setsid`` gives the process its own session (no controlling tty, no SIGHUP when the SSH
     connection goes); stdin is /dev/null and output is appended to ``log_path``, so nothing ties

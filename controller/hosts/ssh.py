@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import paramiko
 
 __all__ = [
+    "CommandTimeout",
     "ConnectionLost",
     "SshHost",
     "SshTarget",
@@ -57,13 +58,17 @@ class ConnectionLost(TransportError):
     """The connection dropped while a command ran; the command's outcome is unknown."""
 
 
+class CommandTimeout(TransportError):
+    """A command ran past its timeout; it was abandoned and the connection is reopened."""
+
+
 class Unreachable(TransportError):
     """No connection could be made within the reconnect window."""
 
 
 @dataclass(frozen=True)
 class SshTarget:
-    """Where to connect and with what. ``known_hosts_path`` holds the pins (usually the state dir's)."""
+    """Where to connect, as whom, with which key; ``known_hosts_path`` holds the pins."""
 
     host: str
     port: int
@@ -112,6 +117,9 @@ class SshHost:
 
     ``sleep`` and ``clock`` drive the reconnect backoff and rsync retries (tests inject them);
     ``reconnect_window_s`` bounds how long a dead host is retried before Unreachable.
+    ``io_timeout_s`` bounds the file and process calls (read_bytes, write_bytes, is_alive): a
+    half-open connection (laptop asleep, NAT dropped) makes them time out, reconnect and retry
+    once instead of hanging until TCP gives up; keepalives alone do not detect it.
     """
 
     def __init__(
@@ -121,6 +129,7 @@ class SshHost:
         connect_timeout: float = 15.0,
         keepalive_s: float = 15.0,
         reconnect_window_s: float = 120.0,
+        io_timeout_s: float = 120.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rsync_args: Sequence[str] = (),
@@ -130,6 +139,7 @@ class SshHost:
         self._connect_timeout = connect_timeout
         self._keepalive_s = keepalive_s
         self._window_s = reconnect_window_s
+        self._io_timeout_s = io_timeout_s
         self._sleep = sleep
         self._clock = clock
         self._rsync_args = tuple(rsync_args)
@@ -204,7 +214,7 @@ class SshHost:
             except paramiko.AuthenticationException as exc:
                 raise TransportError(
                     f"{self.where} refused our key {t.key_path}: {exc}",
-                    hint="is the public key in the machine's authorized_keys (or attached to the instance)?",
+                    hint="is our public key in its authorized_keys (attached to the instance)?",
                 ) from exc
             transport.set_keepalive(max(1, int(self._keepalive_s)))
             return transport
@@ -247,8 +257,8 @@ class SshHost:
         finally:
             channel.close()
         if code is None:
-            self._drop()
-            raise TransportError(f"command on {self.where} timed out after {timeout} s")
+            self._drop()  # a silent connection may be half-open: the next call starts afresh
+            raise CommandTimeout(f"command on {self.where} timed out after {timeout} s")
         if code == -1:
             self._drop()
             raise ConnectionLost(f"connection to {self.where} lost while a command ran")
@@ -274,11 +284,11 @@ class SshHost:
         return result
 
     def _idempotent(self, command: str, stdin: bytes | None = None) -> tuple[bytes, bytes, int]:
-        """Run a command that is safe to repeat; retried once after a lost connection."""
+        """Run a command that is safe to repeat; retried once after a lost connection or timeout."""
         try:
-            return self._exec(command, stdin, None)
-        except ConnectionLost:
-            return self._exec(command, stdin, None)
+            return self._exec(command, stdin, self._io_timeout_s)
+        except (ConnectionLost, CommandTimeout):
+            return self._exec(command, stdin, self._io_timeout_s)
 
     def read_bytes(self, path: str, offset: int = 0, limit: int | None = None) -> bytes | None:
         out, err, code = self._idempotent(read_command(path, offset, limit))
@@ -337,7 +347,7 @@ class SshHost:
             where=self.where,
             sleep=self._sleep,
             clock=self._clock,
-            before_attempt=self.connect,  # pins the host key before ssh is ever run; waits out drops
+            before_attempt=self.connect,  # pins the host key before ssh runs; waits out drops
         )
 
     def _ssh_command(self) -> str:
@@ -367,10 +377,14 @@ class SshHost:
 
     def download(self, remote: str, local: Path) -> TransferStats:
         local = Path(local)
-        kind = self.run(
-            f"if [ -d {shlex.quote(remote)} ]; then echo dir; "
-            f"elif [ -e {shlex.quote(remote)} ]; then echo file; else echo none; fi"
-        ).stdout.strip()
+        quoted = shlex.quote(remote)
+        probe = f"if [ -d {quoted} ]; then echo dir; elif [ -e {quoted} ]; then echo file; fi"
+        out, err, code = self._idempotent(probe)
+        if code != 0:
+            raise TransportError(
+                f"cannot look at {remote} on {self.where}: {err.decode(errors='replace').strip()}"
+            )
+        kind = out.decode(errors="replace").strip() or "none"
         if kind == "none":
             raise TransportError(f"nothing to download: {remote} does not exist on {self.where}")
         (local if kind == "dir" else local.parent).mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,17 @@ def claim_own_machine(journal: "Journal", run_id: str, *, provider: str, name: s
     return row, started
 
 
+def own_machine_row(journal: "Journal", run_id: str) -> tuple[int, float]:
+    """The run's open row on own hardware (for ``reattach``); RunError when it was released."""
+    from controller.errors import RunError
+
+    current = journal.current_instance(run_id)
+    if current is None:
+        raise RunError(f"run {run_id} no longer holds its machine",
+                       hint="what was fetched is in the run's out dir (`flux-remote status`)")
+    return int(current["id"]), float(current["billing_started_at"] or 0.0)
+
+
 def release_own_machine(journal: "Journal", run_id: str) -> None:
     """Own hardware is never destroyed: the row is closed so that nothing meters any more."""
     current = journal.current_instance(run_id)

@@ -11,7 +11,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from controller.providers.base import (Estimate, Machine, Notify, claim_own_machine,
-                                       own_machine_estimate, release_own_machine)
+                                       own_machine_estimate, own_machine_row,
+                                       release_own_machine)
 
 if TYPE_CHECKING:
     from controller.journal import Journal
@@ -61,7 +62,7 @@ class LocalProvider:
         return self._machine(spec, row, started)
 
     def reattach(self, run_id: str, spec: "RunSpec", journal: "Journal") -> Machine:
-        return self.acquire(run_id, spec, self.estimate(spec), journal, lambda s, m: None)
+        return self._machine(spec, *own_machine_row(journal, run_id))
 
     def release(self, run_id: str, journal: "Journal", *, keep_data: bool = False) -> None:
         release_own_machine(journal, run_id)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from controller.errors import TransportError
 from controller.providers.base import (Estimate, Machine, Notify, claim_own_machine,
-                                       own_machine_estimate, release_own_machine)
+                                       own_machine_estimate, own_machine_row,
+                                       release_own_machine)
 
 if TYPE_CHECKING:
     from controller.hosts.base import Host
@@ -63,12 +64,17 @@ class SshProvider:
         row, started = claim_own_machine(journal, run_id, provider=self.name,
                                          name=f"{prov.host}:{prov.port}",
                                          price_per_hour=prov.price_per_hour, clock=self.clock)
+        return self._machine(spec, host, row, started)
+
+    def _machine(self, spec: "RunSpec", host: "Host", row: int, started: float) -> Machine:
+        prov = spec.provider
         return Machine(host=host, root=prov.remote_root, python=prov.remote_python,
                        price_per_hour=prov.price_per_hour, billing_started_at=started,
                        instance_row=row, info={"host": prov.host, "gpu_name": None, "num_gpus": 1})
 
     def reattach(self, run_id: str, spec: "RunSpec", journal: "Journal") -> Machine:
-        return self.acquire(run_id, spec, self.estimate(spec), journal, lambda s, m: None)
+        row, started = own_machine_row(journal, run_id)
+        return self._machine(spec, self.connect(spec), row, started)
 
     def release(self, run_id: str, journal: "Journal", *, keep_data: bool = False) -> None:
         release_own_machine(journal, run_id)

@@ -196,6 +196,7 @@ class VastProvider:
             raise RunError(f"run {run_id} has no live instance in the journal")
         instance = self.client.show_instance(int(row["instance_id"]))
         if instance is None:
+            journal.instance_destroyed(int(row["id"]))  # a fact now, whoever destroyed it
             raise ProviderError(f"instance {row['instance_id']} of run {run_id} no longer exists")
         if instance.get("actual_status") != "running":
             raise ProviderError(f"instance {row['instance_id']} is "

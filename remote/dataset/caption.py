@@ -149,7 +149,8 @@ def _caption_with_model(records: list[ImageRecord], captioner: Captioner, batch_
                 images.append(im.convert("RGB"))
         texts = captioner(images)
         if len(texts) != len(batch):
-            raise ValueError(f"the captioner returned {len(texts)} captions for {len(batch)} images")
+            raise ValueError(f"the captioner returned {len(texts)} captions "
+                             f"for {len(batch)} images")
         for record, text in zip(batch, texts):
             text = " ".join(str(text).split())
             if insert_trigger:

@@ -41,7 +41,7 @@ def check_dataset(directory: Path, *, gate: dict[str, Any] | None = None,
                         workers=workers)
         captions = caption(result, mode=mode, template=template, trigger=trigger,
                            caption_ext=caption_ext, insert_trigger=insert_trigger)
-        report = run_gate(result, settings, caption_ext=caption_ext)
+        report = run_gate(result, settings, caption_ext=caption_ext, load_models=False)
         return {
             "dataset": str(directory),
             "passed": report.passed,

@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 ANALYSIS_SIDE = 256  # long side of the grayscale copy that hash and blur are measured on
 JPEG_QUALITY = 95

@@ -95,8 +95,8 @@ def ingest(src_dir: Path, work_dir: Path, *, caption_ext: str = "txt", max_side:
            workers: int | None = None) -> IngestResult:
     """Ingest ``src_dir`` into ``work_dir/dataset`` and write ``work_dir/manifest.json``.
 
-    ``workers=None`` uses every CPU this process may run on; ``workers=1`` decodes inline (no pool). Re-running starts
-    the dataset folder afresh. Raises ``FileNotFoundError`` / ``NotADirectoryError`` for a
+    ``workers=None`` uses every CPU this process may run on; ``workers=1`` decodes inline (no
+    pool). Re-running starts the dataset folder afresh. Raises ``FileNotFoundError`` / ``NotADirectoryError`` for a
     missing folder and ``ValueError`` when the work dir would overlap the originals.
     """
     started = time.monotonic()
@@ -175,7 +175,8 @@ def _scan(root: Path, caption_ext: str) -> _Scan:
             elif suffix == cap_suffix:
                 scan.captions[_key(rel)] = rel
             else:
-                scan.skipped.append({"source": rel, "reason": f"not an image ({suffix or 'no extension'})"})
+                what = suffix or "no extension"
+                scan.skipped.append({"source": rel, "reason": f"not an image ({what})"})
     scan.images.sort()
     return scan
 

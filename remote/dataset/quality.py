@@ -97,21 +97,44 @@ def gate_settings(gate: dict[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown quality_gate keys: {', '.join(unknown)}")
     settings = {**DEFAULT_GATE, **gate}
+    for key, value in settings.items():
+        if not _type_fits(DEFAULT_GATE[key], value):
+            raise ValueError(f"quality_gate.{key}: {value!r} is not a valid value")
     bad = sorted(set(settings["exclude"]) - set(CATEGORIES))
     if bad:
         raise ValueError(f"unknown quality_gate.exclude categories: {', '.join(bad)}")
     return settings
 
 
+def _type_fits(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    if isinstance(default, list):
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return value is None or isinstance(value, str)
+
+
 def run_gate(result: IngestResult, gate: dict[str, Any], *, caption_ext: str,
-             nsfw_classifier: NsfwClassifier | None = None, prune: bool = True) -> GateReport:
+             nsfw_classifier: NsfwClassifier | None = None, load_models: bool = True,
+             prune: bool = True) -> GateReport:
     """Judge every image of ``result``; with ``prune`` remove excluded images (and their
     captions) from ``result.dataset_dir`` so that it holds only usable images. Writes no report
-    (see :func:`write_report`)."""
+    (see :func:`write_report`).
+
+    NSFW: ``nsfw_classifier`` when given, else the gate's ``nsfw_model`` loaded with
+    :func:`load_nsfw_classifier` when ``load_models`` (a model that cannot be loaded raises
+    ``ValueError``); only when ``allow_nsfw`` is false. Bad settings raise ``ValueError``.
+    """
     settings = gate_settings(gate)
+    nsfw_wanted = not settings["allow_nsfw"] and (nsfw_classifier is not None
+                                                  or bool(settings["nsfw_model"]))
+    if nsfw_wanted and nsfw_classifier is None and load_models:
+        nsfw_classifier = _load_nsfw(settings["nsfw_model"])
     found: dict[str, dict[str, str]] = {record.source: {} for record in result.images}
     for record in result.images:
-        _judge(record, settings, found[record.source])
+        _judge(record, settings, caption_ext, found[record.source])
     _find_duplicates(result.images, settings["duplicate_max_distance"], found)
     if nsfw_classifier is not None and not settings["allow_nsfw"]:
         _classify_nsfw(result.images, nsfw_classifier, found)
@@ -131,15 +154,19 @@ def run_gate(result: IngestResult, gate: dict[str, Any], *, caption_ext: str,
             usable.append(record)
     totals = {cat: sum(1 for cats in found.values() if cat in cats) for cat in CATEGORIES}
     reasons = _reasons(settings, usable, totals, exclude)
+    warnings = _warnings(result, totals, exclude)
+    if nsfw_wanted and nsfw_classifier is None:
+        warnings.append("nsfw: not checked here (the NSFW model runs on the instance)")
     return GateReport(
         passed=not reasons, reasons=reasons, usable=usable, entries=entries, totals=totals,
-        warnings=_warnings(result, totals, exclude), excluded=excluded,
+        warnings=warnings, excluded=excluded,
         skipped=list(result.skipped), orphan_captions=list(result.orphan_captions),
         settings=settings,
     )
 
 
-def _judge(record: ImageRecord, settings: dict[str, Any], cats: dict[str, str]) -> None:
+def _judge(record: ImageRecord, settings: dict[str, Any], caption_ext: str,
+           cats: dict[str, str]) -> None:
     if record.path is None:
         cats["corrupt"] = "; ".join(record.issues) or "not a usable image"
         return
@@ -150,7 +177,7 @@ def _judge(record: ImageRecord, settings: dict[str, Any], cats: dict[str, str]) 
         cats["extreme_aspect"] = f"aspect {long_ / short:.2f} > {settings['max_aspect_ratio']}"
     if record.blur is not None and record.blur < settings["blur_threshold"]:
         cats["blurry"] = f"sharpness {record.blur:.1f} < {settings['blur_threshold']}"
-    if record.caption_path is None or not record.caption_path.exists():
+    if not record.path.with_name(f"{record.path.stem}.{caption_ext}").exists():
         cats["missing_caption"] = "no caption sidecar"
 
 
@@ -167,7 +194,9 @@ def _find_duplicates(records: list[ImageRecord], max_distance: int,
         match = min(((hamming(record.phash, k.phash), k) for k in kept),
                     key=lambda pair: pair[0], default=None)
         if match is not None and match[0] <= max_distance:
-            found[record.source]["duplicate"] = f"duplicate of {match[1].source} (distance {match[0]})"
+            distance, original = match
+            found[record.source]["duplicate"] = (f"duplicate of {original.source} "
+                                                 f"(distance {distance})")
         else:
             kept.append(record)
 
@@ -179,7 +208,8 @@ def _classify_nsfw(records: list[ImageRecord], classifier: NsfwClassifier,
         return
     scores = classifier([r.path for r in todo])
     if len(scores) != len(todo):
-        raise ValueError(f"the NSFW classifier returned {len(scores)} scores for {len(todo)} images")
+        raise ValueError(f"the NSFW classifier returned {len(scores)} scores "
+                         f"for {len(todo)} images")
     for record, score in zip(todo, scores):
         if score >= NSFW_THRESHOLD:
             found[record.source]["nsfw"] = f"nsfw score {score:.2f}"
@@ -217,6 +247,13 @@ def _remove(record: ImageRecord) -> None:
 def write_report(report: GateReport, path: Path) -> None:
     """Write ``quality_report.json`` atomically."""
     write_json_atomic(path, report.to_dict())
+
+
+def _load_nsfw(model_name: str) -> NsfwClassifier:
+    try:
+        return load_nsfw_classifier(model_name)
+    except (ImportError, OSError, ValueError) as exc:
+        raise ValueError(f"quality_gate.nsfw_model {model_name!r} cannot be loaded: {exc}") from exc
 
 
 def load_nsfw_classifier(model_name: str, *, device: str | None = None) -> NsfwClassifier:

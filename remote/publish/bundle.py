@@ -98,7 +98,8 @@ def assemble_bundle(publish_dir: Path, *, name: str, lora: Path, samples: Iterab
 
 # -- gathering a run's outputs -----------------------------------------------------------------
 def read_loss_points(path: Path) -> list[tuple[int, float]]:
-    """(step, loss) from ``work/loss.jsonl``; a step logged twice (after a resume) keeps its last."""
+    """(step, loss) from ``work/loss.jsonl``; a step logged twice (after a resume) keeps the
+    last value."""
     by_step: dict[int, float] = {}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -150,7 +151,7 @@ def pack_run(*, plan: dict[str, Any], status: dict[str, Any], lora: Path, config
     samples_dir = lora.parent / "samples"
     caption_ext = (spec.get("dataset") or {}).get("caption_ext", "txt")
     trigger = spec.get("trigger_word")
-    started = [e.get("started_at") for e in status.get("stages", {}).values() if e.get("started_at")]
+    started = [e["started_at"] for e in status.get("stages", {}).values() if e.get("started_at")]
     receipt = build_receipt(plan=plan, status=status, hardware=hardware, train=train,
                             validation=validation, spend_usd=spend_usd, hours=hours,
                             started_at=min(started) if started else ended_at, ended_at=ended_at,
@@ -160,7 +161,8 @@ def pack_run(*, plan: dict[str, Any], status: dict[str, Any], lora: Path, config
     newest = grid[max(grid)] if grid else {}
     widget = [(filled[i] if i < len(filled) else f"sample {i}", f"samples/{path.name}")
               for i, path in sorted(newest.items())]
-    report = render_report(name=name, state=state, loss_points=read_loss_points(work / "loss.jsonl"),
+    report = render_report(name=name, state=state,
+                           loss_points=read_loss_points(work / "loss.jsonl"),
                            sample_grid=grid, prompts=filled,
                            gate=_read_json(work / "quality_report.json"),
                            excluded=_read_json(work / "excluded.json") or [],

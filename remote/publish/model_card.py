@@ -48,6 +48,7 @@ def render_model_card(spec: dict[str, Any], *, lora_file: str,
                           width=1000)
     trigger_text = (f"Use the trigger word `{trigger}` in your prompt to invoke the subject."
                     if trigger else "This LoRA has no trigger word.")
+    example = widget[0][0] if widget else fill_trigger("[trigger]", trigger) or name
     gallery = "\n".join(f"- ![{text}]({url})" for text, url in widget)
     lines = [
         "---", head.rstrip(), "---", "", f"# {name}", "",
@@ -63,7 +64,7 @@ def render_model_card(spec: dict[str, Any], *, lora_file: str,
         "from diffusers import FluxPipeline", "",
         f'pipe = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
         f'pipe.load_lora_weights(".", weight_name="{lora_file}")',
-        f'image = pipe("{fill_trigger(widget[0][0] if widget else "[trigger]", trigger)}").images[0]',
+        f'image = pipe("{example}").images[0]',
         'image.save("example.png")', "```", "",
         "## Training", "",
         f"- steps: {receipt.get('steps', {}).get('done')} of {training.get('steps')}",

@@ -13,6 +13,7 @@ import html
 import io
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +125,23 @@ def _gate_section(gate: dict[str, Any] | None, excluded: list[dict[str, Any]]) -
     return "".join(parts)
 
 
+def _value_html(key: str, value: Any) -> str:
+    """A receipt value as HTML: nested tables for dicts, UTC times for ``*_at`` epochs."""
+    if isinstance(value, dict):
+        return _receipt_table(value) if value else "-"
+    if isinstance(value, list):
+        return html.escape(", ".join(str(v) for v in value)) or "-"
+    if key.endswith("_at") and isinstance(value, (int, float)):
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape("-" if value is None else str(value))
+
+
 def _receipt_table(receipt: dict[str, Any]) -> str:
-    rows = []
-    for key, value in receipt.items():
-        shown = value if isinstance(value, (str, int, float)) or value is None else json.dumps(value)
-        rows.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(shown))}</td></tr>")
-    return "<table>" + "".join(rows) + "</table>"
+    rows = "".join(f"<tr><th>{html.escape(str(key))}</th><td>{_value_html(str(key), value)}</td>"
+                   "</tr>" for key, value in receipt.items())
+    return f"<table>{rows}</table>"
 
 
 def render_report(*, name: str, state: str, loss_points: list[tuple[int, float]],

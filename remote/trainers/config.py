@@ -55,8 +55,8 @@ def _section(proc: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def load_config(path: str | Path) -> tuple[TinyConfig, dict[str, Any]]:
-    """Parse ``path``; returns the typed view and the raw document (copied into the output)."""
+def load_config(path: str | Path) -> TinyConfig:
+    """Parse ``path``; raises :class:`ConfigError` when it is not an ai-toolkit job."""
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         cfg = doc["config"]

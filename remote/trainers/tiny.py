@@ -98,6 +98,8 @@ class TinyTrainer:
             self.out.line(f"{cfg.name} is already trained to step {resume[1]} (steps: {cfg.steps}); "
                           "nothing to do")
             return 0
+        if self.device.type != self.cfg.device.split(":")[0]:
+            self.out.line(f"device {cfg.device} is not available: training on {self.device}")
         self._build()
         images, captions = load_dataset(cfg.folder_path, cfg.resolution, cfg.caption_ext,
                                         cfg.trigger_word)
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m remote.trainers.tiny CONFIG.yaml", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # one thread: a 32-64 px step is too small to split, and on a shared CPU extra threads spin
+    torch.set_num_threads(1)
     console = Console(sys.stdout)
     try:
         cfg = load_config(args[0])

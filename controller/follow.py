@@ -29,6 +29,10 @@ LOST_CONTACT_S = 600.0  # give up following after this long without one good pol
 SPEND_SAMPLE_S = 30.0  # a spend sample is journaled at most this often (the total every poll)
 
 
+class MachineLost(RunError):
+    """The provider says the run's machine is gone or will not come back (outbid, exited)."""
+
+
 class Reporter(Protocol):
     """Where the orchestrator reports to (the rich live view, a JSON log, a test recorder)."""
 
@@ -176,6 +180,7 @@ class Follower:
                  max_hours: float | None = None, bandwidth_usd: float = 0.0,
                  poll_interval: float = 2.0, finish_allowance_s: float = FINISH_ALLOWANCE_S,
                  lost_contact_s: float = LOST_CONTACT_S, reporter: Reporter | None = None,
+                 health: Callable[[], str | None] | None = None,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.host = host
@@ -191,6 +196,7 @@ class Follower:
         self.finish_allowance_s = finish_allowance_s
         self.lost_contact_s = lost_contact_s
         self.reporter = reporter or NullReporter()
+        self.health = health
         self.clock = clock
         self.sleep = sleep
         run = journal.get_run(run_id) or {}
@@ -261,13 +267,19 @@ class Follower:
         return snap
 
     def follow(self) -> Snapshot:
-        """Poll until the agent has ended; a dropped connection is retried until
+        """Poll until the agent has ended. A dropped connection asks the provider first (``health``:
+        a machine that is gone raises ``MachineLost`` at once); otherwise it is retried until
         ``lost_contact_s`` passes without one good poll (then ``RunError``)."""
         last_ok = self.clock()
         while True:
             try:
                 snap = self.poll()
             except TransportError as exc:
+                problem = self.health() if self.health is not None else None
+                if problem:
+                    self.journal.add_event(self.run_id, "machine_lost", {"problem": problem})
+                    raise MachineLost(f"the machine of run {self.run_id} is lost: {problem}") \
+                        from exc
                 if self.clock() - last_ok > self.lost_contact_s:
                     self.journal.add_event(self.run_id, "lost_contact", {"error": str(exc)})
                     raise RunError(

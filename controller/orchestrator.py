@@ -26,8 +26,9 @@ from controller import runs as R
 from controller.errors import FluxRemoteError, ProviderError, RunError, TransportError
 from controller.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_receipt,
                               fetch_bundle, fetch_extras, has_bundle)
-from controller.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, NullReporter,
-                               Reporter, RunPaths, meter, read_int, read_json, request_stop)
+from controller.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
+                               NullReporter, Reporter, RunPaths, meter, read_int, read_json,
+                               request_stop)
 from controller.runs import run_lock
 from controller.ship import (remove_secrets, secrets_path, secrets_payload, start_agent,
                              upload_run, write_plan)
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 @dataclass
 class Options:
-    out_dir: Path | None = None  # overrides spec.publish.out_dir
     detach: bool = False  # return once the agent has started
     poll_interval: float = 2.0
     finish_allowance_s: float = FINISH_ALLOWANCE_S
@@ -156,11 +156,12 @@ class Orchestrator:
     def _set(self, run_id: str, state: str, **fields: Any) -> None:
         self.journal.update_run(run_id, state=state, **fields)
 
-    def _fail(self, run_id: str, message: str, *, release: bool = True) -> None:
+    def _fail(self, run_id: str, message: str, *, release: bool = True,
+              keep_data: bool = False) -> None:
         """Mark the run failed; by default let its machine go first (nothing left billing)."""
         if release:
             try:
-                self.provider.release(run_id, self.journal)
+                self.provider.release(run_id, self.journal, keep_data=keep_data)
             except FluxRemoteError as exc:
                 message += f"\n(and releasing its machine failed: {exc})"
         self._set(run_id, R.FAILED, error=message, ended_at=self.clock())
@@ -286,13 +287,21 @@ class Orchestrator:
                         poll_interval=options.poll_interval,
                         finish_allowance_s=options.finish_allowance_s,
                         lost_contact_s=options.lost_contact_s, reporter=self.reporter,
+                        health=lambda: self.provider.health(run["run_id"], self.journal),
                         clock=self.clock, sleep=self.sleep)
 
     def _follow(self, run: dict[str, Any], options: Options) -> None:
         run_id = run["run_id"]
         restarts = 0
         while True:
-            snap = self.follower(run, options).follow()
+            try:
+                snap = self.follower(run, options).follow()
+            except MachineLost as exc:
+                # Whatever is on its disk cannot be reached: keep it (stopped) when it still
+                # exists, so a later fetch can try; nothing keeps billing for compute.
+                self._fail(run_id, f"{exc}\n  if it comes back: flux-remote fetch {run_id}; "
+                                   f"then flux-remote down {run_id}", keep_data=True)
+                raise
             if snap.agent_state in ("done", "failed", "stopped") or snap.agent_rc is not None:
                 break
             if restarts >= options.max_agent_restarts:
@@ -336,8 +345,9 @@ class Orchestrator:
         try:
             self.provider.release(run_id, self.journal)
         except FluxRemoteError as exc:
-            self._set(run_id, R.FAILED, error=f"the bundle is home but destroying the machine "
-                                              f"failed: {exc}", ended_at=self.clock())
+            self._set(run_id, R.FAILED, error=f"the bundle is home in {out_dir} but destroying "
+                                              f"the machine failed: {exc}\n  retry: flux-remote "
+                                              f"down {run_id} --force", ended_at=self.clock())
             raise
         destroyed_at = self.clock()
         spend = meter(machine.price_per_hour, machine.billing_started_at, destroyed_at,

@@ -161,6 +161,8 @@ def render_summary(console: Console, outcome: "Outcome") -> None:
     if outcome.error:
         grid.add_row("error", Text(outcome.error, style="red"))
     console.print(Panel(grid, title=outcome.run_id, title_align="left"))
+    if outcome.bundle:  # on its own line, never wrapped: easy to copy
+        console.print(Text(f"bundle: {outcome.bundle}"), soft_wrap=True)
 
 
 def runs_table(runs: list[dict[str, Any]], *, now: float) -> Table:

@@ -14,10 +14,12 @@ Knobs (environment): ``FLUX_REMOTE_SKIP_TORCH_INSTALL=1`` skips the torch instal
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -59,17 +61,20 @@ def torch_cuda_tag(driver: str | None) -> str:
 
 def _run(argv: list[str], *, log: Log, cwd: str | None = None,
          env: Mapping[str, str] | None = None) -> None:
-    """Run a command, teeing its output into the log; a failure fails the stage with its tail."""
+    """Run a command, streaming its output into the log (a pip install can take minutes);
+    a failure fails the stage with the last lines it printed."""
     log("$ " + " ".join(argv))
-    proc = subprocess.run(argv, cwd=cwd, env=dict(env) if env is not None else None,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace")
-    for line in proc.stdout.splitlines():
-        log(line)
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    with subprocess.Popen(argv, cwd=cwd, env=dict(env) if env is not None else None,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log(line.rstrip("\n"))
+            tail.append(line.rstrip("\n"))
     if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-20:])
         raise StageFailed(f"`{' '.join(argv[:4])}` failed with exit code {proc.returncode}:\n"
-                          f"{tail}", cause="bootstrap_command")
+                          + "\n".join(tail), cause="bootstrap_command")
 
 
 def _imports_ok(python: str, module: str, env: Mapping[str, str]) -> bool:
@@ -116,13 +121,21 @@ def install_ai_toolkit(repo: str, commit: str, directory: Path, *, driver: str |
         result.source, result.commit = "cached", marker.get("resolved")
         return result
     directory.parent.mkdir(parents=True, exist_ok=True)
-    git_env = {**env, "GIT_TERMINAL_PROMPT": "0"}
+    # never prompt; never mistake a repository above the cache for this checkout
+    git_env = {**env, "GIT_TERMINAL_PROMPT": "0", "GIT_CEILING_DIRECTORIES": str(directory.parent)}
     if not (directory / ".git").exists():
         _run(["git", "clone", "--quiet", repo, str(directory)], log=log, env=git_env)
         result.steps.append("clone")
     else:
-        _run(["git", "-C", str(directory), "fetch", "--quiet", "origin"], log=log, env=git_env)
-        result.steps.append("fetch")
+        try:
+            _run(["git", "-C", str(directory), "fetch", "--quiet", "origin"], log=log,
+                 env=git_env)
+            result.steps.append("fetch")
+        except StageFailed:  # e.g. a clone cut short by a killed agent: start afresh
+            log(f"the checkout in {directory} is broken; cloning again")
+            shutil.rmtree(directory)
+            _run(["git", "clone", "--quiet", repo, str(directory)], log=log, env=git_env)
+            result.steps.append("clone")
     remote_ref = subprocess.run(["git", "-C", str(directory), "rev-parse", "--verify", "--quiet",
                                  f"origin/{commit}^{{commit}}"], capture_output=True, text=True)
     target = f"origin/{commit}" if remote_ref.returncode == 0 else commit

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -257,7 +258,26 @@ class Runner:
             names = ", ".join(f"{c.name} ({c.value} vs {c.threshold}: {c.detail})"
                               for c in report.failed)
             raise StageFailed(f"runtime checks failed: {names}", cause="checks")
-        return "done", report.to_dict()
+        detail = report.to_dict()
+        detail["outputs"] = self._place_outputs(report.mount_choice)
+        return "done", detail
+
+    def _place_outputs(self, choice: dict[str, Any]) -> str:
+        """With a chosen volume other than the run's own, ``output/`` becomes a link onto it, so
+        checkpoints land on the large disk too (the run dir keeps its layout)."""
+        if self.output.exists() or self.output.is_symlink():
+            return str(self.output.resolve())
+        volume = choice.get("volume")
+        if choice.get("origin") in (None, "remote_root") or not volume:
+            return str(self.output)
+        same_device = (self.probes or Probes()).same_device
+        if same_device(str(volume), str(self.run_dir)):
+            return str(self.output)
+        target = Path(choice["chosen"]) / "outputs" / self.plan["run_id"]
+        target.mkdir(parents=True, exist_ok=True)
+        self.output.symlink_to(target, target_is_directory=True)
+        self.log.agent(f"outputs go to {target} (the largest volume), linked as {self.output}")
+        return str(target)
 
     def _stage_bootstrap(self) -> tuple[str, dict[str, Any]]:
         from remote.aitk_config import base_model_path
@@ -529,10 +549,23 @@ def run_plan(plan_path: str) -> int:
         code = runner.run()
     finally:
         lock.release()
-    # On Vast the agent outlives the run: if the laptop stays silent it stops the instance.
     if runner.watchdog.can_stop_instance:
-        runner.log.agent("waiting for the controller (the watchdog stops the instance if it "
-                         "stays silent)")
-        runner.watchdog.wait_for_stop()
+        hand_over_watch(runner, plan_path)
     runner.log.close()
     return code
+
+
+def hand_over_watch(runner: Runner, plan_path: str) -> None:
+    """On Vast: a detached watcher stops the instance if the laptop stays silent after the run.
+
+    The agent itself exits now, because the controller takes its exit as the signal to fetch.
+    """
+    env = {**runner.env, "PYTHONPATH": os.pathsep.join(
+        p for p in (PACKAGE_PARENT, runner.env.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "remote.watchdog", str(plan_path)],
+                            cwd=PACKAGE_PARENT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    runner.recorder.event("watchdog", action="hand_over", pid=proc.pid)
+    runner.log.agent(f"watchdog handed to pid {proc.pid}: it stops this instance if the "
+                     f"controller stays silent for {runner.watchdog.grace_s:.0f} s")

@@ -106,10 +106,16 @@ class RunRecorder:
 
     # -- events.jsonl ------------------------------------------------------------------------
     def event(self, kind: str, **data: Any) -> None:
-        record = {"t": self.clock(), "event": kind, **data}
-        line = self.redact(json.dumps(record, default=str)) + "\n"
-        with self._lock, open(self.run_dir / "events.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(line)
+        with self._lock:
+            append_event(self.run_dir, kind, clock=self.clock, redact=self.redact, **data)
+
+
+def append_event(run_dir: Path, kind: str, *, clock: Callable[[], float] = time.time,
+                 redact: Callable[[str], str] = lambda text: text, **data: Any) -> None:
+    """Append one event line to ``events.jsonl`` (one ``write`` call: lines never interleave)."""
+    line = redact(json.dumps({"t": clock(), "event": kind, **data}, default=str)) + "\n"
+    with open(run_dir / "events.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(line)
 
 
 class AgentLog:

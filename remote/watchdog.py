@@ -10,7 +10,9 @@ more will happen) or the cap / ``max_hours`` is reached, the watchdog
   destroy: the disk and the bundle survive for a later ``flux-remote fetch``.
 
 Without the Vast variables (ssh or local provider) it only stops the training. Every action is an
-event. Clock, sleep and the HTTP opener are injectable.
+event. Clock, sleep and the HTTP opener are injectable. After the run the agent exits (the
+controller fetches when it does) and on Vast hands the watch to ``python -m remote.watchdog``
+(:func:`linger`), which ends when the instance is stopped or a new agent starts on the run.
 """
 
 from __future__ import annotations
@@ -127,10 +129,12 @@ class Watchdog:
             self.check_once()
             self._halt.wait(self.interval_s)
 
-    def wait_for_stop(self, *, max_s: float | None = None) -> bool:
+    def wait_for_stop(self, *, max_s: float | None = None,
+                      keep_going: Callable[[], bool] = lambda: True) -> bool:
         """After the run: keep checking (in this thread) until the instance is stopped.
 
-        Only meaningful on Vast; returns False at once without the variables, or after ``max_s``.
+        Only meaningful on Vast; returns False at once without the variables, after ``max_s``,
+        or as soon as ``keep_going()`` turns false.
         """
         if not self.can_stop_instance:
             return False
@@ -138,6 +142,54 @@ class Watchdog:
         while not self.instance_stopped:
             if max_s is not None and self.clock() - begun >= max_s:
                 return False
+            if not keep_going():
+                return False
             if self.check_once() is None:
                 self.sleep(self.interval_s)
         return True
+
+
+def linger(plan: dict[str, Any], *, env: Mapping[str, str],
+           clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+           opener: Callable[..., Any] = urllib.request.urlopen, max_s: float | None = None) -> bool:
+    """Watch a run that has ended until the instance is stopped or a new agent takes over.
+
+    The agent itself exits when its run ends (the controller takes that as the signal to fetch),
+    so on Vast it hands this job to a detached ``python -m remote.watchdog PLAN.json``.
+    """
+    from remote.status import FINISHED_STATES, append_event, read_status
+
+    run_dir = Path(plan["run_dir"])
+    grace = float(plan.get("heartbeat_grace_s") or 900)
+
+    def ended() -> bool:
+        return (read_status(run_dir) or {}).get("state") in (*FINISHED_STATES, "failed")
+
+    dog = Watchdog(run_dir, grace_s=grace, env=env,
+                   event=lambda kind, **data: append_event(run_dir, kind, clock=clock, **data),
+                   is_finished=ended, cap_reached=lambda: False, stop_training=lambda _: None,
+                   clock=clock, sleep=sleep, opener=opener,
+                   interval_s=min(CHECK_INTERVAL_S, max(grace / 3, 0.1)))
+    return dog.wait_for_stop(max_s=max_s, keep_going=ended)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m remote.watchdog PLAN.json``: 0 once the instance is stopped, 1 otherwise."""
+    import sys
+
+    from remote.plan import PlanError, load_plan
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m remote.watchdog PLAN.json", file=sys.stderr)
+        return 2
+    try:
+        plan = load_plan(args[0])
+    except PlanError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0 if linger(plan, env=os.environ) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

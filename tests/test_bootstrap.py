@@ -240,3 +240,12 @@ def test_bootstrap_checks_hf_before_building(tmp_path: Path, hub) -> None:
                   log=lambda _: None, base_model="black-forest-labs/FLUX.1-dev",
                   image_checkouts=())
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_broken_checkout_is_cloned_again(tmp_path: Path) -> None:
+    url, commit = make_fake_aitk(tmp_path)
+    broken = tmp_path / "cache" / "ai-toolkit" / commit
+    (broken / ".git").mkdir(parents=True)  # what a clone killed early leaves
+    result = bootstrap(aitk_spec(url, commit), cache_root=tmp_path / "cache", env=aitk_env(),
+                       log=lambda _: None, image_checkouts=())
+    assert result.steps[0] == "clone" and (broken / "run.py").is_file()

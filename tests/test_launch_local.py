@@ -54,7 +54,7 @@ def test_launch_local_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
     assert result.exit_code == 0, result.output
-    assert str(out) in result.output.replace("\n", "")
+    assert f"bundle: {out}" in result.output.splitlines()
     assert verify_sums(out) >= 3
     names = {name for _, name in parse_sums((out / "SHA256SUMS").read_text())}
     assert "t1.safetensors" in names
@@ -127,3 +127,15 @@ def test_verify_sums_catches_tampering(tmp_path: Path) -> None:
     with pytest.raises(RunError) as info:
         verify_sums(bundle)
     assert "outside the bundle" in str(info.value) and "gone.txt: missing" in str(info.value)
+
+
+@pytest.mark.slow
+def test_readme_demo_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flux-remote launch configs/demo-local.yaml --yes`, run from a fresh folder."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo-local.yaml"
+    monkeypatch.chdir(tmp_path)
+    result = invoke("launch", config, "--yes", "--poll-interval", "0.2")
+    assert result.exit_code == 0, result.output
+    bundle = tmp_path / "runs" / "demo-local"
+    assert f"bundle: {bundle}" in result.output.splitlines()
+    assert verify_sums(bundle) >= 3

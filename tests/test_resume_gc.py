@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import pytest
 
-from controller.errors import RunError
+from controller.errors import RunError, TransportError
 from controller.follow import RunPaths
 from controller.journal import open_journal
 from controller.orchestrator import Options, Orchestrator
@@ -42,6 +42,7 @@ class ScriptedHost:
         self.on_start: Callable[["ScriptedHost", str], None] = lambda host, run_dir: None
         self.on_write: Callable[["ScriptedHost", str], None] = lambda host, path: None
         self.started = 0
+        self.down = False  # the connection fails while set
 
     def run(self, command: str, *, stdin: bytes | None = None, timeout: float | None = None,
             check: bool = True) -> Any:
@@ -49,6 +50,8 @@ class ScriptedHost:
         return None
 
     def read_bytes(self, path: str, offset: int = 0, limit: int | None = None) -> bytes | None:
+        if self.down:
+            raise TransportError("connection refused")
         data = self.files.get(path)
         if data is None:
             prefix = path.rstrip("/") + "/"
@@ -120,6 +123,7 @@ class ScriptedProvider:
         self.price = price
         self.started_ago = started_ago
         self.released: list[bool] = []
+        self.problem: str | None = None
 
     def estimate(self, spec: Any) -> Estimate:
         return Estimate(provider=self.name, price_per_hour=self.price, est_usd=0.1, est_hours=0.1,
@@ -143,6 +147,9 @@ class ScriptedProvider:
         self.released.append(keep_data)
         if not keep_data:
             release_own_machine(journal, run_id)
+
+    def health(self, run_id: str, journal: Any) -> str | None:
+        return self.problem
 
     def reconcile(self, journal: Any) -> list[str]:
         return []
@@ -394,3 +401,46 @@ def test_vast_keep_data_stops_and_gc_keeps_the_stopped_instance(tmp_path: Path, 
     assert journal.get_instance(row)["state"] == "destroyed"
     provider.release("kept", journal)  # idempotent
     assert len(fake_vast.calls("DELETE", "/api/v0/instances/")) == 1
+
+
+def test_a_lost_machine_ends_the_follow_at_once(tmp_path: Path) -> None:
+    from controller.follow import MachineLost
+
+    host = ScriptedHost()
+    provider = ScriptedProvider(host)
+    orch, run_id = _orchestrate(tmp_path, provider)
+    orch.drive(run_id, Options(detach=True))
+    host.down = True
+    notes: list[str] = []
+    orch.reporter.note = notes.append  # type: ignore[method-assign]
+    calls = {"n": 0}
+
+    def problem(run_id: str, journal: Any) -> str | None:
+        calls["n"] += 1
+        return None if calls["n"] < 3 else "instance 7 is 'exited' (outbid)"
+
+    provider.health = problem  # type: ignore[method-assign]
+    with pytest.raises(MachineLost, match="outbid"):
+        orch.drive(run_id, Options(poll_interval=0))
+    assert sum("connection problem" in n for n in notes) == 2  # retried while the API saw no fault
+    run = orch.journal.get_run(run_id)
+    assert run["state"] == "failed" and f"flux-remote fetch {run_id}" in run["error"]
+    assert provider.released == [True]  # kept (stopped), not destroyed
+
+
+def test_vast_health_sees_exited_and_gone_instances(tmp_path: Path, fake_vast: Any,
+                                                    sshd: Any) -> None:
+    journal = open_journal()
+    provider = vast_provider(fake_vast, sshd)
+    journal.create_run(run_id="h", name="h", provider="vast", state="running", spec={},
+                       out_dir=str(tmp_path), budget_usd=1)
+    iid = _labelled_instance(fake_vast, "flux-remote:h")
+    row = journal.instance_intent("h", provider="vast", label="flux-remote:h")
+    journal.instance_created(row, iid)
+    fake_vast.instances[iid]["actual_status"] = "running"
+    assert provider.health("h", journal) is None
+    fake_vast.interrupt(iid, "exited")
+    assert "'exited'" in (provider.health("h", journal) or "")
+    del fake_vast.instances[iid]
+    assert "no longer exists" in (provider.health("h", journal) or "")
+    assert journal.get_instance(row)["state"] == "destroyed"

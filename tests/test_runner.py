@@ -339,26 +339,38 @@ def test_on_vast_the_finished_agent_stops_its_instance_when_the_laptop_is_silent
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         plan = write_plan(tmp_path, tiny_spec(small_dataset, steps=8), small_dataset)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "CONTAINER_ID": "99",
-               "CONTAINER_API_KEY": "instance-key-abc",
+        data = load_plan(plan)
+        data["heartbeat_grace_s"] = 1  # the spec's minimum is 10 s: too slow for a test
+        write_json_atomic(plan, data)
+        env = {"CONTAINER_ID": "99", "CONTAINER_API_KEY": "instance-key-abc",
                "VAST_URL": f"http://127.0.0.1:{server.server_port}"}
-        runner = Runner(load_plan(plan), env=env)
-        assert runner.run() == 0
-        assert runner.watchdog.can_stop_instance and not FakeVastHandler.requests
-        (plan.parent / "heartbeat").touch()
-        os.utime(plan.parent / "heartbeat", (time.time() - 1000, time.time() - 1000))
-        runner.watchdog.started_at = time.time() - 1000  # the agent has been up that long
-        assert runner.watchdog.wait_for_stop(max_s=5) is True
-        runner.log.close()
+        began = time.monotonic()
+        assert run_agent(plan, env) == 0  # the agent exits: the controller fetches on that
+        assert time.monotonic() - began < 30
+        wait_for(lambda: FakeVastHandler.requests, timeout=20, what="the self-stop request")
     finally:
         server.shutdown()
         server.server_close()
     assert FakeVastHandler.requests == [{"path": "/api/v0/instances/99/",
                                          "auth": "Bearer instance-key-abc",
                                          "body": {"state": "stopped"}}]
-    stops = [e for e in read_events(plan.parent) if e["event"] == "watchdog"]
-    assert stops and stops[-1]["action"] == "stop_instance" and stops[-1]["ok"]
+    watchdog = [e for e in read_events(plan.parent) if e["event"] == "watchdog"]
+    assert watchdog[0]["action"] == "hand_over"
+    wait_for(lambda: any(e["event"] == "watchdog" and e["action"] == "stop_instance"
+                         for e in read_events(plan.parent)), timeout=10, what="the event")
     assert "instance-key-abc" not in (plan.parent / "agent.log").read_text()
+
+
+def test_the_watcher_leaves_when_a_new_agent_takes_over(tmp_path: Path) -> None:
+    from remote.watchdog import linger
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_json_atomic(run_dir / "status.json", {"state": "running"})
+    plan = {"run_dir": str(run_dir), "heartbeat_grace_s": 1}
+    env = {"CONTAINER_ID": "1", "CONTAINER_API_KEY": "k" * 10, "VAST_URL": "http://127.0.0.1:9"}
+    assert linger(plan, env=env, sleep=lambda s: None, max_s=5) is False
+    assert not (run_dir / "events.jsonl").exists()
 
 
 def test_stop_before_training_ends_stopped_without_a_bundle(tmp_path: Path,
@@ -394,3 +406,26 @@ def test_secrets_file_parsing_and_mode(tmp_path: Path) -> None:
     assert load_secrets(path) == ({"HF_TOKEN": "hf_abcdefgh"}, [])
     assert load_secrets(None) == ({}, [])
     assert "does not exist" in load_secrets(tmp_path / "none")[1][0]
+
+
+def test_outputs_follow_the_chosen_volume(tmp_path: Path, small_dataset: Path) -> None:
+    volume = tmp_path / "bigdisk"
+    volume.mkdir()
+    plan = write_plan(tmp_path, tiny_spec(small_dataset, steps=8), small_dataset)
+    data = load_plan(plan)
+    data["provider"] = "vast"
+    sizes = {str(volume): 900, str(plan.parent.parent): 50}
+    probes = Probes(run=lambda argv: None, read={
+        "/proc/mounts": f"/dev/nvme1n1 {volume} ext4 rw 0 0\n",
+        "/proc/meminfo": "MemTotal: 16777216 kB\n"}.get,
+        disk_free=lambda p: sizes.get(p, 100) * 1024 ** 3,
+        writable=lambda p: p in sizes, same_device=lambda a, b: False)
+    runner = Runner(data, env={**os.environ, "PYTHONPATH": str(ROOT)}, probes=probes)
+    assert runner.run() == 0, (plan.parent / "agent.log").read_text()[-3000:]
+    runner.log.close()
+    target = volume / "flux-remote-cache" / "outputs" / "r1"
+    assert (plan.parent / "output").resolve() == target
+    assert (target / "demo_lora" / "demo_lora.safetensors").is_file()
+    checks = read_status(plan.parent)["stages"]["checks"]["detail"]
+    assert checks["outputs"] == str(target) and checks["mount_choice"]["origin"] == "mount"
+    assert verify_sha256sums(plan.parent / "publish") == []

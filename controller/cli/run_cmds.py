@@ -349,7 +349,7 @@ def logs(
     Example: flux-remote logs demo-local --tail 50
     """
     from controller.errors import FluxRemoteError
-    from controller.follow import RunPaths, read_int
+    from controller.follow import RunPaths, log_lines, read_int
 
     journal = _journal()
     row = _find_run(journal, run)
@@ -368,24 +368,23 @@ def logs(
             raise RunError(f"no log for {row['run_id']}: its machine is gone and nothing was "
                            "fetched")
         data = local.read_bytes()
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    shown = lines[-tail:] if tail is not None else lines
+    offset = data.rfind(b"\n") + 1  # whole lines only; a half line is shown once it ends
+    lines = log_lines(data[:offset])
+    shown = [] if tail == 0 else lines[-tail:] if tail is not None else lines
     if as_json:
-        emit_json({"ok": True, "run_id": row["run_id"], "lines": shown if tail != 0 else []})
+        emit_json({"ok": True, "run_id": row["run_id"], "lines": shown})
         return
-    for line in (shown if tail != 0 else []):
+    for line in shown:
         typer.echo(line)
     if not follow or host is None or paths is None:
         return
-    offset = len(data) - (len(data) - data.rfind(b"\n") - 1 if b"\n" in data else len(data))
     while True:
         chunk = host.read_bytes(paths.log, offset) or b""
-        cut = chunk.rfind(b"\n")
-        if cut >= 0:
-            for line in chunk[: cut + 1].decode("utf-8", errors="replace").splitlines():
-                typer.echo(line)
-            offset += cut + 1
-        elif read_int(host, paths.rc) is not None:
+        cut = chunk.rfind(b"\n") + 1
+        for line in log_lines(chunk[:cut]):
+            typer.echo(line)
+        offset += cut
+        if not cut and read_int(host, paths.rc) is not None:
             return
         time.sleep(poll_interval)
 

@@ -88,6 +88,12 @@ class Provider(Protocol):
         confirmed. Idempotent: releasing an already released machine does nothing."""
         ...
 
+    def health(self, run_id: str, journal: Journal) -> str | None:
+        """Why the run's machine cannot come back (gone, exited, outbid), or None when the provider
+        sees nothing wrong. Asked only after the connection failed; one cheap call, journals a
+        machine it finds gone. Own hardware always answers None (we cannot tell)."""
+        ...
+
     def reconcile(self, journal: Journal) -> list[str]:
         """Resolve intents without results (a crash in between) by asking the provider.
 

@@ -67,6 +67,9 @@ class LocalProvider:
     def release(self, run_id: str, journal: "Journal", *, keep_data: bool = False) -> None:
         release_own_machine(journal, run_id)
 
+    def health(self, run_id: str, journal: "Journal") -> str | None:
+        return None
+
     def reconcile(self, journal: "Journal") -> list[str]:
         return []
 

@@ -79,6 +79,9 @@ class SshProvider:
     def release(self, run_id: str, journal: "Journal", *, keep_data: bool = False) -> None:
         release_own_machine(journal, run_id)
 
+    def health(self, run_id: str, journal: "Journal") -> str | None:
+        return None
+
     def reconcile(self, journal: "Journal") -> list[str]:
         return []
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 LABEL_PREFIX = "flux-remote:"
 MAX_OFFERS_TRIED = 5
+LOST_STATUSES = ("exited", "offline", "unknown", "stopped")  # never become running by themselves
 SSH_READY_S = 300.0  # after "running": Vast can take a minute more to install the key
 
 
@@ -212,6 +213,22 @@ class VastProvider:
                        instance_row=int(row["id"]),
                        info={"gpu_name": row["gpu_name"], "num_gpus": row["num_gpus"],
                              "offer_id": row["offer_id"], "instance_id": row["instance_id"]})
+
+    def health(self, run_id: str, journal: "Journal") -> str | None:
+        row = journal.current_instance(run_id)
+        if row is None or not row.get("instance_id"):
+            return "the journal has no live instance for it"
+        try:
+            instance = self.client.show_instance(int(row["instance_id"]))
+        except ProviderError:
+            return None  # the API is unsure too: keep retrying the connection
+        if instance is None:
+            journal.instance_destroyed(int(row["id"]))
+            return f"instance {row['instance_id']} no longer exists"
+        status = instance.get("actual_status")
+        if status in LOST_STATUSES:
+            return f"instance {row['instance_id']} is {status!r} ({instance.get('status_msg')})"
+        return None
 
     # ---- letting go ------------------------------------------------------------------------
 

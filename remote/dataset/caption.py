@@ -173,24 +173,73 @@ def length_stats(lengths: Sequence[int]) -> dict[str, float | int | None]:
     }
 
 
-def load_captioner(model_name: str, *, device: str | None = None,
-                   batch_size: int = 8) -> Captioner:
-    """An image-to-text captioner from a Hugging Face model (downloaded on the instance).
+# The default captioner (CaptioningSpec.model). BLIP loads with transformers' own classes in any
+# version from 4.x on, so nothing from the hub is executed. Florence-2, which fluxgym and
+# ai-toolkit's UI use, writes better captions, but microsoft/Florence-2-* runs through
+# trust_remote_code: code downloaded at run time, pinned to old transformers releases and
+# broken by newer ones. Transformers' native "florence2" support (converted checkpoints) works
+# here too: set captioning.model to one; TASK_PROMPTS gives it its captioning task.
+DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
+MAX_CAPTION_TOKENS = 60
+NUM_BEAMS = 3  # beam search: BLIP's greedy captions repeat themselves more
+TASK_PROMPTS = {"florence2": "<MORE_DETAILED_CAPTION>"}  # models that caption only when asked
+# BLIP-large opens many captions with invented words ("arafed", "araffe"): drop them
+_BLIP_ARTIFACTS = re.compile(r"^(?:(?:there (?:is|are) )?(?:an? )?araf+e?d?\b\s*)+",
+                             flags=re.IGNORECASE)
 
-    transformers is imported here only; ``device`` defaults to the first GPU when torch sees one.
+
+def clean_caption(text: str) -> str:
+    """One line, single spaces, without BLIP's known nonsense openers."""
+    text = " ".join(str(text).split())
+    cleaned = _BLIP_ARTIFACTS.sub("", text).strip()
+    return cleaned or text
+
+
+def load_captioner(model_name: str, *, device: str | None = None,
+                   max_new_tokens: int = MAX_CAPTION_TOKENS,
+                   num_beams: int = NUM_BEAMS) -> Captioner:
+    """An image-to-text captioner from a Hugging Face model id or a local folder.
+
+    Uses ``AutoProcessor`` and ``AutoModelForImageTextToText`` (``AutoModelForVision2Seq`` on
+    transformers releases before it), not ``pipeline("image-to-text")``, which transformers 5
+    removed. ``device`` defaults to the first GPU when torch sees one (weights in fp16 there,
+    fp32 on the CPU). The returned function captions one batch of PIL images per call; batching
+    is :func:`caption`'s job. Raises ``ValueError`` without a model name, ``ImportError`` when
+    transformers is missing, ``OSError`` when the model cannot be loaded (not on the hub, no
+    network).
     """
     if not model_name:
-        raise ValueError("caption mode 'model' needs captioning.model (a Hugging Face model id)")
-    import torch
-    from transformers import pipeline
+        raise ValueError("caption mode 'model' needs captioning.model (a Hugging Face model id, "
+                         f"e.g. {DEFAULT_CAPTION_MODEL})")
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"caption mode 'model' needs transformers in this Python ({exc}); "
+                          "install it with `pip install transformers`") from exc
 
     if device is None:
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    pipe = pipeline("image-to-text", model=model_name, device=device)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    model_class = (getattr(transformers, "AutoModelForImageTextToText", None)
+                   or getattr(transformers, "AutoModelForVision2Seq"))
+    processor = transformers.AutoProcessor.from_pretrained(model_name)
+    model = model_class.from_pretrained(model_name).to(device=device, dtype=dtype).eval()
+    decode = getattr(processor, "batch_decode", None)
+    if decode is None:  # a bare image processor (VisionEncoderDecoder repos): decode separately
+        decode = transformers.AutoTokenizer.from_pretrained(model_name).batch_decode
+    prompt = TASK_PROMPTS.get(getattr(model.config, "model_type", ""))
 
     def run(images: list[Any]) -> list[str]:
-        outputs = pipe(images, batch_size=batch_size)
-        return [out[0]["generated_text"] if isinstance(out, list) else out["generated_text"]
-                for out in outputs]
+        kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt"}
+        if prompt is not None:
+            kwargs["text"] = [prompt] * len(images)
+        inputs = {key: (value.to(device=device, dtype=dtype) if value.is_floating_point()
+                        else value.to(device))
+                  for key, value in processor(**kwargs).items()}
+        with torch.inference_mode():
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                 do_sample=False)
+        return [clean_caption(text) for text in decode(ids, skip_special_tokens=True)]
 
     return run

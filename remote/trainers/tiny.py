@@ -12,6 +12,10 @@ parameter transformer; the tiny network needs a larger one to move in a hundred 
 ``min(lr * LR_SCALE, MAX_LR)`` (the bar still shows the config's lr). Gradients are clipped to
 norm 1, as ai-toolkit does by default.
 
+With ``logging.use_wandb`` in the config (``wandb.enabled`` in the spec) it logs loss, lr, s/step
+and the samples to Weights & Biases, and the quality report next to the config as the run's
+summary (:mod:`remote.wandb_log`; a no-op without wandb installed).
+
 Test knobs (environment):
     FLUX_REMOTE_TINY_STEP_DELAY      seconds to sleep per step (make a run last long enough to stop)
     FLUX_REMOTE_TINY_CRASH_AT_STEP   raise a "CUDA out of memory" RuntimeError at that step, once
@@ -38,6 +42,7 @@ from remote.trainers.bar import format_bar, loss_postfix
 from remote.trainers.config import ConfigError, TinyConfig, load_config
 from remote.trainers.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from remote.trainers.model import build_base_model, embed_text, load_dataset, sample_image
+from remote.wandb_log import WandbLogger, logging_section, summarize_files
 
 LR_SCALE, MAX_LR = 30.0, 1e-2
 MAX_SAMPLE_STEPS = 8  # Euler steps when decoding a sample; the config's 20-28 buys nothing here
@@ -68,9 +73,11 @@ class Console:
 
 
 class TinyTrainer:
-    def __init__(self, cfg: TinyConfig, config_text: str, console: Console) -> None:
+    def __init__(self, cfg: TinyConfig, config_text: str, console: Console, *,
+                 config_path: Path | None = None) -> None:
         self.cfg = cfg
         self.config_text = config_text
+        self.config_path = config_path
         self.out = console
         self.out_dir = cfg.output_dir
         self.stop_requested = False
@@ -84,6 +91,7 @@ class TinyTrainer:
         self.step = 0
         self.last_saved = 0  # nothing new to save before the first step
         self.n_images = 0
+        self.wandb = WandbLogger(None)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """Signal handler: only sets a flag, so a save in progress always completes."""
@@ -98,6 +106,26 @@ class TinyTrainer:
             self.out.line(f"{cfg.name} is already trained to step {resume[1]} (steps: {cfg.steps}); "
                           "nothing to do")
             return 0
+        self._start_wandb()
+        code = 1
+        try:
+            code = self._run(resume)
+        finally:
+            self.wandb.finish(exit_code=code)
+        return code
+
+    def _start_wandb(self) -> None:
+        import yaml
+
+        job = yaml.safe_load(self.config_text)
+        process = job["config"]["process"][0]
+        self.wandb = WandbLogger.start(logging_section(job), output_dir=self.out_dir,
+                                       name=self.cfg.name, config=process, warn=self.out.line)
+        if self.config_path is not None:  # the agent writes the gate's report next to the config
+            self.wandb.summary(summarize_files([self.config_path.parent / "quality_report.json"]))
+
+    def _run(self, resume: tuple[Path, int] | None) -> int:
+        cfg = self.cfg
         if self.device.type != self.cfg.device.split(":")[0]:
             self.out.line(f"device {cfg.device} is not available: training on {self.device}")
         self._build()
@@ -175,6 +203,8 @@ class TinyTrainer:
             last = now
             self.out.bar(format_bar(cfg.name, self.step, cfg.steps, now - started, s_per_step,
                                     loss_postfix(cfg.lr, loss.item())))
+            self.wandb.log_step(self.step, loss=loss.item(), lr=cfg.lr, s_per_step=s_per_step,
+                                force=self.step == cfg.steps)
             if self.step < cfg.steps:
                 if cfg.sampling and self.step % cfg.sample_every == 0:
                     self._sample(self.step)
@@ -196,6 +226,7 @@ class TinyTrainer:
         samples = self.out_dir / "samples"
         samples.mkdir(exist_ok=True)
         self.model.eval()
+        written: list[tuple[Path, str]] = []
         for i, prompt in enumerate(cfg.prompts):
             seed = cfg.seed + i if cfg.walk_seed else cfg.seed
             image = sample_image(self.model, prompt, cfg.resolution,
@@ -204,7 +235,9 @@ class TinyTrainer:
             tmp = path.with_name(f".{path.name}.tmp")
             image.save(tmp, format="JPEG", quality=95)
             os.replace(tmp, path)
+            written.append((path, prompt))
         self.model.train()
+        self.wandb.log_samples(step, written)
 
     def _metadata(self, step: int) -> dict[str, str]:
         cfg = self.cfg
@@ -248,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(sys.stdout)
     try:
         cfg = load_config(args[0])
-        trainer = TinyTrainer(cfg, Path(args[0]).read_text(encoding="utf-8"), console)
+        trainer = TinyTrainer(cfg, Path(args[0]).read_text(encoding="utf-8"), console,
+                              config_path=Path(args[0]))
     except ConfigError as exc:
         console.line(f"Error running job: {exc}")
         return 2

@@ -1,0 +1,130 @@
+"""``captioning.mode: model`` with a real transformers model: a tiny random BLIP built here.
+
+No download: the model and its processor are made from configs and a ten-word vocabulary, saved
+with ``save_pretrained`` into a temp folder and loaded back by :func:`load_captioner` exactly as a
+hub id would be (``HF_HUB_OFFLINE=1`` is set for every test). The language-model head is biased
+towards one word so that the random network writes a known, non-empty caption.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from remote.dataset.caption import caption, clean_caption, load_captioner
+from remote.dataset.ingest import ingest
+from tests.fixtures_data import TRIGGER
+
+pytest.importorskip("transformers")
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "photo", "of"]
+
+
+def build_tiny_blip(folder: Path) -> Path:
+    """A 1-layer BLIP captioner whose output is "red red red ..."."""
+    import torch
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
+                              BlipImageProcessor, BlipProcessor)
+
+    vocab_dir = folder / "vocab"
+    vocab_dir.mkdir(parents=True)
+    (vocab_dir / "vocab.txt").write_text("\n".join(WORDS) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer.from_pretrained(str(vocab_dir))
+    torch.manual_seed(0)
+    small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 32}
+    config = BlipConfig(
+        text_config={**small, "vocab_size": len(WORDS), "max_position_embeddings": 64,
+                     "encoder_hidden_size": 16, "bos_token_id": tokenizer.cls_token_id,
+                     "sep_token_id": tokenizer.sep_token_id,
+                     "eos_token_id": tokenizer.sep_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={**small, "image_size": 32, "patch_size": 8, "projection_dim": 16},
+        projection_dim=16)
+    model = BlipForConditionalGeneration(config)
+    head = model.text_decoder.cls.predictions
+    with torch.no_grad():  # a zero hidden state leaves the bias: the next word is always "red"
+        head.transform.LayerNorm.weight.zero_()
+        head.transform.LayerNorm.bias.zero_()
+        bias = torch.full((len(WORDS),), -10.0)
+        bias[WORDS.index("red")] = 10.0
+        head.bias.copy_(bias)
+    out = folder / "tiny-blip"
+    model.save_pretrained(out)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_blip(tmp_path_factory.mktemp("captioner"))
+
+
+def test_tiny_model_writes_a_caption(tiny_blip: Path) -> None:
+    from PIL import Image
+
+    captioner = load_captioner(str(tiny_blip), device="cpu", max_new_tokens=6)
+    texts = captioner([Image.new("RGB", (40, 52), "red"), Image.new("RGB", (64, 64), "blue")])
+    assert len(texts) == 2
+    for text in texts:
+        words = text.split()
+        assert words and set(words) == {"red"}, text
+
+
+def test_model_mode_fills_missing_captions_and_keeps_the_rest(small_dataset: Path,
+                                                              tmp_path: Path,
+                                                              tiny_blip: Path) -> None:
+    originals = {p.stem: p.read_bytes() for p in small_dataset.glob("*.txt")}
+    calls: list[int] = []
+    inner = load_captioner(str(tiny_blip), device="cpu", max_new_tokens=4)
+
+    def counting(images: list) -> list[str]:
+        calls.append(len(images))
+        return inner(images)
+
+    result = ingest(small_dataset, tmp_path / "work", workers=1)
+    report = caption(result, mode="model", template="unused", trigger=TRIGGER, caption_ext="txt",
+                     model=str(tiny_blip), captioner=counting, batch_size=5)
+    assert calls == [5, 3]
+    assert (report.generated, report.kept, report.templated, report.missing) == (8, 4, 0, 0)
+    assert report.trigger_inserted == 8
+    for record in result.images:
+        text = record.caption_path.read_text(encoding="utf-8")
+        stem = record.path.stem
+        if stem in originals:
+            assert record.caption_path.read_bytes() == originals[stem]
+        else:
+            assert text.startswith(f"{TRIGGER}, red"), text
+    assert sorted(p.name for p in small_dataset.glob("*.txt")) == sorted(
+        f"{stem}.txt" for stem in originals)  # the user's folder is never written
+
+
+def test_caption_loads_the_model_itself_when_none_is_injected(small_dataset: Path,
+                                                              tmp_path: Path,
+                                                              tiny_blip: Path) -> None:
+    result = ingest(small_dataset, tmp_path / "work", workers=1)
+    report = caption(result, mode="model", template="unused", trigger=None, caption_ext="txt",
+                     model=str(tiny_blip), batch_size=16)
+    assert report.generated == 8 and report.trigger_inserted == 0
+    filled = [r for r in result.images if r.path.stem not in {"img_00", "img_01", "img_02",
+                                                              "img_03"}]
+    assert all(r.caption_path.read_text(encoding="utf-8").startswith("red") for r in filled)
+
+
+def test_missing_model_name_and_missing_model_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="captioning.model"):
+        load_captioner("")
+    with pytest.raises(OSError):
+        load_captioner(str(tmp_path / "no-such-model"), device="cpu")
+
+
+@pytest.mark.parametrize("raw, cleaned", [
+    ("arafed woman in a red hat", "woman in a red hat"),
+    ("there is a araffe man  standing\n", "man standing"),
+    ("a dog on the grass", "a dog on the grass"),
+    ("arafed", "arafed"),
+])
+def test_clean_caption_drops_blip_artifacts(raw: str, cleaned: str) -> None:
+    assert clean_caption(raw) == cleaned

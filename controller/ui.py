@@ -168,11 +168,11 @@ def render_summary(console: Console, outcome: "Outcome") -> None:
 def runs_table(runs: list[dict[str, Any]], *, now: float) -> Table:
     """``ls``: one row per run: state, provider, GPU, spend, age."""
     table = Table(title="runs", title_justify="left")
-    table.add_column("run", no_wrap=True)
+    table.add_column("run", overflow="fold", min_width=12)  # long ids fold; the rest stays whole
     for name, justify in (("state", "left"), ("provider", "left"),
                           ("GPU", "left"), ("instance", "left"), ("spend", "right"),
                           ("budget", "right"), ("age", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for run in runs:
         table.add_row(run["run_id"], run["state"], run["provider"], run.get("gpu_name") or "-",
                       run.get("instance_state") or "none", money(run.get("spend_usd")),
@@ -202,10 +202,10 @@ def run_detail(run: dict[str, Any], *, now: float) -> Panel:
 def cost_table(rows: list[dict[str, Any]]) -> Table:
     """``cost``: estimated vs metered spend per run, and the total."""
     table = Table(title="cost", title_justify="left")
-    table.add_column("run", no_wrap=True)
+    table.add_column("run", overflow="fold", min_width=12)
     for name, justify in (("state", "left"), ("estimated", "right"),
                           ("metered", "right"), ("budget", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
         table.add_row(row["run_id"], row["state"], money(row.get("est_usd")),
                       money(row.get("spend_usd")), money(row.get("budget_usd")))

@@ -24,6 +24,7 @@ pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "flux-lora-vastai.ipynb"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 CONTROLS = ("PROVIDER", "ALLOW_NSFW", "RESUME_FROM_CHECKPOINT", "VAST_AUTO_MOUNT_PATHS",
             "QUALITY_GATE", "WANDB", "COST_GUARD", "PUBLISH_HF_REPO", "PUBLISH_HF_PRIVATE",
             "TRAINER_COMMAND", "DATASET", "TRIGGER_WORD", "STEPS", "OUT_DIR")
@@ -90,7 +91,7 @@ def text_of(notebook: Any, cell_id: str) -> str:
             parts.append(out.text)
         elif "data" in out:
             parts.append(out.data.get("text/plain", ""))
-    return "\n".join(parts)
+    return ANSI.sub("", "\n".join(parts))
 
 
 def test_notebook_runs_top_to_bottom_with_the_local_provider(

@@ -17,33 +17,10 @@ if TYPE_CHECKING:
 
 
 def load_run_spec(path: Path) -> "RunSpec":
-    """The validated spec: ``controller.spec_loader.load_spec`` when it exists, else a plain
-    YAML + pydantic load (same result for a valid file, less precise error locations)."""
-    try:
-        from controller.spec_loader import load_spec
-    except ImportError:
-        return _load_spec_plain(path)
+    """The validated spec, with located errors (``controller.spec_loader.load_spec``)."""
+    from controller.spec_loader import load_spec
+
     return load_spec(path)
-
-
-def _load_spec_plain(path: Path) -> "RunSpec":
-    import yaml
-    from pydantic import ValidationError
-
-    from controller.spec import RunSpec
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
-    try:
-        return RunSpec.model_validate(data)
-    except ValidationError as exc:
-        problems = [f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                    for err in exc.errors()]
-        raise SpecError(problems) from exc
 
 
 def load_offers_file(path: Path) -> list[dict[str, Any]]:

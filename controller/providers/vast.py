@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from controller.errors import (BudgetError, OfferGoneError, ProviderError, RunError,
-                               TransportError)
+from controller.errors import (BudgetError, HostKeyError, OfferGoneError, ProviderError,
+                               RunError, TransportError)
+from controller.hosts.known_hosts import forget_host_key
 from controller.journal import (INSTANCE_CREATING, INSTANCE_DESTROYING, INSTANCE_LIVE,
                                 INSTANCE_STOPPED)
 from controller.providers.base import Estimate, Machine, Notify
@@ -29,6 +30,11 @@ LABEL_PREFIX = "flux-remote:"
 MAX_OFFERS_TRIED = 5
 LOST_STATUSES = ("exited", "offline", "unknown", "stopped")  # never become running by themselves
 SSH_READY_S = 300.0  # after "running": Vast can take a minute more to install the key
+SSH_RECONNECT_S = 20.0  # one readiness probe's reconnect window (the wait loop retries it)
+# Pytorch images may lack rsync (ship and fetch need it on both ends): install it at boot.
+ONSTART = ("command -v rsync >/dev/null 2>&1 || (apt-get update -qq && "
+           "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync openssh-client) "
+           ">/var/log/flux-remote-onstart.log 2>&1")
 
 
 def _bandwidth_prices(offer: dict[str, Any] | None) -> dict[str, float]:
@@ -75,9 +81,12 @@ class VastProvider:
     # ---- planning --------------------------------------------------------------------------
 
     def estimate(self, spec: "RunSpec") -> Estimate:
-        from controller.planner import plan_offers, search_query
+        from controller.planner import mark_interruptible, plan_offers, search_query
 
         offers = self.client.search_offers(search_query(spec))
+        if spec.gpu.interruptible:
+            offers += mark_interruptible(
+                self.client.search_offers(search_query(spec, interruptible=True)))
         plan = plan_offers(spec, offers, measured_s_per_step=self.measured_s_per_step)
         chosen = plan.chosen
         if chosen is None:
@@ -92,10 +101,9 @@ class VastProvider:
                         gpu_name=chosen.gpu_name, plan=plan)
 
     def _candidates(self, spec: "RunSpec", estimate: Estimate) -> list[Any]:
+        """The offers the planner ranked as fitting (safety margin and max_hours included)."""
         offers = list(getattr(estimate.plan, "offers", None) or [])
-        fitting = [o for o in offers if getattr(o, "fits", True)
-                   and (o.est_usd is None or o.est_usd <= spec.budget.max_usd)]
-        return fitting[: self.max_offers]
+        return [o for o in offers if o.fits][: self.max_offers]
 
     # ---- renting ---------------------------------------------------------------------------
 
@@ -111,21 +119,33 @@ class VastProvider:
         text = pub.read_text(encoding="utf-8").strip() if pub.exists() else ""
         return self.key_path, text or ensure_keypair(state_dir())[1]
 
-    def _host(self, address: str, port: int) -> "Host":
-        from controller.hosts.ssh import SshHost, SshTarget
+    def _known_hosts(self) -> Path:
         from controller.state import known_hosts_path
 
+        return self.known_hosts_path or known_hosts_path()
+
+    def _host(self, address: str, port: int, *,
+              reconnect_window_s: float | None = None) -> "Host":
+        from controller.hosts.ssh import SshHost, SshTarget
+
         key_path, _ = self._keys()
-        return SshHost(SshTarget(host=address, port=int(port), user=self.ssh_user,
-                                 key_path=Path(key_path),
-                                 known_hosts_path=self.known_hosts_path or known_hosts_path()))
+        target = SshTarget(host=address, port=int(port), user=self.ssh_user,
+                           key_path=Path(key_path), known_hosts_path=self._known_hosts())
+        if reconnect_window_s is None:
+            return SshHost(target)
+        return SshHost(target, reconnect_window_s=reconnect_window_s)
 
     def _wait_ssh(self, host: "Host", instance_id: str) -> None:
+        """Until a command runs. A changed host key is not retried: it aborts (HostKeyError)."""
+        from controller.errors import HostKeyError
+
         deadline = self.monotonic() + self.ssh_ready_s
         while True:
             try:
                 host.run("true", timeout=30)
                 return
+            except HostKeyError:
+                raise
             except TransportError as exc:
                 if self.monotonic() >= deadline:
                     raise ProviderError(
@@ -148,10 +168,13 @@ class VastProvider:
             row = journal.instance_intent(run_id, provider=self.name, label=label,
                                           offer_id=offer.offer_id, gpu_name=offer.gpu_name,
                                           num_gpus=offer.num_gpus, dph_total=offer.dph_total)
+            known = [int(r["instance_id"]) for r in journal.instances(run_id)
+                     if r.get("instance_id") and str(r["instance_id"]).isdigit()]
             try:
                 instance_id = self.client.create_instance(
                     int(offer.offer_id), image=spec.gpu.image, disk_gb=spec.gpu.disk_gb,
-                    label=label, price=offer.dph_total if spec.gpu.interruptible else None)
+                    label=label, onstart=ONSTART, known_ids=known,
+                    price=offer.breakdown.get("bid_price") if offer.interruptible else None)
             except OfferGoneError:
                 journal.instance_failed(row, "offer gone")
                 notify("", f"offer {offer.offer_id} is gone; trying the next one")
@@ -166,12 +189,18 @@ class VastProvider:
             notify("booting", f"instance {instance_id} created; waiting until it runs")
             try:
                 instance = wait_until_running(self.client, int(instance_id),
-                                              deadlines=self.deadlines, sleep=self.sleep)
+                                              deadlines=self.deadlines, clock=self.monotonic,
+                                              sleep=self.sleep)
                 self.client.attach_ssh_key(int(instance_id), public_key)
                 address, port = ssh_endpoint(instance)
                 journal.update_instance(row, ssh_host=address, ssh_port=int(port))
-                host = self._host(address, port)
+                # A new instance on an address Vast handed out before: its key is new too.
+                forget_host_key(self._known_hosts(), address, int(port))
+                host = self._host(address, port, reconnect_window_s=SSH_RECONNECT_S)
                 self._wait_ssh(host, str(instance_id))
+            except HostKeyError:
+                self._destroy_row(journal, row)
+                raise
             except (ProviderError, TransportError) as exc:
                 notify("", f"instance {instance_id} did not become ready ({exc}); destroying it")
                 self._destroy_row(journal, row)
@@ -190,7 +219,7 @@ class VastProvider:
                             hint="run `flux-remote plan` again later; offers change by the minute")
 
     def reattach(self, run_id: str, spec: "RunSpec", journal: "Journal") -> Machine:
-        from controller.vast.readiness import ssh_endpoint
+        from controller.vast.readiness import ssh_endpoint, wait_until_running
 
         row = journal.current_instance(run_id)
         if row is None or not row.get("instance_id"):
@@ -199,12 +228,21 @@ class VastProvider:
         if instance is None:
             journal.instance_destroyed(int(row["id"]))  # a fact now, whoever destroyed it
             raise ProviderError(f"instance {row['instance_id']} of run {run_id} no longer exists")
+        if instance.get("actual_status") == "stopped" or \
+                row["state"] == INSTANCE_STOPPED:
+            # Kept for a later fetch (or stopped by the agent's watchdog): start it again.
+            journal.add_event(run_id, "start_intent", {"instance_id": row["instance_id"]})
+            self.client.start_instance(int(row["instance_id"]))
+            instance = wait_until_running(self.client, int(row["instance_id"]),
+                                          deadlines=self.deadlines, clock=self.monotonic,
+                                          sleep=self.sleep)
+            journal.update_instance(int(row["id"]), state=INSTANCE_LIVE)
         if instance.get("actual_status") != "running":
             raise ProviderError(f"instance {row['instance_id']} is "
                                 f"{instance.get('actual_status')!r}, not running")
         address, port = ssh_endpoint(instance)
         journal.update_instance(int(row["id"]), ssh_host=address, ssh_port=int(port))
-        host = self._host(address, port)
+        host = self._host(address, port, reconnect_window_s=SSH_RECONNECT_S)
         self._wait_ssh(host, str(row["instance_id"]))
         return Machine(host=host, root=spec.provider.remote_root,
                        python=spec.provider.remote_python,

@@ -204,6 +204,11 @@ class VastClient:
         self._call("other", "PUT", f"/api/v0/instances/{int(instance_id)}/",
                    json_body={"state": "stopped"}, what=f"stop instance {instance_id}")
 
+    def start_instance(self, instance_id: int) -> None:
+        """Start a stopped instance again: ``PUT .../instances/{id}/ {"state":"running"}``."""
+        self._call("other", "PUT", f"/api/v0/instances/{int(instance_id)}/",
+                   json_body={"state": "running"}, what=f"start instance {instance_id}")
+
     def destroy_instance(self, instance_id: int) -> None:
         """Destroy and confirm by reading back ``{"instances": null}``. Already gone = success.
 

@@ -96,6 +96,20 @@ def bundle_of_run(out_dir: Path, run_id: str) -> int:
     return count
 
 
+def remote_exists(host: "Host", path: str) -> bool:
+    """Whether ``path`` (a file or a directory) exists on the host.
+
+    ``read_bytes`` answers None for a directory as for a missing file, so a None is asked again
+    with ``test -e`` (a checkpoint may be a directory).
+    """
+    import shlex
+
+    if host.read_bytes(path, 0, 1) is not None:
+        return True
+    result = host.run(f"test -e {shlex.quote(path)}", check=False, timeout=60)
+    return bool(result is not None and result.ok)
+
+
 def has_bundle(host: "Host", paths: RunPaths) -> bool:
     return host.read_bytes(posixpath.join(paths.publish, SUMS_NAME), 0, 1) is not None
 
@@ -123,7 +137,7 @@ def fetch_extras(host: "Host", paths: RunPaths, out_dir: Path, *,
         wanted.append((checkpoint, out_dir / "checkpoints"))
     for remote, local_dir in wanted:
         try:
-            if host.read_bytes(remote, 0, 1) is None:
+            if not remote_exists(host, remote):
                 continue
             host.download(remote, local_dir / posixpath.basename(remote))
         except TransportError:

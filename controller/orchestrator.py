@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from controller import runs as R
-from controller.errors import FluxRemoteError, ProviderError, RunError, TransportError
+from controller.errors import (FluxRemoteError, HostKeyError, ProviderError, RunError,
+                               TransportError)
 from controller.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_receipt,
                               fetch_bundle, fetch_extras, has_bundle)
 from controller.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
@@ -211,6 +212,8 @@ class Orchestrator:
         """A machine from a previous attempt: use it if it answers, else destroy it."""
         try:
             return self.provider.reattach(run_id, spec, self.journal)
+        except HostKeyError:
+            raise  # possibly someone in between: abort, rent nothing new
         except (ProviderError, TransportError) as exc:
             self.reporter.note(f"the earlier machine is not usable ({exc}); releasing it")
             self.provider.release(run_id, self.journal)
@@ -369,10 +372,34 @@ class Orchestrator:
         if fetched is not None and agent_state in ("done", "stopped"):
             final = R.DONE if agent_state == "done" else R.STOPPED
             self._set(run_id, final, bundle_path=str(out_dir), ended_at=self.clock())
+            self._publish_to_hub(run_id, out_dir)
         else:
             self._set(run_id, R.FAILED, error=self._agent_error(host, paths, status),
                       ended_at=self.clock())
         return self._outcome(self._run(run_id), receipt=receipt, extras=extras)
+
+    def _publish_to_hub(self, run_id: str, out_dir: Path) -> None:
+        """Upload the verified bundle from this machine when ``publish.hf_repo`` is set.
+
+        After the destroy on purpose: the instance bills nothing while the upload runs, and
+        a failed upload loses nothing (the bundle is home; ``flux-remote publish`` retries).
+        """
+        spec = spec_of(self._run(run_id))
+        if not spec.publish.hf_repo:
+            return
+        from controller.hf_publish import publish_bundle
+
+        self.reporter.note(f"publishing to the Hugging Face Hub: {spec.publish.hf_repo}")
+        try:
+            url = publish_bundle(out_dir, spec.publish.hf_repo, private=spec.publish.hf_private,
+                                 token=self.env.get("HF_TOKEN"))
+        except FluxRemoteError as exc:
+            self.journal.add_event(run_id, "publish_failed", {"error": str(exc)})
+            self.reporter.note(f"publishing failed (the bundle is safe in {out_dir}): {exc}\n"
+                               f"  retry: flux-remote publish {out_dir}")
+            return
+        self.journal.add_event(run_id, "published", {"url": url})
+        self.reporter.note(f"published: {url}")
 
     @staticmethod
     def _agent_error(host: Any, paths: RunPaths, status: dict[str, Any]) -> str:

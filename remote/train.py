@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,19 @@ from remote.progress import NON_RETRYABLE_CAUSES, LogEvent, LogWatcher, Progress
 TAIL_LINES = 50
 _TAIL_BYTES = 256 * 1024
 STOP_POLICIES = ("after_next_save", "sigterm")
+
+
+# Keys the trainer never needs: the per-instance Vast key (the agent's watchdog uses it) and the
+# account key, should it ever be in the agent's environment. A trainer that prints its
+# environment, or a third-party library that uploads it, must not see them.
+TRAINER_HIDDEN_ENV = ("CONTAINER_API_KEY", "VAST_API_KEY")
+
+
+def trainer_env(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """The trainer's environment: ``extra`` over ``base``, without the Vast keys."""
+    env = {k: v for k, v in {**base, **extra}.items() if k not in TRAINER_HIDDEN_ENV}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
 
 
 @dataclass
@@ -220,8 +233,7 @@ class _Supervisor:
 
     def attempt(self) -> _Attempt:
         ctx = self.ctx
-        env = {**os.environ, **ctx.env}
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        env = trainer_env(os.environ, ctx.env)
         try:
             proc = subprocess.Popen(ctx.command, cwd=ctx.cwd, env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

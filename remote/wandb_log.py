@@ -200,26 +200,32 @@ def summarize_files(paths: Sequence[Path]) -> dict[str, Any]:
     return summary
 
 
-def add_summary(output_dir: Path, files: Sequence[Path], *, warn: Warn = _stderr) -> bool:
-    """Reopen the run remembered in ``output_dir`` and add the files' summaries to it.
+def add_summary(output_dir: Path, files: Sequence[Path], *, warn: Warn = _stderr,
+                env: Mapping[str, str] | None = None) -> bool:
+    """Reopen the training's W&B run and add the files' summaries to it.
 
-    For the agent after packing (the receipt exists only then); run with the trainer's Python,
-    which has wandb. Returns whether anything was written.
+    The run is ``WANDB_RUN_ID`` when set (the id ai-toolkit was started with), else the one
+    remembered in ``output_dir``. For the agent after packing (the receipt exists only then),
+    run with the trainer's Python, which has wandb. Returns whether anything was written.
     """
+    env = os.environ if env is None else env
     known = _read_run_file(output_dir)
+    run_id = env.get("WANDB_RUN_ID") or known.get("id")
     summary = summarize_files(files)
-    if not known.get("id") or not summary:
+    if not run_id or not summary:
         return False
     wandb = _import_wandb(warn)
     if wandb is None:
         return False
     logger = WandbLogger(None, warn=warn)
     try:
-        logger.run = wandb.init(project=known.get("project") or DEFAULT_PROJECT, id=known["id"],
-                                resume="allow", dir=os.environ.get("WANDB_DIR") or str(output_dir),
+        output_dir.mkdir(parents=True, exist_ok=True)
+        logger.run = wandb.init(project=known.get("project") or env.get("WANDB_PROJECT")
+                                or DEFAULT_PROJECT, id=run_id, resume="allow",
+                                dir=None if env.get("WANDB_DIR") else str(output_dir),
                                 settings=wandb.Settings(console="off"))
     except Exception as exc:  # as in WandbLogger.start: W&B trouble is reported, never fatal
-        warn(f"wandb: could not reopen run {known['id']} ({exc})")
+        warn(f"wandb: could not reopen run {run_id} ({exc})")
         return False
     logger.summary(summary)
     written = logger.active
@@ -228,7 +234,8 @@ def add_summary(output_dir: Path, files: Sequence[Path], *, warn: Warn = _stderr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m remote.wandb_log summary OUTPUT_DIR FILE.json...``"""
+    """``python -m remote.wandb_log summary OUTPUT_DIR FILE.json...`` (always exits 0 on W&B
+    trouble: a summary is never worth failing a finished run)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 3 or args[0] != "summary":
         print("usage: python -m remote.wandb_log summary OUTPUT_DIR FILE.json...", file=sys.stderr)

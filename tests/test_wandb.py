@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from remote.aitk_config import build_aitk_config
-from remote.wandb_log import (RUN_FILE, WandbLogger, add_summary, logging_section,
+from remote.wandb_log import (RUN_FILE, WandbLogger, add_summary, logging_section, main,
                               quality_summary, receipt_summary)
 from tests.test_tiny_trainer import write_job
 
@@ -210,6 +210,23 @@ def test_receipt_summary_is_added_to_the_finished_run(tmp_path: Path,
     assert summary["receipt/spend_usd"] == 0.0123 and summary["receipt/gpu"] == "none (CPU)"
     assert summary["quality/passed"] is True
     assert not add_summary(tmp_path / "nowhere", [receipt])
+
+
+def test_summary_command_reopens_the_run_named_by_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ai-toolkit's case: no run file, the agent started the trainer with WANDB_RUN_ID."""
+    monkeypatch.setenv("WANDB_RUN_ID", "aitk-run-1")
+    monkeypatch.setenv("WANDB_PROJECT", "loras")
+    receipt = tmp_path / "receipt.json"
+    receipt.write_text(json.dumps({"state": "stopped", "spend_usd": 1.25,
+                                   "hardware": {"gpu": "RTX 4090"}}), encoding="utf-8")
+    assert main(["summary", str(tmp_path / "out"), str(receipt)]) == 0
+    [record_log] = offline_runs(tmp_path / "out")
+    data = read_run(record_log)
+    assert data["run"]["id"] == "aitk-run-1" and data["run"]["project"] == "loras"
+    assert data["summary"]["receipt/state"] == "stopped"
+    assert data["summary"]["receipt/spend_usd"] == 1.25
+    assert main(["summary", str(tmp_path / "out")]) == 2
 
 
 def test_logging_section_reads_what_the_config_generator_writes(tmp_path: Path) -> None:

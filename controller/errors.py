@@ -50,32 +50,36 @@ class SpecError(FluxRemoteError):
 
 
 class BudgetError(FluxRemoteError):
+    """The estimate (or the batch ledger) does not fit the budget: nothing was rented."""
+
     exit_code = EXIT_BUDGET
 
 
 class ProviderError(FluxRemoteError):
-    pass
+    """The provider refused or failed: an API error, or an instance that never became ready."""
 
 
 class CredentialsError(ProviderError):
+    """No key, or a key the provider rejects; the message says how to set one."""
+
     exit_code = EXIT_BAD_INPUT
 
 
 class OfferGoneError(ProviderError):
-    pass
+    """The offer was rented by someone else between search and create: try the next."""
 
 
 class QuotaError(ProviderError):
-    pass
+    """A quota that must not be retried (Vast's daily ``search_quota_exceeded``)."""
 
 
 class TransportError(FluxRemoteError):
-    pass
+    """SSH or rsync failed: unreachable host, dropped connection, failed transfer."""
 
 
 class HostKeyError(TransportError):
-    pass
+    """The host key differs from the pinned one: refused, nothing is sent."""
 
 
 class RunError(FluxRemoteError):
-    pass
+    """A run failed: an agent stage failed, or the fetched bundle did not verify."""

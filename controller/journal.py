@@ -17,6 +17,8 @@ database and an old one reach the same schema.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import statistics
 import threading
@@ -123,7 +125,44 @@ def _m002_follow_state(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE instances ADD COLUMN ssh_port INTEGER")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_follow_state]
+def _m003_batches(db: sqlite3.Connection) -> None:
+    """Batches (``controller.batch``): one row per batch, one per run slot it expands to."""
+    db.execute(
+        """CREATE TABLE batches (
+            batch_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            spec_path TEXT,
+            out_dir TEXT NOT NULL,
+            max_usd REAL NOT NULL,
+            max_parallel INTEGER NOT NULL,
+            retries INTEGER NOT NULL,
+            margin REAL NOT NULL,
+            varied_json TEXT NOT NULL DEFAULT '[]',
+            state TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            ended_at REAL
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE batch_runs (
+            batch_id TEXT NOT NULL REFERENCES batches(batch_id),
+            idx INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            label TEXT,
+            params_json TEXT NOT NULL DEFAULT '{}',
+            spec_json TEXT NOT NULL,
+            state TEXT NOT NULL,
+            run_id TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            note TEXT,
+            PRIMARY KEY (batch_id, idx)
+        )"""
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_follow_state,
+                                                          _m003_batches]
 
 RUN_FIELDS = {
     "state", "error", "ended_at", "est_usd", "log_offset", "remote_run_dir", "step", "total",
@@ -133,6 +172,27 @@ INSTANCE_FIELDS = {
     "instance_id", "state", "billing_started_at", "destroyed_at", "detail", "ssh_host", "ssh_port",
     "dph_total", "gpu_name",
 }
+
+
+FAULT_ENV = "FLUX_REMOTE_FAULT"
+_fault_seen: dict[str, int] = {}
+
+
+def fault_point(point: str) -> None:
+    """Test-only knob: ``FLUX_REMOTE_FAULT=after:<point>[@N]`` SIGKILLs this process right after
+    the journal committed the N-th (default first) event ``<point>`` (an event kind such as
+    ``rent_intent``, ``rent_result``, ``transfer``, ``destroy_intent``, or ``state=<run state>``).
+    The fault tests (``tests/test_faults_controller.py``) use it to kill the controller at each
+    state transition; unset, it costs one dictionary lookup."""
+    wanted = os.environ.get(FAULT_ENV, "")
+    if not wanted.startswith("after:"):
+        return
+    name, _, nth = wanted[len("after:"):].partition("@")
+    if name != point:
+        return
+    _fault_seen[point] = _fault_seen.get(point, 0) + 1
+    if _fault_seen[point] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def journal_path() -> Path:
@@ -154,6 +214,7 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.clock = clock
         self._lock = threading.RLock()
+        self._written: list[str] = []  # event points of the open transaction (fault_point)
         self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0,
                                    check_same_thread=False)
         self._db.row_factory = sqlite3.Row
@@ -171,8 +232,12 @@ class Journal:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._written = []
                 raise
             self._db.execute("COMMIT")
+            written, self._written = self._written, []
+        for point in written:
+            fault_point(point)
 
     def _query(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
         with self._lock:
@@ -337,6 +402,7 @@ class Journal:
                detail: dict[str, Any] | None) -> None:
         db.execute("INSERT INTO events (run_id, at, kind, detail) VALUES (?, ?, ?, ?)",
                    (run_id, self.clock(), kind, json.dumps(detail or {}, default=str)))
+        self._written.append(f"state={(detail or {}).get('state')}" if kind == "state" else kind)
 
     def add_event(self, run_id: str | None, kind: str, detail: dict[str, Any] | None = None) -> None:
         with self._tx() as db:
@@ -376,3 +442,71 @@ class Journal:
         for row in self._query("SELECT gpu_name, s_per_step FROM gpu_speeds"):
             speeds.setdefault(row["gpu_name"], []).append(row["s_per_step"])
         return {gpu: statistics.median(values) for gpu, values in speeds.items()}
+
+    # ---- batches (controller.batch) --------------------------------------------------------
+
+    def create_batch(self, *, batch_id: str, name: str, spec_path: str | None, out_dir: str,
+                     max_usd: float, max_parallel: int, retries: int, margin: float,
+                     varied: list[str], items: list[dict[str, Any]]) -> None:
+        """A batch and its run slots (``items``: idx, name, label, params, spec), all pending."""
+        now = self.clock()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO batches (batch_id, name, spec_path, out_dir, max_usd, max_parallel,"
+                " retries, margin, varied_json, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+                (batch_id, name, spec_path, out_dir, max_usd, max_parallel, retries, margin,
+                 json.dumps(varied), now, now))
+            for item in items:
+                db.execute(
+                    "INSERT INTO batch_runs (batch_id, idx, name, label, params_json, spec_json,"
+                    " state) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+                    (batch_id, item["idx"], item["name"], item.get("label"),
+                     json.dumps(item.get("params") or {}, default=str), json.dumps(item["spec"])))
+            self._event(db, None, "batch_created", {"batch_id": batch_id, "runs": len(items),
+                                                    "max_usd": max_usd})
+
+    def get_batch(self, batch_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM batches WHERE batch_id = ?", (batch_id,))
+        return rows[0] if rows else None
+
+    def find_batches(self, prefix: str) -> list[dict[str, Any]]:
+        """Batches whose id equals or starts with ``prefix``."""
+        exact = self.get_batch(prefix)
+        if exact:
+            return [exact]
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return self._query("SELECT * FROM batches WHERE batch_id LIKE ? ESCAPE '\\' "
+                           "ORDER BY created_at", (pattern,))
+
+    def list_batches(self) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM batches ORDER BY created_at, batch_id")
+
+    def update_batch(self, batch_id: str, **fields: Any) -> None:
+        unknown = set(fields) - {"state", "ended_at"}
+        if unknown:
+            raise ValueError(f"unknown batch fields: {sorted(unknown)}")
+        with self._tx() as db:
+            cols = ", ".join(f"{key} = ?" for key in fields)
+            db.execute(f"UPDATE batches SET {cols}, updated_at = ? WHERE batch_id = ?",
+                       (*fields.values(), self.clock(), batch_id))
+
+    def batch_runs(self, batch_id: str) -> list[dict[str, Any]]:
+        """The batch's run slots in order (``params_json``/``spec_json`` left as text)."""
+        return self._query("SELECT * FROM batch_runs WHERE batch_id = ? ORDER BY idx", (batch_id,))
+
+    def update_batch_run(self, batch_id: str, idx: int, **fields: Any) -> None:
+        unknown = set(fields) - {"state", "run_id", "attempts", "note"}
+        if unknown:
+            raise ValueError(f"unknown batch run fields: {sorted(unknown)}")
+        with self._tx() as db:
+            cols = ", ".join(f"{key} = ?" for key in fields)
+            db.execute(f"UPDATE batch_runs SET {cols} WHERE batch_id = ? AND idx = ?",
+                       (*fields.values(), batch_id, idx))
+            self._event(db, fields.get("run_id"), "batch_run",
+                        {"batch_id": batch_id, "idx": idx, **fields})
+
+    def runs_of_batch(self, batch_id: str) -> list[dict[str, Any]]:
+        """Every run (each attempt) started for the batch."""
+        return self._query("SELECT * FROM runs WHERE batch_id = ? ORDER BY created_at, run_id",
+                           (batch_id,))

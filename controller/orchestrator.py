@@ -298,7 +298,11 @@ class Orchestrator:
         restarts = 0
         while True:
             try:
-                snap = self.follower(run, options).follow()
+                try:
+                    follower = self.follower(run, options)
+                except ProviderError as exc:  # reattaching found it exited/offline/gone
+                    raise MachineLost(str(exc)) from exc
+                snap = follower.follow()
             except MachineLost as exc:
                 # Whatever is on its disk cannot be reached: keep it (stopped) when it still
                 # exists, so a later fetch can try; nothing keeps billing for compute.

@@ -53,7 +53,7 @@ def load_spec(path: Path) -> "RunSpec":
         doc = _Document.read(Path(path))
         line, col = doc.mark(("batch",))
         raise SpecError([f"{path}:{line}:{col}: batch: this is a batch file of {len(loaded.runs)} "
-                         "runs, not a single run; launch it as a batch"])
+                         "runs, not a single run; `flux-remote launch` runs it as a batch"])
     return loaded.runs[0]
 
 

@@ -229,3 +229,98 @@ def orphans_table(orphans: list[dict[str, Any]]) -> Table:
 
 def render_group(console: Console, *items: Any) -> None:
     console.print(Group(*items))
+
+
+# ---- batches (controller.batch) -----------------------------------------------------------------
+
+def batch_table(rows: list[dict[str, Any]], ledger: dict[str, Any], *, title: str,
+                snaps: dict[str, Any] | None = None) -> Table:
+    """A row per run of a batch (state, stage, step/total, loss, spend, ETA) and, in the caption,
+    the batch's spend against its budget. ``snaps``: the newest live poll per run id, if any."""
+    snaps = snaps or {}
+    table = Table(title=title, title_justify="left",
+                  caption=f"spent {money(ledger.get('spent_usd'))}, committed "
+                          f"{money(ledger.get('committed_usd'))} of "
+                          f"{money(ledger.get('total_usd'))}", caption_justify="left")
+    table.add_column("run", overflow="fold", min_width=12)
+    for name in ("state", "stage", "step", "loss", "spend", "ETA"):
+        table.add_column(name, justify="left" if name in ("state", "stage") else "right",
+                         no_wrap=True)
+    for row in rows:
+        snap = snaps.get(row.get("run_id") or "")
+        step, total = (snap.step, snap.total) if snap is not None else (row.get("step"),
+                                                                        row.get("total"))
+        loss = snap.loss if snap is not None else row.get("loss")
+        spend = snap.spend_usd if snap is not None else row.get("spend_usd")
+        state = row["slot_state"] if row["slot_state"] != "active" else row["state"]
+        if row["slot_state"] == "skipped":
+            state = row.get("note") or "skipped: budget"
+        table.add_row(row["name"], state, (snap.stage if snap is not None else row.get("stage"))
+                      or "-", "-" if step is None else f"{step}/{total or '?'}",
+                      "-" if loss is None else f"{loss:.4f}", money(spend),
+                      duration(snap.eta_s) if snap is not None else "-")
+    return table
+
+
+def batch_line(row: dict[str, Any]) -> str:
+    """One run of a batch as a log line (the non-terminal view prints it when it changes)."""
+    step = "" if row.get("step") is None else f" step {row['step']}/{row.get('total') or '?'}"
+    state = row.get("note") if row["slot_state"] == "skipped" else row["state"]
+    return f"{row['name']}: {state} [{row.get('stage') or '-'}]{step}"
+
+
+class BatchView:
+    """The live view of a batch: a table on a terminal, changed lines elsewhere."""
+
+    def __init__(self, console: Console, *, title: str) -> None:
+        self.console = console
+        self.title = title
+        self._live: Live | None = None
+        self._lines: dict[str, str] = {}
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def show(self, rows: list[dict[str, Any]], ledger: dict[str, Any],
+             snaps: dict[str, Any] | None = None, notes: list[tuple[str, str]] = ()) -> None:
+        for name, text in notes:
+            self.console.print(Text(f"- {name}: {text}", style="cyan"), soft_wrap=True)
+        if self.console.is_terminal:
+            if self._live is None:
+                self._live = Live(console=self.console, auto_refresh=False, transient=True)
+                self._live.start()
+            self._live.update(batch_table(rows, ledger, title=self.title, snaps=snaps),
+                              refresh=True)
+            return
+        for row in rows:
+            line = batch_line(row)
+            if self._lines.get(row["name"]) != line:
+                self._lines[row["name"]] = line
+                self.console.print(Text(line), soft_wrap=True)
+
+
+def batch_plan_table(rows: list[dict[str, Any]], *, total_usd: float, max_parallel: int) -> Table:
+    """``launch batch.yaml``: each run's estimate and what it would reserve of the total."""
+    table = Table(title=f"batch plan: {len(rows)} runs, {max_parallel} at once, total budget "
+                        f"{money(total_usd)}", title_justify="left")
+    table.add_column("run", overflow="fold", min_width=12)
+    for name in ("GPU", "est. cost", "reserves", "note"):
+        table.add_column(name, justify="right" if name in ("est. cost", "reserves") else "left")
+    for row in rows:
+        table.add_row(row["name"], row.get("gpu") or "-", money(row.get("est_usd")),
+                      money(row.get("reserve_usd")), row.get("note") or "")
+    return table
+
+
+def batches_table(batches: list[dict[str, Any]]) -> Table:
+    """``ls``: the batches, below the runs."""
+    table = Table(title="batches", title_justify="left")
+    table.add_column("batch", overflow="fold", min_width=12)
+    for name in ("state", "runs", "spent", "budget"):
+        table.add_column(name, justify="left" if name == "state" else "right", no_wrap=True)
+    for batch in batches:
+        table.add_row(batch["batch_id"], batch["state"], str(batch.get("runs", "-")),
+                      money(batch.get("spent_usd")), money(batch.get("max_usd")))
+    return table

@@ -371,8 +371,10 @@ md("publish-intro", """
 The bundle is the LoRA (`<name>.safetensors`), its samples, the ai-toolkit `config.yaml`, the
 resolved `run.yaml`, the quality report, the captions, a Hugging Face model card (`README.md`),
 the receipts, `report.html` and `SHA256SUMS`. It was verified against `SHA256SUMS` before the
-instance was destroyed; it is verified again here. With `PUBLISH_HF_REPO` set it is uploaded to
-the Hub (private unless `PUBLISH_HF_PRIVATE = False`; model card first; re-running is safe).
+instance was destroyed; it is verified again here. With `PUBLISH_HF_REPO` set the launch
+uploaded it to the Hub from this machine, right after the destroy (private unless
+`PUBLISH_HF_PRIVATE = False`, model card first); if that upload failed, this cell tries again
+(re-running is safe: unchanged files are not committed twice).
 """)
 
 code("publish", '''
@@ -384,8 +386,12 @@ console.print(f"{BUNDLE}: {files_verified} files verified against SHA256SUMS")
 for path in sorted(p for p in BUNDLE.iterdir() if p.is_file()):
     print(f"  {path.name:32} {path.stat().st_size:>12,} bytes")
 if PUBLISH_HF_REPO:
-    url = publish_bundle(BUNDLE, PUBLISH_HF_REPO, private=PUBLISH_HF_PRIVATE)
-    console.print(f"published to {url}")
+    published = journal.events(run_id, kind="published")
+    if published:
+        url = published[-1]["detail"]["url"]
+    else:
+        url = publish_bundle(BUNDLE, PUBLISH_HF_REPO, private=PUBLISH_HF_PRIVATE)
+    console.print(f"published: {url}")
 ''')
 
 md("next-steps", """

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 RUN_FILE = "wandb_run.json"
 DEFAULT_PROJECT = "flux-remote"
+# what wandb prints when a run starts ("View run at ...") and what WandbLogger prints ("run X at")
+_URL_LINE = re.compile(r"wandb:.*?\b(?:View run at|run \S+ at) (https?://\S+)")
 
 Warn = Callable[[str], None]
 
@@ -163,6 +166,74 @@ class WandbLogger:
             run.finish(exit_code=exit_code)
         except Exception as exc:  # the run data is on disk already; say so and go on
             self.warn(f"wandb: finishing the run failed ({exc})")
+
+
+def trainer_env(spec: Mapping[str, Any], run_id: str, output_dir: Path,
+                env: Mapping[str, str]) -> dict[str, str]:
+    """What the agent adds to the trainer's environment when ``wandb.enabled``.
+
+    The W&B run id is the flux-remote run id, for ai-toolkit (which calls ``wandb.init`` itself
+    and reads ``WANDB_RUN_ID``/``WANDB_RESUME``) and the tiny trainer alike, so a restarted
+    trainer continues the same W&B run and :func:`add_summary` finds it; ``wandb/`` goes into the
+    run's output folder instead of ai-toolkit's checkout. Values already in ``env`` win.
+    """
+    wandb = spec.get("wandb") or {}
+    if not wandb.get("enabled"):
+        return {}
+    wanted = {"WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow", "WANDB_DIR": str(output_dir),
+              "WANDB_PROJECT": str(wandb.get("project") or DEFAULT_PROJECT)}
+    if wandb.get("entity"):
+        wanted["WANDB_ENTITY"] = str(wandb["entity"])
+    return {key: value for key, value in wanted.items() if not env.get(key)}
+
+
+def summarize_run(*, python: str, output_dir: Path, files: Sequence[Path],
+                  env: Mapping[str, str], log: Warn, timeout_s: float = 180.0) -> None:
+    """Run :func:`add_summary` with the trainer's ``python`` (the one that has wandb).
+
+    Best effort, for the agent after packing: output goes to ``log``, and a failure or a hang
+    is logged, never raised (the run is finished; a summary is not worth failing it).
+    """
+    import subprocess
+
+    command = [python, "-m", "remote.wandb_log", "summary", str(output_dir),
+               *(str(path) for path in files)]
+    try:
+        done = subprocess.run(command, env=dict(env), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log(f"wandb: adding the receipt to the run's summary failed: {exc}")
+        return
+    for line in (done.stdout + done.stderr).splitlines():
+        if line.strip():
+            log(line)
+
+
+def find_run_url(output_dir: Path, log_path: Path | None = None) -> str | None:
+    """The W&B run URL: remembered by the tiny trainer, else printed into the trainer's log."""
+    url = known_run_url(output_dir)
+    if url or log_path is None:
+        return url
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if "wandb:" in line:
+                    url = url_in_line(line) or url
+    except OSError:
+        return None
+    return url
+
+
+def url_in_line(line: str) -> str | None:
+    """The W&B run URL in one line of trainer output (ai-toolkit's or the tiny trainer's)."""
+    match = _URL_LINE.search(line)
+    return match.group(1) if match else None
+
+
+def known_run_url(output_dir: Path) -> str | None:
+    """The run URL the tiny trainer remembered in ``output_dir`` (None offline or unknown)."""
+    url = _read_run_file(output_dir).get("url")
+    return str(url) if url else None
 
 
 def quality_summary(report: Mapping[str, Any]) -> dict[str, Any]:

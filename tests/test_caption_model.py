@@ -9,6 +9,7 @@ towards one word so that the random network writes a known, non-empty caption.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,17 +44,53 @@ def build_tiny_blip(folder: Path) -> Path:
         vision_config={**small, "image_size": 32, "patch_size": 8, "projection_dim": 16},
         projection_dim=16)
     model = BlipForConditionalGeneration(config)
-    head = model.text_decoder.cls.predictions
-    with torch.no_grad():  # a zero hidden state leaves the bias: the next word is always "red"
+    always_say_red(model.text_decoder.cls.predictions)
+    out = folder / "tiny-blip"
+    model.save_pretrained(out)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+def always_say_red(head: Any) -> None:
+    """A BERT LM head whose hidden state is zeroed: the logits are the bias, "red" wins."""
+    import torch
+
+    with torch.no_grad():
         head.transform.LayerNorm.weight.zero_()
         head.transform.LayerNorm.bias.zero_()
         bias = torch.full((len(WORDS),), -10.0)
         bias[WORDS.index("red")] = 10.0
         head.bias.copy_(bias)
-    out = folder / "tiny-blip"
+
+
+def build_tiny_vision_encoder_decoder(folder: Path) -> Path:
+    """ViT encoder + BERT decoder, saved as such repos are: an image processor and a tokenizer,
+    no processor class (``AutoProcessor`` returns only the tokenizer for them)."""
+    import torch
+    from transformers import (BertConfig, BertTokenizer, ViTConfig, ViTImageProcessor,
+                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+
+    vocab_dir = folder / "vocab"
+    vocab_dir.mkdir(parents=True)
+    (vocab_dir / "vocab.txt").write_text("\n".join(WORDS) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer.from_pretrained(str(vocab_dir))
+    torch.manual_seed(0)
+    small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 32}
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        ViTConfig(**small, image_size=32, patch_size=8),
+        BertConfig(**small, vocab_size=len(WORDS), max_position_embeddings=64, is_decoder=True,
+                   add_cross_attention=True))
+    config.decoder_start_token_id = tokenizer.cls_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.sep_token_id
+    model = VisionEncoderDecoderModel(config)
+    always_say_red(model.decoder.cls.predictions)
+    out = folder / "tiny-ved"
     model.save_pretrained(out)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(out)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 
@@ -71,6 +108,14 @@ def test_tiny_model_writes_a_caption(tiny_blip: Path) -> None:
     for text in texts:
         words = text.split()
         assert words and set(words) == {"red"}, text
+
+
+def test_vision_encoder_decoder_without_a_processor_class(tmp_path: Path) -> None:
+    from PIL import Image
+
+    captioner = load_captioner(str(build_tiny_vision_encoder_decoder(tmp_path)), device="cpu",
+                               max_new_tokens=3)
+    assert captioner([Image.new("RGB", (48, 32), "green")] * 3) == ["red red red"] * 3
 
 
 def test_model_mode_fills_missing_captions_and_keeps_the_rest(small_dataset: Path,

@@ -127,6 +127,22 @@ def test_notebook_with_wandb_logs_the_tiny_trainer_offline(
     assert verify_sums(out) >= 5
     [run] = open_journal().list_runs()
     run_dir = Path(run["remote_run_dir"])
-    records = list(run_dir.glob("output/demo-local/wandb/offline-run-*/run-*.wandb"))
+    records = list(run_dir.glob("output/**/wandb/offline-run-*/run-*.wandb"))
     assert len(records) == 1
     assert list(records[0].parent.glob("files/media/images/samples_*"))
+
+
+def test_notebook_publishes_to_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       fake_hub: Any) -> None:
+    from tests.fakehub import FAKE_TOKEN
+
+    out = tmp_path / "bundle"
+    monkeypatch.setenv("FLUX_REMOTE_NOTEBOOK_OUT", str(out))
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    repo = f"{fake_hub.user}/demo-lora"
+    notebook = execute(tmp_path, overrides=f"PUBLISH_HF_REPO = {repo!r}\nSTEPS = 10\n")
+    assert f"published: {fake_hub.url}/{repo}" in text_of(notebook, "publish")
+    assert fake_hub.commits[0].paths == ["README.md"]
+    assert "demo-local.safetensors" in fake_hub.repos[repo].files
+    assert fake_hub.repos[repo].private

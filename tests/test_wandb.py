@@ -10,6 +10,7 @@ reader below decodes it with wandb's own protobuf classes, so the test sees exac
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from collections import defaultdict
@@ -20,8 +21,9 @@ import pytest
 import yaml
 
 from remote.aitk_config import build_aitk_config
-from remote.wandb_log import (RUN_FILE, WandbLogger, add_summary, logging_section, main,
-                              quality_summary, receipt_summary)
+from remote.wandb_log import (RUN_FILE, WandbLogger, add_summary, find_run_url, known_run_url,
+                              logging_section, main, quality_summary, receipt_summary,
+                              summarize_run, trainer_env, url_in_line)
 from tests.test_tiny_trainer import write_job
 
 pytest.importorskip("wandb")
@@ -97,10 +99,19 @@ def wandb_job(root: Path, *, steps: int = 12, use_wandb: bool = True) -> Path:
     return config
 
 
+def flush_wandb() -> None:
+    """Stop wandb's service process: it writes the record log in the background, and only its
+    shutdown guarantees that the file is complete (the trainer process gets this at exit)."""
+    import wandb
+
+    wandb.teardown()
+
+
 def train(config: Path, capsys: pytest.CaptureFixture[str]) -> str:
     from remote.trainers import tiny
 
     assert tiny.main([str(config)]) == 0
+    flush_wandb()
     return capsys.readouterr().out
 
 
@@ -204,6 +215,7 @@ def test_receipt_summary_is_added_to_the_finished_run(tmp_path: Path,
                                    "hardware": {"gpu": "none (CPU)"}}), encoding="utf-8")
     assert add_summary(output, [receipt, tmp_path / "quality_report.json",
                                 tmp_path / "missing.json"])
+    flush_wandb()
     runs = [read_run(p) for p in offline_runs(output)]
     assert len({r["run"]["id"] for r in runs}) == 1
     summary = runs[-1]["summary"]
@@ -221,6 +233,7 @@ def test_summary_command_reopens_the_run_named_by_the_environment(
     receipt.write_text(json.dumps({"state": "stopped", "spend_usd": 1.25,
                                    "hardware": {"gpu": "RTX 4090"}}), encoding="utf-8")
     assert main(["summary", str(tmp_path / "out"), str(receipt)]) == 0
+    flush_wandb()
     [record_log] = offline_runs(tmp_path / "out")
     data = read_run(record_log)
     assert data["run"]["id"] == "aitk-run-1" and data["run"]["project"] == "loras"
@@ -249,3 +262,59 @@ def test_summaries_keep_the_headline_only() -> None:
                             "steps": {"done": 2000}, "instance": {"id": 1}}) == {
         "receipt/state": "done", "receipt/gpu": "RTX 4090", "receipt/hours": 1.5,
         "receipt/steps_done": 2000}
+
+
+@pytest.mark.parametrize("line, url", [
+    ("wandb: \U0001f680 View run at https://wandb.ai/me/loras/runs/abc123",
+     "https://wandb.ai/me/loras/runs/abc123"),
+    ("wandb: run abc123 at https://wandb.ai/me/loras/runs/abc123\r",
+     "https://wandb.ai/me/loras/runs/abc123"),
+    ("wandb: View project at https://wandb.ai/me/loras", None),
+    ("see https://wandb.ai/me/loras/runs/abc123", None),
+])
+def test_url_in_line(line: str, url: str | None) -> None:
+    assert url_in_line(line) == url
+
+
+def test_known_run_url(tmp_path: Path) -> None:
+    assert known_run_url(tmp_path) is None
+    (tmp_path / RUN_FILE).write_text(json.dumps({"id": "a", "url": "https://wandb.ai/x/y/runs/a"}))
+    assert known_run_url(tmp_path) == "https://wandb.ai/x/y/runs/a"
+
+
+def test_find_run_url_prefers_the_run_file_then_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "agent.log"
+    log.write_text("step 1\nwandb: \U0001f680 View run at https://wandb.ai/me/p/runs/r1\n",
+                   encoding="utf-8")
+    assert find_run_url(tmp_path / "out", log) == "https://wandb.ai/me/p/runs/r1"
+    assert find_run_url(tmp_path / "out", tmp_path / "missing.log") is None
+    assert find_run_url(tmp_path / "out") is None
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / RUN_FILE).write_text(json.dumps({"url": "https://wandb.ai/x/y/runs/t"}))
+    assert find_run_url(tmp_path / "out", log) == "https://wandb.ai/x/y/runs/t"
+
+
+def test_trainer_env_names_the_run_and_keeps_what_is_set(tmp_path: Path) -> None:
+    spec = {"wandb": {"enabled": True, "project": "loras", "entity": "team"}}
+    env = trainer_env(spec, "run-20261129-1", tmp_path, {"WANDB_DIR": "/elsewhere"})
+    assert env == {"WANDB_RUN_ID": "run-20261129-1", "WANDB_RESUME": "allow",
+                   "WANDB_PROJECT": "loras", "WANDB_ENTITY": "team"}
+    assert trainer_env({"wandb": {"enabled": False}}, "r", tmp_path, {}) == {}
+    assert KEY_CANARY not in json.dumps(trainer_env(spec, "r", tmp_path,
+                                                    {"WANDB_API_KEY": KEY_CANARY}))
+
+
+def test_summarize_run_adds_the_receipt_from_a_subprocess(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    receipt = tmp_path / "receipt.json"
+    receipt.write_text(json.dumps({"state": "done", "spend_usd": 2.5}), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(root), "WANDB_RUN_ID": "sub-run-1"}
+    lines: list[str] = []
+    summarize_run(python=sys.executable, output_dir=tmp_path / "out", files=[receipt], env=env,
+                  log=lines.append)
+    [record_log] = offline_runs(tmp_path / "out")  # the subprocess exited: the file is complete
+    data = read_run(record_log)
+    assert data["run"]["id"] == "sub-run-1" and data["summary"]["receipt/spend_usd"] == 2.5
+    summarize_run(python=str(tmp_path / "no-python"), output_dir=tmp_path, files=[receipt],
+                  env=env, log=lines.append)
+    assert "failed" in lines[-1]

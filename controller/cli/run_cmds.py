@@ -148,7 +148,14 @@ def launch(
 
     if as_json and not (yes or dry_run):
         raise SpecError("--json needs --yes or --dry-run (there is no prompt on a JSON stream)")
-    spec = load_run_spec(file)
+    from controller.spec_loader import load_file
+
+    loaded = load_file(file)
+    if loaded.batch is not None:
+        _launch_batch(loaded, file, yes=yes, detach=detach, out=out, dry_run=dry_run,
+                      poll_interval=poll_interval, as_json=as_json)
+        return
+    spec = loaded.runs[0]
     journal = _journal()
     view = _view(as_json)
     orch = _orchestrator(journal, spec.provider.type, view)
@@ -178,9 +185,83 @@ def launch(
     _finish(outcome, as_json)
 
 
+def _launch_batch(loaded: Any, file: Path, *, yes: bool, detach: bool, out: Optional[Path],
+                  dry_run: bool, poll_interval: float, as_json: bool) -> None:
+    """``launch`` of a batch file: the plan of every run, then the scheduler (controller.batch)."""
+    from controller.batch import create_batch, plan_batch
+    from controller.providers import provider_named
+    from controller.ui import batch_plan_table
+
+    if detach:
+        raise SpecError("--detach does not apply to a batch: this process schedules its runs "
+                        "(Ctrl-C leaves the started runs going; `flux-remote resume BATCH` "
+                        "carries on)")
+    journal = _journal()
+    rows = plan_batch(loaded, lambda name: provider_named(name, journal=journal))
+    batch = loaded.batch
+    if as_json and dry_run:
+        emit_json({"ok": True, "dry_run": True, "max_usd": batch.max_usd,
+                   "max_parallel": batch.max_parallel, "runs": rows})
+        return
+    if not as_json:
+        console().print(batch_plan_table(rows, total_usd=batch.max_usd,
+                                         max_parallel=batch.max_parallel))
+    if dry_run or (not yes and not typer.confirm("start this batch?", default=True)):
+        if not dry_run:
+            console().print("nothing rented.")
+        return
+    batch_id = create_batch(journal, loaded, out_dir=out, spec_path=file.resolve())
+    if not as_json:
+        console().print(f"batch [bold]{batch_id}[/]")
+    _run_batch(journal, batch_id, poll_interval=poll_interval, as_json=as_json)
+
+
+def _run_batch(journal: "Journal", batch_id: str, *, poll_interval: float,
+               as_json: bool) -> None:
+    """Schedule the batch's runs to their end (or carry on after a crash), then summarise."""
+    from controller.batch import BatchOptions, BatchScheduler, batch_rows
+    from controller.ui import BatchView, batch_table
+
+    view = None if as_json else BatchView(console(), title=f"batch {batch_id}")
+
+    def tick(sched: Any) -> None:
+        if view is not None:
+            view.show(batch_rows(sched.journal, batch_id), sched.ledger.to_dict(),
+                      sched.board.snaps, sched.board.take_notes())
+
+    scheduler = BatchScheduler(journal, batch_id, on_tick=tick,
+                               options=BatchOptions(poll_interval=poll_interval))
+    try:
+        result = scheduler.run()
+    except KeyboardInterrupt:
+        if view is not None:
+            view.close()
+        console(stderr=True).print(f"detached: started runs keep going on their machines; "
+                                   f"carry on with `flux-remote resume {batch_id}`")
+        raise typer.Exit(130) from None
+    finally:
+        if view is not None:
+            view.close()
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        console().print(batch_table(result.rows, result.ledger, title=f"batch {batch_id}: "
+                                                                      f"{result.state}"))
+        console().print(f"summary: {result.summary_path}\nreport:  {result.report_path}",
+                        soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _batch_of(journal: "Journal", ref: Optional[str]) -> Optional[dict[str, Any]]:
+    from controller.batch import find_batch
+
+    return find_batch(journal, ref)
+
+
 @handles_errors
 def resume(
-    run: str = typer.Argument(..., help="Run id (or a unique prefix)."),
+    run: str = typer.Argument(..., help="Run or batch id (or a unique prefix)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Ctrl-C detaches without asking."),
     detach: bool = typer.Option(False, "--detach", help="Return once the agent runs."),
     poll_interval: float = POLL_OPTION,
@@ -193,6 +274,10 @@ def resume(
     from controller.orchestrator import Options
 
     journal = _journal()
+    batch = _batch_of(journal, run)
+    if batch is not None:
+        _run_batch(journal, batch["batch_id"], poll_interval=poll_interval, as_json=as_json)
+        return
     row = _find_run(journal, run)
     view = _view(as_json)
     orch = _orchestrator(journal, row["provider"], view)
@@ -205,9 +290,34 @@ def resume(
     _finish(outcome, as_json)
 
 
+def _stop_batch(journal: "Journal", batch_id: str, *, poll_interval: float,
+                as_json: bool) -> None:
+    """``stop BATCH``: start nothing more, ask every running run to finish, then carry the
+    batch to its end here (or leave that to the controller already running it)."""
+    from controller import runs as R
+    from controller.batch import active_runs, cancel_pending
+    from controller.runs import RunLockedError
+
+    cancel_pending(journal, batch_id, "stopped by the user before it started")
+    for row in active_runs(journal, batch_id):
+        orch = _orchestrator(journal, row["provider"])
+        if row["state"] == R.RUNNING:
+            orch.request_stop(row["run_id"])
+        elif row["state"] != R.FETCHING:
+            try:
+                orch.down(row["run_id"], force=True)  # no agent yet: nothing to save
+            except RunLockedError:
+                continue  # its controller sees the batch stopping
+    try:
+        _run_batch(journal, batch_id, poll_interval=poll_interval, as_json=as_json)
+    except RunLockedError:
+        console(stderr=True).print(f"{batch_id}: STOP written to its runs; the controller "
+                                   "running the batch fetches the bundles and destroys")
+
+
 @handles_errors
 def stop(
-    run: str = typer.Argument(..., help="Run id (or a unique prefix)."),
+    run: str = typer.Argument(..., help="Run or batch id (or a unique prefix)."),
     poll_interval: float = POLL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -220,6 +330,10 @@ def stop(
     from controller.runs import RunLockedError
 
     journal = _journal()
+    batch = _batch_of(journal, run)
+    if batch is not None:
+        _stop_batch(journal, batch["batch_id"], poll_interval=poll_interval, as_json=as_json)
+        return
     row = _find_run(journal, run)
     view = _view(as_json)
     orch = _orchestrator(journal, row["provider"], view)
@@ -243,7 +357,7 @@ def stop(
 
 @handles_errors
 def down(
-    run: str = typer.Argument(..., help="Run id (or a unique prefix)."),
+    run: str = typer.Argument(..., help="Run or batch id (or a unique prefix)."),
     force: bool = typer.Option(False, "--force", help="Destroy without fetching anything first."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -252,6 +366,25 @@ def down(
     Example: flux-remote down demo-local-20261129-184000-3fa2
     """
     journal = _journal()
+    batch = _batch_of(journal, run)
+    if batch is not None:
+        from controller import runs as R
+        from controller.batch import cancel_pending
+        from controller.batch_report import write_report
+
+        cancel_pending(journal, batch["batch_id"], "taken down by the user before it started")
+        outcomes = [_orchestrator(journal, r["provider"]).down(r["run_id"], force=force)
+                    for r in journal.runs_of_batch(batch["batch_id"])
+                    if journal.current_instance(r["run_id"]) is not None
+                    or r["state"] in R.ACTIVE_STATES]
+        journal.update_batch(batch["batch_id"], state="stopped", ended_at=time.time())
+        write_report(journal, batch["batch_id"])
+        if as_json:
+            emit_json({"ok": True, "batch_id": batch["batch_id"],
+                       "runs": [o.to_dict() for o in outcomes]})
+        else:
+            console().print(f"{batch['batch_id']}: {len(outcomes)} machines released")
+        return
     row = _find_run(journal, run)
     orch = _orchestrator(journal, row["provider"], _view(as_json))
     outcome = orch.down(row["run_id"], force=force)
@@ -286,7 +419,8 @@ def fetch(
 
 @handles_errors
 def status(
-    run: Optional[str] = typer.Argument(None, help="Run id or prefix (default: the newest)."),
+    run: Optional[str] = typer.Argument(None, help="Run or batch id or prefix "
+                                                   "(default: the newest run)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """One run's state, stage, step, loss and spend (polled live when it is running).
@@ -299,6 +433,18 @@ def status(
     from controller.ui import run_detail
 
     journal = _journal()
+    batch = _batch_of(journal, run)
+    if batch is not None:
+        from controller.batch import batch_result
+        from controller.ui import batch_table
+
+        result = batch_result(journal, batch["batch_id"])
+        if as_json:
+            emit_json({"ok": True, "batch": result.to_dict()})
+        else:
+            console().print(batch_table(result.rows, result.ledger,
+                                        title=f"batch {batch['batch_id']}: {result.state}"))
+        return
     row = _find_run(journal, run)
     note = None
     if row["state"] == R.RUNNING:
@@ -328,12 +474,20 @@ def ls(as_json: bool = JSON_OPTION) -> None:
     """
     from controller.ui import runs_table
 
+    from controller.ui import batches_table
+
     journal = _journal()
     rows = [_with_instance(journal, r) for r in journal.list_runs()]
+    batches = [{**b, "runs": len(journal.batch_runs(b["batch_id"])),
+                "spent_usd": sum(r["spend_usd"] or 0.0
+                                 for r in journal.runs_of_batch(b["batch_id"]))}
+               for b in journal.list_batches()]
     if as_json:
-        emit_json({"ok": True, "runs": [_public(r) for r in rows]})
+        emit_json({"ok": True, "runs": [_public(r) for r in rows], "batches": batches})
     else:
         console().print(runs_table(rows, now=time.time()))
+        if batches:
+            console().print(batches_table(batches))
 
 
 @handles_errors
@@ -429,7 +583,7 @@ def gc(
 
 @handles_errors
 def cost(
-    run: Optional[str] = typer.Argument(None, help="One run (default: all)."),
+    run: Optional[str] = typer.Argument(None, help="One run or batch (default: all)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Estimated vs metered spend per run, and the total.
@@ -439,7 +593,11 @@ def cost(
     from controller.ui import cost_table
 
     journal = _journal()
-    rows = [_find_run(journal, run)] if run else journal.list_runs()
+    batch = _batch_of(journal, run)
+    if batch is not None:
+        rows = journal.runs_of_batch(batch["batch_id"])
+    else:
+        rows = [_find_run(journal, run)] if run else journal.list_runs()
     data = [{"run_id": r["run_id"], "state": r["state"], "est_usd": r["est_usd"],
              "spend_usd": r["spend_usd"], "budget_usd": r["budget_usd"]} for r in rows]
     if as_json:

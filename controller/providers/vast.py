@@ -9,6 +9,7 @@ the instance; the account key never leaves the laptop.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -44,6 +45,32 @@ def _bandwidth_prices(offer: dict[str, Any] | None) -> dict[str, float]:
             "inet_up_cost": float(offer.get("inet_up_cost") or 0.0)}
 
 
+class OfferClaims:
+    """Offers taken by the runs of one batch (shared by their providers, thread-safe): an offer
+    one run rents is not tried by the others, which move on to their next best."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, offer_id: Any) -> bool:
+        """Take ``offer_id``; False when another run already has it."""
+        with self._lock:
+            if str(offer_id) in self._ids:
+                return False
+            self._ids.add(str(offer_id))
+            return True
+
+    def release(self, offer_id: Any) -> None:
+        """The run that rented it ended well and let it go: others may rent it again."""
+        with self._lock:
+            self._ids.discard(str(offer_id))
+
+    def __contains__(self, offer_id: object) -> bool:
+        with self._lock:
+            return str(offer_id) in self._ids
+
+
 class VastProvider:
     name = "vast"
 
@@ -53,6 +80,7 @@ class VastProvider:
                  ssh_ready_s: float = SSH_READY_S, ssh_retry_s: float = 5.0,
                  max_offers: int = MAX_OFFERS_TRIED,
                  measured_s_per_step: dict[str, float] | None = None,
+                 offer_claims: OfferClaims | None = None,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
@@ -66,6 +94,7 @@ class VastProvider:
         self.ssh_retry_s = ssh_retry_s
         self.max_offers = max_offers
         self.measured_s_per_step = measured_s_per_step or {}
+        self.offer_claims = offer_claims  # a batch's shared claims (None: a lone run)
         self.clock = clock
         self.monotonic = monotonic
         self.sleep = sleep
@@ -87,6 +116,8 @@ class VastProvider:
         if spec.gpu.interruptible:
             offers += mark_interruptible(
                 self.client.search_offers(search_query(spec, interruptible=True)))
+        if self.offer_claims is not None:  # a batch: offers its other runs took are not ours
+            offers = [o for o in offers if o.get("id") not in self.offer_claims]
         plan = plan_offers(spec, offers, measured_s_per_step=self.measured_s_per_step)
         chosen = plan.chosen
         if chosen is None:
@@ -103,7 +134,9 @@ class VastProvider:
     def _candidates(self, spec: "RunSpec", estimate: Estimate) -> list[Any]:
         """The offers the planner ranked as fitting (safety margin and max_hours included)."""
         offers = list(getattr(estimate.plan, "offers", None) or [])
-        return [o for o in offers if o.fits][: self.max_offers]
+        return [o for o in offers if o.fits and (self.offer_claims is None or
+                                                 o.offer_id not in self.offer_claims)
+                ][: self.max_offers]
 
     # ---- renting ---------------------------------------------------------------------------
 
@@ -162,6 +195,8 @@ class VastProvider:
         _, public_key = self._keys()
         tried = 0
         for offer in self._candidates(spec, estimate):
+            if self.offer_claims is not None and not self.offer_claims.claim(offer.offer_id):
+                continue  # another run of the batch took it meanwhile
             tried += 1
             notify("renting", f"renting offer {offer.offer_id}: {offer.num_gpus}x {offer.gpu_name}"
                               f" at ${offer.dph_total:.3f}/h")
@@ -219,7 +254,7 @@ class VastProvider:
                             hint="run `flux-remote plan` again later; offers change by the minute")
 
     def reattach(self, run_id: str, spec: "RunSpec", journal: "Journal") -> Machine:
-        from controller.vast.readiness import ssh_endpoint, wait_until_running
+        from controller.vast.readiness import is_ready, ssh_endpoint, wait_until_running
 
         row = journal.current_instance(run_id)
         if row is None or not row.get("instance_id"):
@@ -237,10 +272,17 @@ class VastProvider:
                                           deadlines=self.deadlines, clock=self.monotonic,
                                           sleep=self.sleep)
             journal.update_instance(int(row["id"]), state=INSTANCE_LIVE)
-        if instance.get("actual_status") != "running":
-            raise ProviderError(f"instance {row['instance_id']} is "
-                                f"{instance.get('actual_status')!r}, not running")
+        if not is_ready(instance):
+            # Killed while it booted: wait for it like acquire would (fails fast when lost).
+            instance = wait_until_running(self.client, int(row["instance_id"]),
+                                          deadlines=self.deadlines, clock=self.monotonic,
+                                          sleep=self.sleep)
+        if not row.get("ssh_host"):
+            # The endpoint is journaled after the key is attached: no endpoint, maybe no key.
+            self.client.attach_ssh_key(int(row["instance_id"]), self._keys()[1])
         address, port = ssh_endpoint(instance)
+        if not row.get("ssh_host"):
+            forget_host_key(self._known_hosts(), address, int(port))
         journal.update_instance(int(row["id"]), ssh_host=address, ssh_port=int(port))
         host = self._host(address, port, reconnect_window_s=SSH_RECONNECT_S)
         self._wait_ssh(host, str(row["instance_id"]))

@@ -224,19 +224,21 @@ def load_captioner(model_name: str, *, device: str | None = None,
     model_class = (getattr(transformers, "AutoModelForImageTextToText", None)
                    or getattr(transformers, "AutoModelForVision2Seq"))
     processor = transformers.AutoProcessor.from_pretrained(model_name)
-    model = model_class.from_pretrained(model_name).to(device=device, dtype=dtype).eval()
-    decode = getattr(processor, "batch_decode", None)
-    if decode is None:  # a bare image processor (VisionEncoderDecoder repos): decode separately
+    if isinstance(processor, transformers.ProcessorMixin):
+        prepare, decode = processor, processor.batch_decode
+    else:  # VisionEncoderDecoder repos: an image processor and a tokenizer, no processor class
+        prepare = transformers.AutoImageProcessor.from_pretrained(model_name)
         decode = transformers.AutoTokenizer.from_pretrained(model_name).batch_decode
+    model = model_class.from_pretrained(model_name).to(device=device, dtype=dtype).eval()
     prompt = TASK_PROMPTS.get(getattr(model.config, "model_type", ""))
 
     def run(images: list[Any]) -> list[str]:
         kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt"}
-        if prompt is not None:
+        if prompt is not None and prepare is processor:
             kwargs["text"] = [prompt] * len(images)
         inputs = {key: (value.to(device=device, dtype=dtype) if value.is_floating_point()
                         else value.to(device))
-                  for key, value in processor(**kwargs).items()}
+                  for key, value in prepare(**kwargs).items()}
         with torch.inference_mode():
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                  do_sample=False)

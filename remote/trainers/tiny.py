@@ -121,7 +121,7 @@ class TinyTrainer:
         process = job["config"]["process"][0]
         self.wandb = WandbLogger.start(logging_section(job), output_dir=self.out_dir,
                                        name=self.cfg.name, config=process, warn=self.out.line)
-        if self.config_path is not None:  # the agent writes the gate's report next to the config
+        if self.wandb.active and self.config_path is not None:  # the gate's report is its sibling
             self.wandb.summary(summarize_files([self.config_path.parent / "quality_report.json"]))
 
     def _run(self, resume: tuple[Path, int] | None) -> int:

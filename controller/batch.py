@@ -1,0 +1,508 @@
+"""Batches: many runs under one total budget, up to ``max_parallel`` machines at once.
+
+``create_batch`` journals a batch file's expanded runs as *slots* (``pending``). The
+:class:`BatchScheduler` then loops: collect runs that ended, meter the spend of those running,
+start what fits. Starting a slot means: estimate it (Vast: plan the offers nobody in the batch has
+taken; measured s/step from runs already finished feed that plan), reserve the estimate plus its
+safety margin in the :class:`~controller.ledger.Ledger`, and launch it with its budget lowered to
+that reservation, so the controller's meter and the agent's cost guard keep the batch under its
+total. A slot whose reservation does not fit is started later if running runs may still give money
+back, else it is ``skipped: budget``.
+
+Each run is driven by its own :class:`~controller.orchestrator.Orchestrator` in a thread (a run's
+drive mostly waits). One run failing never stops the others; an infrastructure failure (no machine,
+a host that died or failed its checks) is retried on another offer up to ``batch.retries`` times; a
+failed quality gate, a bad spec or a crashed trainer is not.
+
+Everything is journaled (``batches`` and ``batch_runs``, plus the runs themselves), so a
+controller killed mid-batch is followed by ``resume BATCH``: running runs are reattached (never
+rented again), the ledger is rebuilt from the journal, and the remaining slots are started.
+
+Slot states: ``pending -> active -> done | failed | stopped``, or ``skipped``.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from controller import runs as R
+from controller.errors import (BudgetError, FluxRemoteError, ProviderError, RunError,
+                               SpecError, TransportError)
+from controller.follow import MachineLost, Snapshot
+from controller.ledger import Ledger, reservation_for
+from controller.orchestrator import Options, Orchestrator
+from controller.providers.vast import OfferClaims
+from controller.runs import run_lock
+
+if TYPE_CHECKING:
+    from controller.journal import Journal
+    from controller.providers.base import Estimate, Provider
+    from controller.spec import RunSpec
+    from controller.spec_loader import LoadedFile
+
+PENDING, ACTIVE, SKIPPED = "pending", "active", "skipped"
+SLOT_TERMINAL = (R.DONE, R.FAILED, R.STOPPED, SKIPPED)
+BATCH_RUNNING, BATCH_DONE, BATCH_PARTIAL = "running", "done", "partial"
+# Agent causes that say the host, not the run, was at fault (``remote.runner``): retried.
+INFRA_CAUSES = ("checks", "bootstrap_command", "disk_full")
+INFRA_ERRORS = (ProviderError, TransportError, MachineLost)
+
+ProviderFactory = Callable[[str, OfferClaims], "Provider"]
+
+
+# ---- creating a batch ------------------------------------------------------------------------
+
+def batch_name(loaded: "LoadedFile") -> str:
+    """The base spec's ``name`` (the runs' names start with it)."""
+    import yaml
+
+    try:
+        name = (yaml.safe_load(Path(loaded.path).read_text(encoding="utf-8")) or {}).get("name")
+    except (OSError, yaml.YAMLError):
+        name = None
+    return str(name or (loaded.runs[0].name if loaded.runs else "batch"))
+
+
+def _dig(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def varied_params(loaded: "LoadedFile") -> tuple[list[str], list[dict[str, Any]]]:
+    """The dotted keys a sweep (or the runs' overrides) vary, and each run's values of them."""
+    batch = loaded.batch
+    keys: list[str] = []
+    if batch is not None and batch.sweep:
+        keys = list(batch.sweep)
+    elif batch is not None and batch.runs:
+        for override in batch.runs:
+            for key in override or {}:
+                if key != "name" and key not in keys:
+                    keys.append(key)
+    dumps = [spec.model_dump(mode="json") for spec in loaded.runs]
+    return keys, [{key: _dig(data, key) for key in keys} for data in dumps]
+
+
+def create_batch(journal: "Journal", loaded: "LoadedFile", *, out_dir: Path | None = None,
+                 spec_path: Path | None = None, clock: Callable[[], float] = time.time) -> str:
+    """Journal a batch file's runs as pending slots; returns the batch id."""
+    if loaded.batch is None:
+        raise SpecError(f"{loaded.path} has no batch: section")
+    name = batch_name(loaded)
+    batch_id = R.new_run_id(f"{name}-batch", now=clock())
+    root = Path(out_dir or Path("runs") / name).expanduser().resolve()
+    keys, params = varied_params(loaded)
+    items = []
+    for idx, (spec, label, values) in enumerate(zip(loaded.runs, loaded.labels, params)):
+        data = spec.model_dump(mode="json")
+        data["dataset"]["path"] = str(Path(spec.dataset.path).expanduser().resolve())
+        items.append({"idx": idx, "name": spec.name, "label": label, "params": values,
+                      "spec": data})
+    journal.create_batch(batch_id=batch_id, name=name,
+                         spec_path=str(spec_path) if spec_path else None, out_dir=str(root),
+                         max_usd=loaded.batch.max_usd, max_parallel=loaded.batch.max_parallel,
+                         retries=loaded.batch.retries, margin=0.0, varied=keys, items=items)
+    return batch_id
+
+
+def find_batch(journal: "Journal", ref: str | None) -> dict[str, Any] | None:
+    """The batch ``ref`` names (id or unique id prefix), or None when it names no batch."""
+    if not ref:
+        return None
+    found = journal.find_batches(ref)
+    return found[0] if len(found) == 1 else None
+
+
+def batch_ledger(journal: "Journal", batch: dict[str, Any]) -> Ledger:
+    """The batch's ledger as the journal has it (what ``resume`` starts from)."""
+    runs = journal.runs_of_batch(batch["batch_id"])
+    reservations = {event["run_id"]: float(event["detail"]["reserved_usd"])
+                    for run in runs for event in journal.events(run["run_id"], "ledger_reserve")}
+    return Ledger.from_runs(batch["max_usd"], runs, active_states=R.ACTIVE_STATES,
+                            reservations=reservations)
+
+
+def batch_rows(journal: "Journal", batch_id: str) -> list[dict[str, Any]]:
+    """One row per slot for views: the slot joined with its current run's live numbers."""
+    rows = []
+    for slot in journal.batch_runs(batch_id):
+        run = journal.get_run(slot["run_id"]) if slot["run_id"] else None
+        run = run or {}
+        rows.append({"idx": slot["idx"], "name": slot["name"], "label": slot["label"],
+                     "params": json.loads(slot["params_json"] or "{}"), "slot_state": slot["state"],
+                     "note": slot["note"], "attempts": slot["attempts"], "run_id": slot["run_id"],
+                     "state": run.get("state") or slot["state"], "stage": run.get("stage"),
+                     "step": run.get("step"), "total": run.get("total"), "loss": run.get("loss"),
+                     "spend_usd": float(run.get("spend_usd") or 0.0),
+                     "budget_usd": run.get("budget_usd"), "est_usd": run.get("est_usd"),
+                     "out_dir": run.get("out_dir"), "bundle_path": run.get("bundle_path"),
+                     "error": run.get("error"), "provider": run.get("provider")})
+    return rows
+
+
+def classify_failure(run: dict[str, Any] | None, exc: BaseException | None) -> str:
+    """``infra`` (retry on another machine) or ``run`` (the run itself is at fault: never)."""
+    if isinstance(exc, (SpecError, BudgetError)):
+        return "run"
+    if isinstance(exc, INFRA_ERRORS):
+        return "infra"
+    error = str((run or {}).get("error") or "")
+    if any(f"(cause: {cause})" in error for cause in INFRA_CAUSES):
+        return "infra"
+    if "gone without an exit code" in error or "machine is gone" in error:
+        return "infra"
+    return "run"
+
+
+# ---- the live board -------------------------------------------------------------------------
+
+class BatchBoard:
+    """What the runs report, for the live view: the newest snapshot and notes per run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.snaps: dict[str, Snapshot] = {}
+        self.notes: list[tuple[str, str]] = []
+
+    def reporter(self, run_id: str, name: str) -> "SlotReporter":
+        return SlotReporter(self, run_id, name)
+
+    def put(self, snap: Snapshot) -> None:
+        with self._lock:
+            self.snaps[snap.run_id] = snap
+
+    def note(self, name: str, text: str) -> None:
+        with self._lock:
+            self.notes.append((name, text))
+
+    def take_notes(self) -> list[tuple[str, str]]:
+        with self._lock:
+            notes, self.notes = self.notes, []
+            return notes
+
+    def snap(self, run_id: str | None) -> Snapshot | None:
+        with self._lock:
+            return self.snaps.get(run_id) if run_id else None
+
+
+@dataclass
+class SlotReporter:
+    """One run's orchestrator reporter: everything goes to the board (log lines are dropped:
+    each run's log is fetched into its out dir)."""
+
+    board: BatchBoard
+    run_id: str
+    name: str
+
+    def note(self, text: str) -> None:
+        self.board.note(self.name, text)
+
+    def update(self, snap: Snapshot) -> None:
+        self.board.put(snap)
+
+    def log(self, lines: list[str]) -> None:
+        return None
+
+
+# ---- the scheduler --------------------------------------------------------------------------
+
+@dataclass
+class BatchOptions:
+    poll_interval: float = 2.0  # each run's agent polls
+    tick_s: float = 0.5  # how often the scheduler looks at the batch
+    finish_allowance_s: float | None = None  # None: the orchestrator's default
+    lost_contact_s: float | None = None
+
+    def run_options(self) -> Options:
+        extra: dict[str, Any] = {}
+        if self.finish_allowance_s is not None:
+            extra["finish_allowance_s"] = self.finish_allowance_s
+        if self.lost_contact_s is not None:
+            extra["lost_contact_s"] = self.lost_contact_s
+        return Options(poll_interval=self.poll_interval, **extra)
+
+
+@dataclass
+class BatchResult:
+    batch_id: str
+    state: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    ledger: dict[str, Any] = field(default_factory=dict)
+    summary_path: str | None = None
+    report_path: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == BATCH_DONE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "batch_id": self.batch_id, "state": self.state,
+                "ledger": self.ledger, "summary": self.summary_path, "report": self.report_path,
+                "runs": self.rows}
+
+
+class BatchScheduler:
+    """Runs one batch to its end (or, after a crash, from where the journal says it is)."""
+
+    def __init__(self, journal: "Journal", batch_id: str, *,
+                 provider_factory: ProviderFactory | None = None, board: BatchBoard | None = None,
+                 options: BatchOptions | None = None, env: Mapping[str, str] | None = None,
+                 on_tick: Callable[["BatchScheduler"], None] | None = None,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        batch = journal.get_batch(batch_id)
+        if batch is None:
+            raise RunError(f"no batch {batch_id!r} in the journal", hint="see `flux-remote ls`")
+        self.journal = journal
+        self.batch = batch
+        self.batch_id = batch_id
+        self.provider_factory = provider_factory or self._default_factory
+        self.board = board or BatchBoard()
+        self.options = options or BatchOptions()
+        self.env = env
+        self.on_tick = on_tick
+        self.clock = clock
+        self.sleep = sleep
+        self.claims = OfferClaims()
+        self.ledger = batch_ledger(journal, batch)
+        self._ended: "queue.Queue[tuple[int, str, BaseException | None]]" = queue.Queue()
+        self._threads: dict[int, threading.Thread] = {}
+
+    def _default_factory(self, name: str, claims: OfferClaims) -> "Provider":
+        from controller.providers import provider_named
+
+        extra = {"offer_claims": claims} if name == "vast" else {}
+        return provider_named(name, journal=self.journal, **extra)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def run(self) -> BatchResult:
+        """Drive every slot to an end; returns the batch's result (the summary is written)."""
+        with run_lock(self.journal, self.batch_id):
+            self.journal.update_batch(self.batch_id, state=BATCH_RUNNING)
+            self._recover()
+            while True:
+                self._collect()
+                self._meter()
+                self._start_what_fits()
+                if self.on_tick is not None:
+                    self.on_tick(self)
+                if not self._threads and not self._pending():
+                    break
+                try:
+                    self._ended.put(self._ended.get(timeout=self.options.tick_s))
+                except queue.Empty:
+                    pass
+            return self._finish()
+
+    def slots(self) -> list[dict[str, Any]]:
+        return self.journal.batch_runs(self.batch_id)
+
+    def _pending(self) -> list[dict[str, Any]]:
+        return [s for s in self.slots() if s["state"] == PENDING]
+
+    def _recover(self) -> None:
+        """After a crash: adopt runs created for pending slots, reattach active ones, and mark
+        the offers their machines hold as taken."""
+        runs = self.journal.runs_of_batch(self.batch_id)
+        holding = {r["run_id"] for r in runs if r["state"] not in (R.DONE, R.STOPPED)}
+        for row in self.journal.instances():
+            if row["run_id"] in holding and row.get("offer_id"):
+                self.claims.claim(row["offer_id"])
+        for slot in self.slots():
+            if slot["state"] == PENDING:
+                mine = [r for r in runs if r["name"] == slot["name"]
+                        and r["state"] in R.ACTIVE_STATES]
+                if mine:
+                    self.journal.update_batch_run(self.batch_id, slot["idx"], state=ACTIVE,
+                                                  run_id=mine[-1]["run_id"])
+                    slot = {**slot, "state": ACTIVE, "run_id": mine[-1]["run_id"]}
+            if slot["state"] == ACTIVE and slot["run_id"]:
+                self._spawn(slot, slot["run_id"], None)
+
+    def _collect(self) -> None:
+        """Runs that ended: close their ledger entry, settle their slot (maybe retry it)."""
+        while True:
+            try:
+                idx, run_id, exc = self._ended.get_nowait()
+            except queue.Empty:
+                return
+            self._threads.pop(idx, None)
+            run = self.journal.get_run(run_id) or {}
+            self.ledger.close(run_id, float(run.get("spend_usd") or 0.0))
+            slot = next(s for s in self.slots() if s["idx"] == idx)
+            state = run.get("state") or R.FAILED
+            if state in (R.DONE, R.STOPPED):  # a failed host's offer stays out of the batch
+                for row in self.journal.instances(run_id):
+                    if row.get("offer_id"):
+                        self.claims.release(row["offer_id"])
+            if state == R.FAILED and classify_failure(run, exc) == "infra" \
+                    and slot["attempts"] <= int(self.batch["retries"]):
+                self.board.note(slot["name"], f"infrastructure failure; retrying on another "
+                                              f"machine ({run.get('error') or exc})")
+                self.journal.update_batch_run(self.batch_id, idx, state=PENDING,
+                                              note=f"retry after: {run.get('error') or exc}")
+                continue
+            note = None if state == R.DONE else (run.get("error") or str(exc or "") or None)
+            self.journal.update_batch_run(self.batch_id, idx, state=state, note=note)
+
+    def _meter(self) -> None:
+        for slot in self.slots():
+            if slot["state"] == ACTIVE and slot["run_id"]:
+                run = self.journal.get_run(slot["run_id"]) or {}
+                self.ledger.meter(slot["run_id"], float(run.get("spend_usd") or 0.0))
+
+    def _start_what_fits(self) -> None:
+        for slot in self._pending():
+            if len(self._threads) >= int(self.batch["max_parallel"]):
+                return
+            self._try_start(slot)
+
+    def _try_start(self, slot: dict[str, Any]) -> None:
+        from controller.spec import RunSpec
+
+        spec = RunSpec.model_validate(json.loads(slot["spec_json"]))
+        provider = self.provider_factory(spec.provider.type, self.claims)
+        try:
+            estimate = provider.estimate(spec)
+        except BudgetError as exc:
+            if not self._threads:  # else offers the running runs hold may come back
+                self._skip(slot, f"skipped: budget ({exc})")
+            return
+        except FluxRemoteError as exc:
+            if self._threads:
+                return  # the provider may answer later; running runs keep the batch alive
+            self.journal.update_batch_run(self.batch_id, slot["idx"], state=R.FAILED,
+                                          note=f"could not estimate: {exc}")
+            return
+        amount = reservation_for(estimate.est_usd, spec.budget.max_usd,
+                                 margin=spec.budget.safety_margin)
+        key = f"slot-{slot['idx']}"
+        if not self.ledger.try_reserve(key, amount):
+            if not self._threads:  # nothing running can give money back
+                self._skip(slot, f"skipped: budget (needs ${amount:.2f}, "
+                                 f"${max(0.0, self.ledger.remaining()):.2f} left of "
+                                 f"${self.ledger.total_usd:.2f})")
+            return
+        capped = spec
+        if amount > 0 and amount < spec.budget.max_usd:
+            data = spec.model_dump(mode="json")
+            data["budget"]["max_usd"] = amount
+            capped = RunSpec.model_validate(data)
+        out_dir = Path(self.batch["out_dir"]) / spec.name
+        orch = Orchestrator(self.journal, provider, env=self.env, clock=self.clock,
+                            sleep=self.sleep)
+        run_id = orch.create_run(capped, estimate, out_dir=out_dir, batch_id=self.batch_id,
+                                 spec_path=Path(self.batch["spec_path"])
+                                 if self.batch["spec_path"] else None)
+        self.ledger.rename(key, run_id)
+        self.journal.add_event(run_id, "ledger_reserve", {
+            "batch_id": self.batch_id, "reserved_usd": amount, "est_usd": estimate.est_usd,
+            "remaining_usd": self.ledger.remaining()})
+        attempts = int(slot["attempts"]) + 1
+        self.journal.update_batch_run(self.batch_id, slot["idx"], state=ACTIVE, run_id=run_id,
+                                      attempts=attempts)
+        self._spawn({**slot, "attempts": attempts}, run_id, estimate, provider)
+
+    def _skip(self, slot: dict[str, Any], note: str) -> None:
+        self.board.note(slot["name"], note)
+        self.journal.update_batch_run(self.batch_id, slot["idx"], state=SKIPPED, note=note)
+
+    def _spawn(self, slot: dict[str, Any], run_id: str, estimate: "Estimate | None",
+               provider: "Provider | None" = None) -> None:
+        run = self.journal.get_run(run_id) or {}
+        provider = provider or self.provider_factory(run.get("provider") or "local", self.claims)
+        orch = Orchestrator(self.journal, provider,
+                            reporter=self.board.reporter(run_id, slot["name"]), env=self.env,
+                            clock=self.clock, sleep=self.sleep)
+        thread = threading.Thread(target=self._drive, args=(orch, slot["idx"], run_id, estimate),
+                                  name=f"batch-{slot['name']}", daemon=True)
+        self._threads[slot["idx"]] = thread
+        thread.start()
+
+    def _drive(self, orch: Orchestrator, idx: int, run_id: str,
+               estimate: "Estimate | None") -> None:
+        """One run, in its thread; whatever happens, the scheduler hears of its end."""
+        error: BaseException | None = None
+        try:
+            orch.drive(run_id, self.options.run_options(), estimate)
+        except FluxRemoteError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - a bug in one run must not end the batch
+            error = exc
+            orch.reporter.note(f"internal error: {exc}\n{traceback.format_exc()}")
+        try:
+            if orch.state(run_id) in R.ACTIVE_STATES:  # it could not be carried to an end
+                orch.down(run_id)
+                self.journal.update_run(run_id, state=R.FAILED,
+                                        error=f"ended by the batch after: {error}")
+        except FluxRemoteError as exc:
+            orch.reporter.note(f"could not release the machine: {exc}")
+        finally:
+            self._ended.put((idx, run_id, error))
+
+    def _finish(self) -> BatchResult:
+        from controller.batch_report import write_report
+
+        rows = batch_rows(self.journal, self.batch_id)
+        ended = [row["slot_state"] for row in rows]
+        state = BATCH_DONE if all(s == R.DONE for s in ended) else BATCH_PARTIAL
+        self.journal.update_batch(self.batch_id, state=state, ended_at=self.clock())
+        self.journal.add_event(None, "batch_end", {"batch_id": self.batch_id, "state": state,
+                                                   "ledger": self.ledger.to_dict()})
+        summary, report = write_report(self.journal, self.batch_id)
+        return BatchResult(self.batch_id, state, rows, self.ledger.to_dict(), str(summary),
+                           str(report))
+
+
+def batch_result(journal: "Journal", batch_id: str) -> BatchResult:
+    """The batch as the journal has it (``status BATCH``)."""
+    batch = journal.get_batch(batch_id)
+    if batch is None:
+        raise RunError(f"no batch {batch_id!r}")
+    return BatchResult(batch_id, batch["state"], batch_rows(journal, batch_id),
+                       batch_ledger(journal, batch).to_dict())
+
+
+# ---- commands on a whole batch --------------------------------------------------------------
+
+def cancel_pending(journal: "Journal", batch_id: str, note: str) -> int:
+    """Slots not started yet never will be (``stop`` / ``down`` of a batch); returns how many."""
+    count = 0
+    for slot in journal.batch_runs(batch_id):
+        if slot["state"] == PENDING:
+            journal.update_batch_run(batch_id, slot["idx"], state=R.STOPPED, note=note)
+            count += 1
+    return count
+
+
+def active_runs(journal: "Journal", batch_id: str) -> list[dict[str, Any]]:
+    """The batch's runs that have not ended (each attempt)."""
+    return [r for r in journal.runs_of_batch(batch_id) if r["state"] in R.ACTIVE_STATES]
+
+
+def plan_batch(loaded: "LoadedFile", provider_for: Callable[[str], "Provider"]) -> list[dict[str, Any]]:
+    """What each run is expected to cost and would reserve (``launch --dry-run`` of a batch)."""
+    rows = []
+    for spec in loaded.runs:
+        try:
+            estimate = provider_for(spec.provider.type).estimate(spec)
+        except BudgetError as exc:
+            rows.append({"name": spec.name, "est_usd": None, "reserve_usd": None,
+                         "note": str(exc)})
+            continue
+        rows.append({"name": spec.name, "est_usd": estimate.est_usd, "gpu": estimate.gpu_name,
+                     "reserve_usd": reservation_for(estimate.est_usd, spec.budget.max_usd,
+                                                    margin=spec.budget.safety_margin),
+                     "note": ""})
+    return rows

@@ -1,0 +1,158 @@
+"""The batch scheduler end to end: FakeVast + a real sshd for the sweep, the local provider with
+the tiny trainer for budget, failure isolation and retries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controller.batch import BatchOptions, BatchScheduler, create_batch
+from controller.errors import ProviderError
+from controller.fetch import verify_sums
+from controller.journal import open_journal
+from controller.providers.local import LocalProvider
+from controller.spec_loader import load_file
+from tests.test_launch_local import write_spec
+from tests.test_launch_vast_e2e import vast_provider, vast_spec
+
+FAST = BatchOptions(poll_interval=0.1, tick_s=0.05, finish_allowance_s=5.0)
+
+
+def batch_file(spec_path: Path, batch: dict[str, Any]) -> Path:
+    """Turn a single-run spec file into a batch file (the spec becomes the base)."""
+    data = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    data["batch"] = batch
+    path = spec_path.with_name(f"batch-{spec_path.name}")
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def add_twin_offers(fake: Any, copies: int) -> None:
+    """More offers like the reference one that fits the tiny spec, each a little dearer."""
+    base = list(fake.offers)
+    for k in range(1, copies + 1):
+        fake.offers.extend({**o, "id": int(o["id"]) + 1000 * k,
+                            "dph_total": float(o["dph_total"]) * (1 + 0.05 * k)} for o in base)
+
+
+def max_alive(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals open at one moment."""
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    alive = peak = 0
+    for _, delta in edges:
+        alive += delta
+        peak = max(peak, alive)
+    return peak
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+def test_a_sweep_of_four_runs_two_instances_at_a_time(tmp_path: Path, fake_vast: Any,
+                                                       sshd: Any) -> None:
+    fake_vast.ssh_endpoint = (sshd.host, sshd.port)
+    fake_vast.loading_polls = 0
+    add_twin_offers(fake_vast, 5)
+    path = batch_file(vast_spec(tmp_path, name="sw", steps=4), {
+        "max_usd": 20, "max_parallel": 2,
+        "sweep": {"training.lr": [1e-3, 2e-3], "training.rank": [2, 4]}})
+    journal = open_journal()
+    batch_id = create_batch(journal, load_file(path), out_dir=tmp_path / "out")
+
+    def factory(name: str, claims: Any) -> Any:
+        assert name == "vast"
+        return vast_provider(fake_vast, sshd, offer_claims=claims,
+                             measured_s_per_step=journal.measured_s_per_step())
+
+    result = BatchScheduler(journal, batch_id, provider_factory=factory, options=FAST).run()
+
+    assert result.state == "done", json.dumps(result.rows, indent=1, default=str)
+    runs = journal.runs_of_batch(batch_id)
+    assert len(runs) == 4 and all(r["state"] == "done" for r in runs)
+    for run in runs:
+        assert verify_sums(Path(run["bundle_path"])) >= 3
+        assert Path(run["bundle_path"]).parent == tmp_path / "out"
+    rows = [i for r in runs for i in journal.instances(r["run_id"])]
+    assert len(rows) == 4 and all(i["state"] == "destroyed" for i in rows)  # no offer fights
+    assert len({i["offer_id"] for i in rows}) == 4
+    assert max_alive([(i["intent_at"], i["destroyed_at"]) for i in rows]) == 2
+    assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 4 and fake_vast.instances == {}
+    # measured s/step of the first finished runs fed the plan of the later ones
+    assert "RTX 5090" in journal.measured_s_per_step()
+    sources = [json.dumps(journal.events(r["run_id"], "estimate")[0]["detail"]) for r in runs]
+    assert "measured on your runs" not in sources[0]
+    assert any("measured on your runs" in s for s in sources[2:])
+    # the ledger: every run reserved against the total, and the spend stays under it
+    spent = sum(r["spend_usd"] for r in runs)
+    assert 0 < spent <= 20 and result.ledger["committed_usd"] == pytest.approx(spent, abs=1e-5)
+    for run in runs:
+        [reserve] = journal.events(run["run_id"], "ledger_reserve")
+        assert run["budget_usd"] == pytest.approx(reserve["detail"]["reserved_usd"])
+
+    summary = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
+    assert summary["varied"] == ["training.lr", "training.rank"]
+    assert summary["spent_usd"] <= summary["budget_usd"]
+    for entry in summary["runs"]:
+        assert entry["result"] == "done" and entry["bundle"] and entry["usd"] > 0
+        assert entry["hours"] > 0 and entry["final_loss"] is not None and entry["s_per_step"]
+        assert set(entry["params"]) == {"training.lr", "training.rank"}
+    report = (tmp_path / "out" / "batch_report.html").read_text()
+    assert report.count('<path d="M') == 4 and report.count("<img ") == 4
+    assert 'src="http' not in report and "rank=4" in report
+
+
+class FlakyLocal(LocalProvider):
+    """The local provider, except that the first machine for run ``flaky_name`` never comes."""
+
+    failed: set[str] = set()
+
+    def __init__(self, flaky_name: str) -> None:
+        super().__init__()
+        self.flaky_name = flaky_name
+
+    def acquire(self, run_id: str, spec: Any, estimate: Any, journal: Any, notify: Any) -> Any:
+        if spec.name == self.flaky_name and spec.name not in FlakyLocal.failed:
+            FlakyLocal.failed.add(spec.name)
+            raise ProviderError("the host never answered")
+        return super().acquire(run_id, spec, estimate, journal, notify)
+
+
+@pytest.mark.slow
+def test_budget_skips_failures_stay_isolated_and_infra_failures_are_retried(
+        tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, name="mix", steps=4, budget=0.5,
+                      provider={"type": "local", "price_per_hour": 3.6})
+    path = batch_file(spec, {"max_usd": 2.0, "max_parallel": 3, "runs": [
+        {"name": "mix-ok"},
+        {"name": "mix-gate", "quality_gate.min_images": 500},  # fails its gate: no retry
+        {"name": "mix-flaky"},  # its first machine never comes: retried once
+        {"name": "mix-big", "budget.max_usd": 5.0},  # can never fit the 2.0 total
+    ]})
+    journal = open_journal()
+    batch_id = create_batch(journal, load_file(path), out_dir=tmp_path / "out")
+    FlakyLocal.failed = set()
+    result = BatchScheduler(journal, batch_id, options=FAST,
+                            provider_factory=lambda name, claims: FlakyLocal("mix-flaky")).run()
+
+    slots = {row["name"]: row for row in result.rows}
+    assert result.state == "partial"
+    assert slots["mix-ok"]["slot_state"] == "done"
+    assert slots["mix-gate"]["slot_state"] == "failed" and slots["mix-gate"]["attempts"] == 1
+    assert "quality_gate" in slots["mix-gate"]["note"]
+    assert slots["mix-flaky"]["slot_state"] == "done" and slots["mix-flaky"]["attempts"] == 2
+    assert slots["mix-big"]["slot_state"] == "skipped"
+    assert slots["mix-big"]["note"].startswith("skipped: budget") and not slots["mix-big"]["run_id"]
+    runs = journal.runs_of_batch(batch_id)
+    assert sorted(r["name"] for r in runs) == ["mix-flaky", "mix-flaky", "mix-gate", "mix-ok"]
+    spent = sum(r["spend_usd"] for r in runs)
+    assert 0 < spent <= 2.0
+    assert all(r["budget_usd"] <= 0.5 for r in runs)  # each run capped at its reservation
+    summary = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
+    by_name = {r["name"]: r for r in summary["runs"]}
+    assert by_name["mix-big"]["result"].startswith("skipped: budget")
+    assert by_name["mix-gate"]["result"] == "failed" and by_name["mix-gate"]["error"]
+    assert summary["spent_usd"] <= 2.0
+    assert summary["varied"] == ["quality_gate.min_images", "budget.max_usd"]

@@ -1,7 +1,8 @@
 """CLI start-up: `flux-remote --help` and `flux-remote ls` against `vastai --help` (and `sky --help`).
 
 The baseline is measured in the same run: the vastai CLI is installed into a throwaway venv
-(`--baseline-venv DIR` reuses one). Each command runs `--repeat` times after one warm-up; the
+(`--baseline-venv DIR` reuses one). Each command runs `--repeat` times after one warm-up, the
+commands interleaved round by round (other processes' load then skews no ratio); the
 table shows the median wall time, the ratio to `vastai --help` (target < 0.5) and the max RSS.
 
     python bench/bench_cli_startup.py [--repeat 10] [--baseline-venv /tmp/vastai-venv]
@@ -37,14 +38,21 @@ def _time_once(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss
 
 
-def measure(argv: list[str], repeat: int, env: dict[str, str]) -> dict[str, float]:
-    _time_once(argv, env)  # warm the page cache and .pyc files
-    samples = [_time_once(argv, env) for _ in range(repeat)]
-    return {
-        "median_s": statistics.median(s for s, _ in samples),
-        "min_s": min(s for s, _ in samples),
-        "max_rss_mib": max(r for _, r in samples) / 1024,
-    }
+def measure_all(commands: dict[str, list[str]], repeat: int,
+                env: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Each command once to warm the page cache and .pyc files, then ``repeat`` rounds that run
+    every command once each (interleaved, so a load spike from other processes hits all of them
+    alike instead of skewing the ratio)."""
+    for argv in commands.values():
+        _time_once(argv, env)
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
+    for _ in range(repeat):
+        for name, argv in commands.items():
+            samples[name].append(_time_once(argv, env))
+    return {name: {"median_s": statistics.median(s for s, _ in got),
+                   "min_s": min(s for s, _ in got),
+                   "max_rss_mib": max(r for _, r in got) / 1024}
+            for name, got in samples.items()}
 
 
 def ensure_venv(path: Path, package: str, binary: str) -> Path | None:
@@ -82,7 +90,7 @@ def main() -> int:
         if sky:
             commands["sky --help"] = [str(sky), "--help"]
 
-    results = {name: measure(argv, args.repeat, env) for name, argv in commands.items()}
+    results = measure_all(commands, args.repeat, env)
     base = results.get("vastai --help", {}).get("median_s")
     print(f"{'command':<22} {'median s':>9} {'ratio':>7} {'max RSS MiB':>12}")
     for name, res in results.items():

@@ -44,7 +44,6 @@ from controller.runs import run_lock
 if TYPE_CHECKING:
     from controller.journal import Journal
     from controller.providers.base import Estimate, Provider
-    from controller.spec import RunSpec
     from controller.spec_loader import LoadedFile
 
 PENDING, ACTIVE, SKIPPED = "pending", "active", "skipped"
@@ -277,6 +276,7 @@ class BatchScheduler:
         self.ledger = batch_ledger(journal, batch)
         self._ended: "queue.Queue[tuple[int, str, BaseException | None]]" = queue.Queue()
         self._threads: dict[int, threading.Thread] = {}
+        self._waiting: set[int] = set()  # slots that did not fit: tried again once a run ends
 
     def _default_factory(self, name: str, claims: OfferClaims) -> "Provider":
         from controller.providers import provider_named
@@ -338,10 +338,12 @@ class BatchScheduler:
             except queue.Empty:
                 return
             self._threads.pop(idx, None)
+            self._waiting.clear()  # money or offers may have come back
             run = self.journal.get_run(run_id) or {}
-            self.ledger.close(run_id, float(run.get("spend_usd") or 0.0))
             slot = next(s for s in self.slots() if s["idx"] == idx)
             state = run.get("state") or R.FAILED
+            if state not in R.ACTIVE_STATES:
+                self.ledger.close(run_id, float(run.get("spend_usd") or 0.0))
             if state in (R.DONE, R.STOPPED):  # a failed host's offer stays out of the batch
                 for row in self.journal.instances(run_id):
                     if row.get("offer_id"):
@@ -352,6 +354,9 @@ class BatchScheduler:
                                               f"machine ({run.get('error') or exc})")
                 self.journal.update_batch_run(self.batch_id, idx, state=PENDING,
                                               note=f"retry after: {run.get('error') or exc}")
+                continue
+            if state in R.ACTIVE_STATES:  # another process drives it: `resume BATCH` later
+                self.journal.update_batch_run(self.batch_id, idx, note=str(exc or ""))
                 continue
             note = None if state == R.DONE else (run.get("error") or str(exc or "") or None)
             self.journal.update_batch_run(self.batch_id, idx, state=state, note=note)
@@ -366,7 +371,8 @@ class BatchScheduler:
         for slot in self._pending():
             if len(self._threads) >= int(self.batch["max_parallel"]):
                 return
-            self._try_start(slot)
+            if slot["idx"] not in self._waiting:
+                self._try_start(slot)
 
     def _try_start(self, slot: dict[str, Any]) -> None:
         from controller.spec import RunSpec
@@ -378,9 +384,11 @@ class BatchScheduler:
         except BudgetError as exc:
             if not self._threads:  # else offers the running runs hold may come back
                 self._skip(slot, f"skipped: budget ({exc})")
+            self._waiting.add(slot["idx"])
             return
         except FluxRemoteError as exc:
             if self._threads:
+                self._waiting.add(slot["idx"])
                 return  # the provider may answer later; running runs keep the batch alive
             self.journal.update_batch_run(self.batch_id, slot["idx"], state=R.FAILED,
                                           note=f"could not estimate: {exc}")
@@ -393,11 +401,15 @@ class BatchScheduler:
                 self._skip(slot, f"skipped: budget (needs ${amount:.2f}, "
                                  f"${max(0.0, self.ledger.remaining()):.2f} left of "
                                  f"${self.ledger.total_usd:.2f})")
+            self._waiting.add(slot["idx"])
             return
+        # The run's own cap: its reservation; free hardware reserves nothing and keeps its
+        # budget, but never one above the batch's total.
+        cap = amount if amount > 0 else min(spec.budget.max_usd, self.ledger.total_usd)
         capped = spec
-        if amount > 0 and amount < spec.budget.max_usd:
+        if cap < spec.budget.max_usd:
             data = spec.model_dump(mode="json")
-            data["budget"]["max_usd"] = amount
+            data["budget"]["max_usd"] = cap
             capped = RunSpec.model_validate(data)
         out_dir = Path(self.batch["out_dir"]) / spec.name
         orch = Orchestrator(self.journal, provider, env=self.env, clock=self.clock,
@@ -491,7 +503,8 @@ def active_runs(journal: "Journal", batch_id: str) -> list[dict[str, Any]]:
     return [r for r in journal.runs_of_batch(batch_id) if r["state"] in R.ACTIVE_STATES]
 
 
-def plan_batch(loaded: "LoadedFile", provider_for: Callable[[str], "Provider"]) -> list[dict[str, Any]]:
+def plan_batch(loaded: "LoadedFile",
+               provider_for: Callable[[str], "Provider"]) -> list[dict[str, Any]]:
     """What each run is expected to cost and would reserve (``launch --dry-run`` of a batch)."""
     rows = []
     for spec in loaded.runs:

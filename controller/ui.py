@@ -83,6 +83,8 @@ def status_panel(snap: "Snapshot", *, title: str | None = None) -> Panel:
     grid.add_row("spend", spend)
     if snap.stop_requested:
         grid.add_row("stop", "requested: the agent checkpoints and publishes")
+    if snap.status.get("wandb_url"):
+        grid.add_row("W&B", str(snap.status["wandb_url"]))
     return Panel(grid, title=title or snap.run_id, title_align="left")
 
 
@@ -103,6 +105,7 @@ class LiveView:
         self.clock = clock
         self._live: Live | None = None
         self._last_line: str | None = None
+        self._wandb_url: str | None = None
 
     def __enter__(self) -> "LiveView":
         return self
@@ -124,6 +127,10 @@ class LiveView:
                 self.console.print(Text(line, style="dim"), soft_wrap=True)
 
     def update(self, snap: "Snapshot") -> None:
+        url = snap.status.get("wandb_url")
+        if url and url != self._wandb_url:  # once, above the panel: easy to click or copy
+            self._wandb_url = url
+            self.note(f"Weights & Biases: {url}")
         if self.console.is_terminal:
             if self._live is None:
                 self._live = Live(console=self.console, auto_refresh=False, transient=True)

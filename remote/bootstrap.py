@@ -206,10 +206,51 @@ def check_hf_access(model: str, *, token: str | None, env: Mapping[str, str],
     return "ok" if 200 <= code < 300 else f"unverified: HTTP {code}"
 
 
+def install_extras(spec: dict[str, Any], trainer_python: str, *, env: Mapping[str, str],
+                   log: Log, agent_python: str = sys.executable) -> list[str]:
+    """Install what the spec's options need and the Pythons lack; returns the steps taken.
+
+    ``wandb`` goes into the trainer's Python when ``wandb.enabled`` (ai-toolkit's requirements
+    lack it, and an image's or a cached install may too); it is optional logging, so a failed
+    install is a warning. ``transformers`` goes into the agent's own Python for
+    ``captioning.mode: model`` (the caption stage runs there); without it captioning fails, so a
+    failed install fails the stage now, before anything else is paid for.
+    """
+    wanted: list[tuple[str, str, bool]] = []  # (python, package = module, required)
+    if (spec.get("wandb") or {}).get("enabled"):
+        wanted.append((trainer_python, "wandb", False))
+    if (spec.get("captioning") or {}).get("mode") == "model":
+        wanted.append((agent_python, "transformers", True))
+    steps = []
+    for python, package, required in wanted:
+        if _imports_ok(python, package, env):
+            continue
+        try:
+            _run([python, "-m", "pip", "install", "--quiet", package], log=log, env=env)
+        except StageFailed as exc:
+            if required:
+                raise
+            log(f"warning: installing {package} failed; continuing without it ({exc})")
+            continue
+        steps.append(package)
+    return steps
+
+
 def bootstrap(spec: dict[str, Any], *, cache_root: Path, env: Mapping[str, str], log: Log,
               driver: str | None = None, base_model: str | None = None,
               image_checkouts: tuple[str, ...] = IMAGE_CHECKOUTS,
               opener: Callable[..., Any] = urllib.request.urlopen) -> BootstrapResult:
+    result = _bootstrap_trainer(spec, cache_root=cache_root, env=env, log=log, driver=driver,
+                                base_model=base_model, image_checkouts=image_checkouts,
+                                opener=opener)
+    result.steps += install_extras(spec, result.python or sys.executable, env=env, log=log)
+    return result
+
+
+def _bootstrap_trainer(spec: dict[str, Any], *, cache_root: Path, env: Mapping[str, str],
+                       log: Log, driver: str | None, base_model: str | None,
+                       image_checkouts: tuple[str, ...],
+                       opener: Callable[..., Any]) -> BootstrapResult:
     training = spec.get("training") or {}
     if training.get("trainer") == "tiny":
         missing = _missing_imports(TINY_IMPORTS)

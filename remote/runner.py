@@ -174,7 +174,24 @@ class Runner:
         cache_root = self.detail("checks").get("cache_root")
         if cache_root and "HF_HOME" not in self.env:
             env["HF_HOME"] = str(Path(cache_root) / "hf")
+        from remote.wandb_log import trainer_env as wandb_env
+
+        env.update(wandb_env(self.spec, self.plan["run_id"], self.output, env))
         return env
+
+    def _wandb_enabled(self) -> bool:
+        return bool((self.spec.get("wandb") or {}).get("enabled"))
+
+    def _record_wandb_url(self) -> None:
+        """Put the W&B run URL into status.json once it is known (the controller shows it)."""
+        if (not self._wandb_enabled() or self.recorder.status.get("wandb_url")
+                or self.trainer_env().get("WANDB_MODE") in ("offline", "disabled", "dryrun")):
+            return  # offline runs have no URL
+        from remote.wandb_log import find_run_url
+
+        url = find_run_url(self.output / self.name, self.run_dir / "agent.log")
+        if url:
+            self.recorder.update(wandb_url=url)
 
     # -- the pipeline ------------------------------------------------------------------------
     def run(self) -> int:
@@ -405,6 +422,7 @@ class Runner:
             total_steps=int(config["steps"]), cwd=Path(aitk_dir) if aitk_dir else self.run_dir)
         result = run_training(context)
         self.log.flush()
+        self._record_wandb_url()
         detail = {"state": result.state, "step": result.step, "s_per_step": result.s_per_step,
                   "final_lora": str(result.final_lora) if result.final_lora else None,
                   "last_checkpoint": (str(result.last_checkpoint) if result.last_checkpoint
@@ -466,6 +484,7 @@ class Runner:
 
     def _on_checkpoint(self, path: Path, step: int) -> None:
         self.recorder.update(last_checkpoint=str(path), step=step, spend_usd=self.guard.spend())
+        self._record_wandb_url()
         self.recorder.event("checkpoint", path=str(path), step=step, spend_usd=self.guard.spend())
 
     def _lora_path(self) -> Path | None:
@@ -514,6 +533,13 @@ class Runner:
             spend_usd=self.guard.spend(), hours=self.guard.hours(), state=state,
             ended_at=self.clock())
         self.recorder.event("published", files=len(files), state=state)
+        if self._wandb_enabled():  # the receipt exists only now: add it to the W&B run's summary
+            from remote.wandb_log import summarize_run
+
+            summarize_run(python=self.detail("bootstrap").get("python") or sys.executable,
+                          output_dir=self.output / self.name, env=self.trainer_env(),
+                          files=[self.run_dir / "publish" / "receipt.json",
+                                 self.work / "quality_report.json"], log=self.log.agent)
         return "done", {"files": len(files), "publish_dir": str(self.run_dir / "publish")}
 
 

@@ -14,6 +14,10 @@ environment itself. ``WANDB_MODE=offline`` writes the run under ``<dir>/wandb/of
 The run id is ``WANDB_RUN_ID`` when set, else the one remembered in ``wandb_run.json`` in the
 trainer's output folder, so a resumed training continues the same W&B run (``resume="allow"``).
 That file also holds the run URL, for whoever wants to show it.
+
+For the agent, whichever the trainer: :func:`trainer_env` (the variables that name the run),
+:func:`summarize_run` (after packing: the receipt and the quality report into the run's summary,
+via ``python -m remote.wandb_log summary``) and :func:`find_run_url` (for ``status.json``).
 """
 
 from __future__ import annotations
@@ -290,10 +294,12 @@ def add_summary(output_dir: Path, files: Sequence[Path], *, warn: Warn = _stderr
         return False
     logger = WandbLogger(None, warn=warn)
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        # a folder of its own: offline, a second run dir created in the same second as the
+        # training's would have the same name and overwrite its record log
+        folder = Path(env.get("WANDB_DIR") or output_dir) / "summary"
+        folder.mkdir(parents=True, exist_ok=True)
         logger.run = wandb.init(project=known.get("project") or env.get("WANDB_PROJECT")
-                                or DEFAULT_PROJECT, id=run_id, resume="allow",
-                                dir=None if env.get("WANDB_DIR") else str(output_dir),
+                                or DEFAULT_PROJECT, id=run_id, resume="allow", dir=str(folder),
                                 settings=wandb.Settings(console="off"))
     except Exception as exc:  # as in WandbLogger.start: W&B trouble is reported, never fatal
         warn(f"wandb: could not reopen run {run_id} ({exc})")

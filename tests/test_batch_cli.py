@@ -139,3 +139,16 @@ def test_stop_a_batch_before_it_ran_cancels_its_runs(tmp_path: Path) -> None:
     assert journal.runs_of_batch(batch_id) == []  # nothing was started
     summary = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
     assert [r["result"] for r in summary["runs"]] == ["stopped", "stopped"]
+
+
+def test_the_batch_view_on_a_terminal_is_one_live_table() -> None:
+    rows = [{"name": "a", "run_id": "a-1", "slot_state": "active", "state": "running",
+             "stage": "train", "step": 3, "total": 8, "loss": 0.5, "spend_usd": 0.1,
+             "note": None}]
+    buf = io.StringIO()
+    view = BatchView(Console(file=buf, width=100, force_terminal=True), title="batch t")
+    view.show(rows, {"spent_usd": 0.1, "committed_usd": 1.0, "total_usd": 3.0})
+    view.show([{**rows[0], "step": 4}], {"spent_usd": 0.2, "committed_usd": 1.0,
+                                          "total_usd": 3.0})
+    view.close()
+    assert "4/8" in buf.getvalue() and "batch t" in buf.getvalue()

@@ -1,13 +1,15 @@
-"""``captioning.mode: model`` with a real transformers model: a tiny random BLIP built here.
+"""``captioning.mode: model`` with real transformers models: a tiny random BLIP, and a tiny
+VisionEncoderDecoder (ViT + BERT) saved the way such repos are, both built here.
 
-No download: the model and its processor are made from configs and a ten-word vocabulary, saved
-with ``save_pretrained`` into a temp folder and loaded back by :func:`load_captioner` exactly as a
-hub id would be (``HF_HUB_OFFLINE=1`` is set for every test). The language-model head is biased
-towards one word so that the random network writes a known, non-empty caption.
+No download: the models and their processors are made from configs and a ten-word vocabulary,
+saved with ``save_pretrained`` into a temp folder and loaded back by :func:`load_captioner` exactly
+as a hub id would be (``HF_HUB_OFFLINE=1`` is set for every test). The language-model head is
+biased towards one word so that the random network writes a known, non-empty caption.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ from remote.dataset.caption import caption, clean_caption, load_captioner
 from remote.dataset.ingest import ingest
 from tests.fixtures_data import TRIGGER
 
-pytest.importorskip("transformers")
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers is not installed")
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "photo", "of"]
 
@@ -99,6 +102,7 @@ def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_blip(tmp_path_factory.mktemp("captioner"))
 
 
+@needs_transformers
 def test_tiny_model_writes_a_caption(tiny_blip: Path) -> None:
     from PIL import Image
 
@@ -110,6 +114,7 @@ def test_tiny_model_writes_a_caption(tiny_blip: Path) -> None:
         assert words and set(words) == {"red"}, text
 
 
+@needs_transformers
 def test_vision_encoder_decoder_without_a_processor_class(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -118,6 +123,7 @@ def test_vision_encoder_decoder_without_a_processor_class(tmp_path: Path) -> Non
     assert captioner([Image.new("RGB", (48, 32), "green")] * 3) == ["red red red"] * 3
 
 
+@needs_transformers
 def test_model_mode_fills_missing_captions_and_keeps_the_rest(small_dataset: Path,
                                                               tmp_path: Path,
                                                               tiny_blip: Path) -> None:
@@ -146,6 +152,7 @@ def test_model_mode_fills_missing_captions_and_keeps_the_rest(small_dataset: Pat
         f"{stem}.txt" for stem in originals)  # the user's folder is never written
 
 
+@needs_transformers
 def test_caption_loads_the_model_itself_when_none_is_injected(small_dataset: Path,
                                                               tmp_path: Path,
                                                               tiny_blip: Path) -> None:
@@ -158,6 +165,7 @@ def test_caption_loads_the_model_itself_when_none_is_injected(small_dataset: Pat
     assert all(r.caption_path.read_text(encoding="utf-8").startswith("red") for r in filled)
 
 
+@needs_transformers
 def test_missing_model_name_and_missing_model_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="captioning.model"):
         load_captioner("")
@@ -173,3 +181,23 @@ def test_missing_model_name_and_missing_model_are_clear_errors(tmp_path: Path) -
 ])
 def test_clean_caption_drops_blip_artifacts(raw: str, cleaned: str) -> None:
     assert clean_caption(raw) == cleaned
+
+
+def test_bootstrap_installs_transformers_into_the_agent_python(tmp_path: Path) -> None:
+    import os
+
+    from remote.bootstrap import install_extras
+    from remote.status import StageFailed
+    from tests.test_wandb import fake_python
+
+    spec = {"captioning": {"mode": "model"}}
+    python = str(fake_python(tmp_path))
+    steps = install_extras(spec, "/unused/trainer/python", env=dict(os.environ),
+                           log=lambda line: None, agent_python=python)
+    assert steps == ["transformers"]
+    assert (tmp_path / "calls").read_text().splitlines()[-1] == "-m pip install --quiet transformers"
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    with pytest.raises(StageFailed):
+        install_extras(spec, "/unused", env=dict(os.environ), log=lambda line: None,
+                       agent_python=str(fake_python(failing, pip_fails=True)))

@@ -127,9 +127,11 @@ def test_notebook_with_wandb_logs_the_tiny_trainer_offline(
     assert verify_sums(out) >= 5
     [run] = open_journal().list_runs()
     run_dir = Path(run["remote_run_dir"])
-    records = list(run_dir.glob("output/**/wandb/offline-run-*/run-*.wandb"))
-    assert len(records) == 1
-    assert list(records[0].parent.glob("files/media/images/samples_*"))
+    training = list(run_dir.glob("output/wandb/offline-run-*/run-*.wandb"))
+    summary = list(run_dir.glob("output/summary/wandb/offline-run-*/run-*.wandb"))
+    assert len(training) == 1 and len(summary) == 1  # the summary adds the receipt afterwards
+    assert training[0].name == summary[0].name == f"run-{run['run_id']}.wandb"
+    assert list(training[0].parent.glob("files/media/images/samples_*"))
 
 
 def test_notebook_publishes_to_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -9,6 +9,7 @@ reader below decodes it with wandb's own protobuf classes, so the test sees exac
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import struct
@@ -26,7 +27,8 @@ from remote.wandb_log import (RUN_FILE, WandbLogger, add_summary, find_run_url, 
                               summarize_run, trainer_env, url_in_line)
 from tests.test_tiny_trainer import write_job
 
-pytest.importorskip("wandb")
+needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                                 reason="wandb is not installed")
 
 KEY_CANARY = "wandb_canary_key_0123456789abcdef01234567"
 BLOCK = 32768  # LevelDB log block size, as wandb writes it
@@ -82,7 +84,8 @@ def read_run(path: Path) -> dict[str, Any]:
 
 
 def offline_runs(output: Path) -> list[Path]:
-    return sorted(output.glob("wandb/offline-run-*/run-*.wandb"))
+    """Record logs under ``output``, oldest first (the summary's live in ``summary/wandb``)."""
+    return sorted(output.rglob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
 
 
 def wandb_job(root: Path, *, steps: int = 12, use_wandb: bool = True) -> Path:
@@ -115,6 +118,7 @@ def train(config: Path, capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().out
 
 
+@needs_wandb
 def test_tiny_trainer_logs_metrics_samples_and_quality(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,6 +153,7 @@ def test_tiny_trainer_logs_metrics_samples_and_quality(tmp_path: Path,
             assert KEY_CANARY.encode() not in path.read_bytes(), path
 
 
+@needs_wandb
 def test_resumed_training_continues_the_same_run(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     config = wandb_job(tmp_path, steps=6)
@@ -164,6 +169,7 @@ def test_resumed_training_continues_the_same_run(tmp_path: Path,
     assert resumed == list(range(7, 13))
 
 
+@needs_wandb
 def test_wandb_run_id_comes_from_the_environment(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,6 +211,7 @@ def test_a_failing_log_call_switches_logging_off() -> None:
     assert len(warnings) == 1
 
 
+@needs_wandb
 def test_receipt_summary_is_added_to_the_finished_run(tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     train(wandb_job(tmp_path, steps=3), capsys)
@@ -224,6 +231,7 @@ def test_receipt_summary_is_added_to_the_finished_run(tmp_path: Path,
     assert not add_summary(tmp_path / "nowhere", [receipt])
 
 
+@needs_wandb
 def test_summary_command_reopens_the_run_named_by_the_environment(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ai-toolkit's case: no run file, the agent started the trainer with WANDB_RUN_ID."""
@@ -304,6 +312,7 @@ def test_trainer_env_names_the_run_and_keeps_what_is_set(tmp_path: Path) -> None
                                                     {"WANDB_API_KEY": KEY_CANARY}))
 
 
+@needs_wandb
 def test_summarize_run_adds_the_receipt_from_a_subprocess(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     receipt = tmp_path / "receipt.json"
@@ -318,3 +327,81 @@ def test_summarize_run_adds_the_receipt_from_a_subprocess(tmp_path: Path) -> Non
     summarize_run(python=str(tmp_path / "no-python"), output_dir=tmp_path, files=[receipt],
                   env=env, log=lines.append)
     assert "failed" in lines[-1]
+
+
+@needs_wandb
+def test_the_agent_runs_tiny_with_wandb_and_adds_the_receipt(tmp_path: Path,
+                                                             small_dataset: Path) -> None:
+    from remote.status import read_status
+    from tests.test_runner import run_agent, tiny_spec, write_plan
+
+    spec = tiny_spec(small_dataset, steps=8)
+    spec["wandb"] = {"enabled": True, "project": "agent-test"}
+    plan = write_plan(tmp_path, spec, small_dataset)
+    run_dir = plan.parent
+    assert run_agent(plan) == 0, (run_dir / "agent.log").read_text()[-3000:]
+    runs = [read_run(p) for p in offline_runs(run_dir / "output")]
+    assert {r["run"]["id"] for r in runs} == {"r1"}  # the flux-remote run id, twice
+    assert {r["run"]["project"] for r in runs} == {"agent-test"}
+    assert sorted(row["_step"] for row in runs[0]["history"] if "train/loss" in row) == list(
+        range(1, 9))
+    summary = {key: value for r in runs for key, value in r["summary"].items()}
+    assert summary["quality/passed"] is True and summary["receipt/state"] == "done"
+    assert summary["receipt/steps_done"] == 8
+    assert read_status(run_dir)["state"] == "done"
+    assert "wandb_url" not in read_status(run_dir)  # offline: no URL
+
+
+def fake_python(folder: Path, *, pip_fails: bool = False) -> Path:
+    """A "python" that imports nothing and records its arguments (pip fails when asked)."""
+    script = folder / "fake-python"
+    script.write_text("#!/bin/sh\n"
+                      f'echo "$*" >> "{folder}/calls"\n'
+                      'case "$*" in "-c import "*) exit 1;; esac\n'
+                      f"exit {1 if pip_fails else 0}\n", encoding="utf-8")
+    script.chmod(0o755)
+    return script
+
+
+def test_bootstrap_installs_wandb_where_the_trainer_lacks_it(tmp_path: Path) -> None:
+    from remote.bootstrap import install_extras
+
+    python = str(fake_python(tmp_path))
+    lines: list[str] = []
+    spec = {"wandb": {"enabled": True}, "captioning": {"mode": "template"}}
+    assert install_extras(spec, python, env=dict(os.environ), log=lines.append) == ["wandb"]
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "-c import wandb", "-m pip install --quiet wandb"]
+    assert install_extras({"wandb": {"enabled": False}}, python, env={}, log=lines.append) == []
+    assert install_extras(spec, sys.executable, env=dict(os.environ), log=lines.append) == []
+
+
+def test_a_failed_wandb_install_is_only_a_warning(tmp_path: Path) -> None:
+    from remote.bootstrap import install_extras
+
+    lines: list[str] = []
+    python = str(fake_python(tmp_path, pip_fails=True))
+    assert install_extras({"wandb": {"enabled": True}}, python, env=dict(os.environ),
+                          log=lines.append) == []
+    assert any(line.startswith("warning: installing wandb failed") for line in lines)
+
+
+def test_the_controller_shows_the_run_url_once() -> None:
+    import io
+
+    from rich.console import Console
+
+    from controller.follow import Snapshot
+    from controller.ui import LiveView, status_panel
+
+    out = io.StringIO()
+    view = LiveView(Console(file=out, width=100))
+    url = "https://wandb.ai/me/loras/runs/r1"
+    for step in (1, 2):
+        view.update(Snapshot(run_id="r1", stage="train", step=step, total=8,
+                             status={"wandb_url": url}))
+    assert out.getvalue().count(url) == 1
+    panel = io.StringIO()
+    Console(file=panel, width=100).print(status_panel(Snapshot(run_id="r1",
+                                                               status={"wandb_url": url})))
+    assert "W&B" in panel.getvalue() and url in panel.getvalue()

@@ -142,7 +142,6 @@ def launch(
 
     Example: flux-remote launch configs/demo-local.yaml --yes
     """
-    from controller.cli.plan_cmds import load_run_spec
     from controller.orchestrator import Options
     from controller.ui import plan_table
 

@@ -168,24 +168,31 @@ class VastProvider:
             return SshHost(target)
         return SshHost(target, reconnect_window_s=reconnect_window_s)
 
-    def _wait_ssh(self, host: "Host", instance_id: str) -> None:
-        """Until a command runs. A changed host key is not retried: it aborts (HostKeyError)."""
-        from controller.errors import HostKeyError
+    def _wait_ssh(self, address: str, port: int, instance_id: str) -> "Host":
+        """Probe until a command runs, then return the run's host (normal reconnect window).
 
+        The probe has a short reconnect window of its own, so this loop (deadline
+        ``ssh_ready_s``) decides how long to wait. A changed host key is not retried: it aborts
+        (HostKeyError)."""
+        probe = self._host(address, port, reconnect_window_s=SSH_RECONNECT_S)
         deadline = self.monotonic() + self.ssh_ready_s
-        while True:
-            try:
-                host.run("true", timeout=30)
-                return
-            except HostKeyError:
-                raise
-            except TransportError as exc:
-                if self.monotonic() >= deadline:
-                    raise ProviderError(
-                        f"instance {instance_id} runs but SSH did not answer within "
-                        f"{self.ssh_ready_s:.0f} s: {exc}") from exc
-                host.close()
-                self.sleep(self.ssh_retry_s)
+        try:
+            while True:
+                try:
+                    probe.run("true", timeout=30)
+                    break
+                except HostKeyError:
+                    raise
+                except TransportError as exc:
+                    if self.monotonic() >= deadline:
+                        raise ProviderError(
+                            f"instance {instance_id} runs but SSH did not answer within "
+                            f"{self.ssh_ready_s:.0f} s: {exc}") from exc
+                    probe.close()
+                    self.sleep(self.ssh_retry_s)
+        finally:
+            probe.close()
+        return self._host(address, port)
 
     def acquire(self, run_id: str, spec: "RunSpec", estimate: Estimate, journal: "Journal",
                 notify: Notify) -> Machine:
@@ -231,8 +238,7 @@ class VastProvider:
                 journal.update_instance(row, ssh_host=address, ssh_port=int(port))
                 # A new instance on an address Vast handed out before: its key is new too.
                 forget_host_key(self._known_hosts(), address, int(port))
-                host = self._host(address, port, reconnect_window_s=SSH_RECONNECT_S)
-                self._wait_ssh(host, str(instance_id))
+                host = self._wait_ssh(address, int(port), str(instance_id))
             except HostKeyError:
                 self._destroy_row(journal, row)
                 raise
@@ -284,8 +290,7 @@ class VastProvider:
         if not row.get("ssh_host"):
             forget_host_key(self._known_hosts(), address, int(port))
         journal.update_instance(int(row["id"]), ssh_host=address, ssh_port=int(port))
-        host = self._host(address, port, reconnect_window_s=SSH_RECONNECT_S)
-        self._wait_ssh(host, str(row["instance_id"]))
+        host = self._wait_ssh(address, int(port), str(row["instance_id"]))
         return Machine(host=host, root=spec.provider.remote_root,
                        python=spec.provider.remote_python,
                        price_per_hour=float(row["dph_total"] or 0.0),

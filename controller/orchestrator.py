@@ -300,8 +300,11 @@ class Orchestrator:
             try:
                 try:
                     follower = self.follower(run, options)
-                except ProviderError as exc:  # reattaching found it exited/offline/gone
-                    raise MachineLost(str(exc)) from exc
+                except ProviderError as exc:  # reattaching failed: lost, or just unreachable?
+                    problem = self.provider.health(run_id, self.journal)
+                    if problem is None:
+                        raise  # the run stays `running`: `resume` tries again later
+                    raise MachineLost(f"{exc} ({problem})") from exc
                 snap = follower.follow()
             except MachineLost as exc:
                 # Whatever is on its disk cannot be reached: keep it (stopped) when it still

@@ -173,17 +173,24 @@ def render_summary(console: Console, outcome: "Outcome") -> None:
 
 
 def runs_table(runs: list[dict[str, Any]], *, now: float) -> Table:
-    """``ls``: one row per run: state, provider, GPU, spend, age."""
-    table = Table(title="runs", title_justify="left")
-    table.add_column("run", overflow="fold", min_width=12)  # long ids fold; the rest stays whole
-    for name, justify in (("state", "left"), ("provider", "left"),
-                          ("GPU", "left"), ("instance", "left"), ("spend", "right"),
-                          ("budget", "right"), ("age", "right")):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    """``ls``: one row per run: state, machine, instance, spend of budget, age.
+
+    The run id is never cut (people copy it into the next command); the table is borderless so
+    that it fits 80 columns.
+    """
+    table = Table(title="runs", title_justify="left", box=None, padding=(0, 1),
+                  header_style="bold")
+    table.add_column("run", no_wrap=True)
+    for name, justify, wrap in (("state", "left", False), ("machine", "left", True),
+                                ("instance", "left", False), ("spend", "right", False),
+                                ("age", "right", False)):
+        table.add_column(name, justify=justify, no_wrap=not wrap,  # type: ignore[arg-type]
+                         overflow="fold")
     for run in runs:
-        table.add_row(run["run_id"], run["state"], run["provider"], run.get("gpu_name") or "-",
-                      run.get("instance_state") or "none", money(run.get("spend_usd")),
-                      money(run.get("budget_usd")), duration(now - run["created_at"]))
+        machine = " ".join(part for part in (run["provider"], run.get("gpu_name")) if part)
+        table.add_row(run["run_id"], run["state"], machine, run.get("instance_state") or "none",
+                      f"{money(run.get('spend_usd'))}/{money(run.get('budget_usd'))}",
+                      duration(now - run["created_at"]))
     return table
 
 
@@ -209,7 +216,7 @@ def run_detail(run: dict[str, Any], *, now: float) -> Panel:
 def cost_table(rows: list[dict[str, Any]]) -> Table:
     """``cost``: estimated vs metered spend per run, and the total."""
     table = Table(title="cost", title_justify="left")
-    table.add_column("run", overflow="fold", min_width=12)
+    table.add_column("run", no_wrap=True)
     for name, justify in (("state", "left"), ("estimated", "right"),
                           ("metered", "right"), ("budget", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]

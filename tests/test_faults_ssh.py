@@ -67,3 +67,72 @@ def test_connections_killed_throughout_a_run_change_nothing(tmp_path: Path, fake
     assert run["step"] == run["total"] == 4
     record("ssh:connections-killed", faults=len(kills), orphans=len(fake_vast.instances),
            lost=0 if (out / "SHA256SUMS").exists() else 1)
+
+
+def test_sshd_down_past_the_window_the_watchdog_stops_the_instance_and_resume_fetches(
+        tmp_path: Path, fake_vast: Any, sshd: Any) -> None:
+    """Lost contact: the controller gives up following (journaled ``lost_contact``, the run stays
+    ``running``); the agent finishes, its watchdog stops the instance with the per-instance key
+    (never the account key); once SSH is back, ``resume`` starts the instance and fetches."""
+    import sys
+
+    from controller.errors import RunError
+    from tests.faults import wait_for
+    from tests.test_launch_local import write_spec
+
+    iid = 40000001  # the first id FakeVast hands out
+    container_key = f"container-key-{iid}"
+    # What Vast puts in every instance's environment: the instance id and its own key.
+    with open(sshd.config_path, "a", encoding="utf-8") as fh:
+        fh.write(f"SetEnv CONTAINER_ID={iid} CONTAINER_API_KEY={container_key} "
+                 f"VAST_URL={fake_vast.url}\n")
+    sshd.stop()
+    sshd.start()
+    handle = fake_vast.handle
+    self_stops: list[str] = []  # the Authorization of every self-stop, as sent
+
+    def per_instance_key(method: str, path: str, query: Any, headers: dict[str, str],
+                         body: Any) -> Any:
+        if (body or {}).get("state") == "stopped" and "Python-urllib" in headers.get(
+                "User-Agent", ""):
+            self_stops.append(headers.get("Authorization", ""))
+        if headers.get("Authorization") == f"Bearer {container_key}":
+            if method != "PUT" or path != f"/api/v0/instances/{iid}/":
+                return 401, {"success": False, "error": "auth_error", "msg": "scope"}
+            headers = {**headers, "Authorization": f"Bearer {fake_vast.api_key}"}
+        return handle(method, path, query, headers, body)
+
+    fake_vast.handle = per_instance_key  # type: ignore[method-assign]
+    fake_vast.ssh_endpoint = (sshd.host, sshd.port)
+    spec = load_spec(write_spec(tmp_path, name="quiet", budget=5.0, steps=4, provider={
+        "type": "vast", "remote_root": str(tmp_path / "instance-root"),
+        "remote_python": sys.executable, "heartbeat_grace_s": 10}))
+    journal = open_journal()
+    provider = vast_provider(fake_vast, sshd, reconnect_window_s=0.5)
+    orch = Orchestrator(journal, provider, reporter=Recorder())
+    estimate = provider.estimate(spec)
+    out = tmp_path / "bundle"
+    run_id = orch.create_run(spec, estimate, out_dir=out)
+    assert orch.drive(run_id, Options(detach=True), estimate).detached
+    assert list(fake_vast.instances) == [iid]
+
+    sshd.stop()  # down for much longer than the reconnect window
+    with pytest.raises(RunError, match="lost contact"):
+        orch.drive(run_id, Options(poll_interval=0.1, lost_contact_s=1.0))
+    assert journal.get_run(run_id)["state"] == "running"
+    assert journal.events(run_id, kind="lost_contact")
+
+    assert wait_for(lambda: fake_vast.instances[iid]["actual_status"] == "stopped",
+                    timeout=60, interval=0.5), "the agent's watchdog never stopped the instance"
+    # the agent used the instance's own key, never the account key
+    assert self_stops and set(self_stops) == {f"Bearer {container_key}"}
+
+    sshd.start()
+    orch2 = Orchestrator(open_journal(), vast_provider(fake_vast, sshd), reporter=Recorder())
+    outcome = orch2.drive(run_id, Options(poll_interval=0.1))
+    assert outcome.state == "done", outcome.error
+    assert verify_sums(out) >= 3
+    assert fake_vast.instances == {}
+    assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 1
+    record("ssh:down-past-window+watchdog", faults=2, orphans=len(fake_vast.instances),
+           lost=0 if (out / "SHA256SUMS").exists() else 1)

@@ -32,6 +32,7 @@ MAX_OFFERS_TRIED = 5
 LOST_STATUSES = ("exited", "offline", "unknown", "stopped")  # never become running by themselves
 SSH_READY_S = 300.0  # after "running": Vast can take a minute more to install the key
 SSH_RECONNECT_S = 20.0  # one readiness probe's reconnect window (the wait loop retries it)
+SSH_RUN_RECONNECT_S = 120.0  # the run's connection: how long a dropped one is retried
 # Pytorch images may lack rsync (ship and fetch need it on both ends): install it at boot.
 ONSTART = ("command -v rsync >/dev/null 2>&1 || (apt-get update -qq && "
            "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync openssh-client) "
@@ -78,6 +79,7 @@ class VastProvider:
                  key_path: Path | None = None, public_key: str | None = None,
                  known_hosts_path: Path | None = None, deadlines: Any = None,
                  ssh_ready_s: float = SSH_READY_S, ssh_retry_s: float = 5.0,
+                 reconnect_window_s: float = SSH_RUN_RECONNECT_S,
                  max_offers: int = MAX_OFFERS_TRIED,
                  measured_s_per_step: dict[str, float] | None = None,
                  offer_claims: OfferClaims | None = None,
@@ -92,6 +94,7 @@ class VastProvider:
         self.deadlines = deadlines
         self.ssh_ready_s = ssh_ready_s
         self.ssh_retry_s = ssh_retry_s
+        self.reconnect_window_s = reconnect_window_s
         self.max_offers = max_offers
         self.measured_s_per_step = measured_s_per_step or {}
         self.offer_claims = offer_claims  # a batch's shared claims (None: a lone run)
@@ -164,9 +167,8 @@ class VastProvider:
         key_path, _ = self._keys()
         target = SshTarget(host=address, port=int(port), user=self.ssh_user,
                            key_path=Path(key_path), known_hosts_path=self._known_hosts())
-        if reconnect_window_s is None:
-            return SshHost(target)
-        return SshHost(target, reconnect_window_s=reconnect_window_s)
+        return SshHost(target, reconnect_window_s=self.reconnect_window_s
+                       if reconnect_window_s is None else reconnect_window_s)
 
     def _wait_ssh(self, address: str, port: int, instance_id: str) -> "Host":
         """Probe until a command runs, then return the run's host (normal reconnect window).
@@ -174,7 +176,8 @@ class VastProvider:
         The probe has a short reconnect window of its own, so this loop (deadline
         ``ssh_ready_s``) decides how long to wait. A changed host key is not retried: it aborts
         (HostKeyError)."""
-        probe = self._host(address, port, reconnect_window_s=SSH_RECONNECT_S)
+        probe = self._host(address, port,
+                           reconnect_window_s=min(SSH_RECONNECT_S, self.reconnect_window_s))
         deadline = self.monotonic() + self.ssh_ready_s
         try:
             while True:

@@ -185,7 +185,7 @@ def runs_table(runs: list[dict[str, Any]], *, now: float) -> Table:
                                 ("instance", "left", False), ("spend", "right", False),
                                 ("age", "right", False)):
         table.add_column(name, justify=justify, no_wrap=not wrap,  # type: ignore[arg-type]
-                         overflow="fold")
+                         overflow="fold", min_width=len(name))
     for run in runs:
         machine = " ".join(part for part in (run["provider"], run.get("gpu_name")) if part)
         table.add_row(run["run_id"], run["state"], machine, run.get("instance_state") or "none",

@@ -42,6 +42,7 @@ from controller.providers.vast import OfferClaims
 from controller.runs import run_lock
 
 if TYPE_CHECKING:
+    from controller.vast.client import VastClient
     from controller.journal import Journal
     from controller.providers.base import Estimate, Provider
     from controller.spec_loader import LoadedFile
@@ -273,6 +274,7 @@ class BatchScheduler:
         self.clock = clock
         self.sleep = sleep
         self.claims = OfferClaims()
+        self._vast_client: "VastClient | None" = None
         self.ledger = batch_ledger(journal, batch)
         self._ended: "queue.Queue[tuple[int, str, BaseException | None]]" = queue.Queue()
         self._threads: dict[int, threading.Thread] = {}
@@ -281,8 +283,14 @@ class BatchScheduler:
     def _default_factory(self, name: str, claims: OfferClaims) -> "Provider":
         from controller.providers import provider_named
 
-        extra = {"offer_claims": claims} if name == "vast" else {}
-        return provider_named(name, journal=self.journal, **extra)
+        if name != "vast":
+            return provider_named(name, journal=self.journal)
+        if self._vast_client is None:  # one client for the batch: Vast's limits are per account
+            from controller.vast.client import VastClient
+
+            self._vast_client = VastClient()
+        return provider_named(name, journal=self.journal, offer_claims=claims,
+                              client=self._vast_client)
 
     # ---- the loop --------------------------------------------------------------------------
 

@@ -1,7 +1,13 @@
-"""SSH dropped under a running launch: the sshd child serving the controller is killed again and
-again (during upload, polling and fetch); the controller reconnects, rsync resumes, and the
-detached agent trains on untouched. Transport-level drops are in tests/test_hosts_ssh.py
-(reconnect, in-flight command, sshd down past the reconnect window, resumable upload)."""
+"""SSH faults under a running launch (FakeVast + a real sshd as the instance).
+
+* the sshd child serving the controller is killed during upload, polling and fetch: the
+  controller reconnects, rsync resumes, the detached agent trains on untouched;
+* sshd down for longer than the reconnect window: the controller gives up following (lost
+  contact), the agent's watchdog stops the instance with the per-instance key, and ``resume``
+  later starts it again and fetches.
+
+Transport-level drops are in tests/test_hosts_ssh.py (reconnect, in-flight command, resumable
+upload)."""
 
 from __future__ import annotations
 
@@ -93,8 +99,8 @@ def test_sshd_down_past_the_window_the_watchdog_stops_the_instance_and_resume_fe
 
     def per_instance_key(method: str, path: str, query: Any, headers: dict[str, str],
                          body: Any) -> Any:
-        if (body or {}).get("state") == "stopped" and "Python-urllib" in headers.get(
-                "User-Agent", ""):
+        from_agent = "Python-urllib" in headers.get("User-Agent", "")
+        if from_agent and isinstance(body, dict) and body.get("state") == "stopped":
             self_stops.append(headers.get("Authorization", ""))
         if headers.get("Authorization") == f"Bearer {container_key}":
             if method != "PUT" or path != f"/api/v0/instances/{iid}/":

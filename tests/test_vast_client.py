@@ -350,3 +350,24 @@ def test_redact_masks_known_secrets_only() -> None:
     assert redact(text, [KEY, "hf_abcdefgh", "", "ab"]) == "token=*** and *** and ***x"
     assert redact("short ab ab", ["ab"]) == "short ab ab"  # too short to mask safely
     assert redact("aaaaaaaaaa", ["aaaaaa", "aaaaaaaaaa"]) == "***"  # longest first
+
+
+def test_pacing_is_shared_by_threads_using_one_client() -> None:
+    """A batch shares one client: concurrent callers queue behind each other's slots."""
+    import threading
+
+    slept: list[float] = []
+    lock = threading.Lock()
+
+    def sleep(seconds: float) -> None:
+        with lock:
+            slept.append(seconds)
+
+    client = VastClient("k" * 64, base_url="http://127.0.0.1:9", clock=lambda: 100.0, sleep=sleep,
+                        min_intervals={"search": 6.0})
+    threads = [threading.Thread(target=client._pace, args=("search",)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(slept) == [6.0, 12.0]

@@ -212,6 +212,11 @@ class SshHost:
             try:
                 transport.auth_publickey(t.user, pkey)
             except paramiko.AuthenticationException as exc:
+                if not transport.is_active():
+                    # The connection died during auth (paramiko reports that as a failed auth):
+                    # a drop, retried by the reconnect loop, not a refused key.
+                    raise EOFError(f"connection to {self.where} closed during authentication") \
+                        from exc
                 raise TransportError(
                     f"{self.where} refused our key {t.key_path}: {exc}",
                     hint="is our public key in its authorized_keys (attached to the instance)?",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -97,6 +98,7 @@ class VastClient:
         self.max_attempts = max(1, max_attempts)
         self._rng = rng
         self._last_call: dict[str, float] = {}
+        self._pace_lock = threading.Lock()
         self._session: Any = None  # requests.Session, made on first use (import kept lazy)
 
     def __repr__(self) -> str:
@@ -259,13 +261,19 @@ class VastClient:
         return delay / 2 + self._rng() * delay / 2
 
     def _pace(self, kind: str) -> None:
+        """Keep Vast's minimum interval per endpoint kind, across every thread using this client.
+
+        A batch shares one client (the limits are per account), so each caller takes the next
+        free slot under the lock and sleeps outside it.
+        """
         interval = self.min_intervals.get(kind, self.min_intervals["other"])
-        last = self._last_call.get(kind)
-        if last is not None:
-            wait = last + interval - self._clock()
-            if wait > 0:
-                self._sleep(wait)
-        self._last_call[kind] = self._clock()
+        with self._pace_lock:
+            now = self._clock()
+            last = self._last_call.get(kind)
+            slot = now if last is None else max(now, last + interval)
+            self._last_call[kind] = slot
+        if slot > now:
+            self._sleep(slot - now)
 
     def _call(
         self,

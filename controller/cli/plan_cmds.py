@@ -65,8 +65,7 @@ def search_live(spec: "RunSpec") -> list[dict[str, Any]]:
 WIDE_TABLE = 110  # narrower consoles get the "why" column as lines under the table
 
 
-def render_plan(result: "PlanResult", out: Any, *, top: int = 10) -> None:
-    """The plan as a table on a rich Console ``out``: top offers, the chosen one marked."""
+def _offers_table(result: "PlanResult", *, wide: bool, top: int) -> Any:
     from rich import box
     from rich.table import Table
 
@@ -77,7 +76,6 @@ def render_plan(result: "PlanResult", out: Any, *, top: int = 10) -> None:
                           ("rel", "right"), ("loc", "left")):
         table.add_column(name, justify=justify,  # type: ignore[arg-type]
                          no_wrap=name not in ("GPU", "loc"))
-    wide = out.width >= WIDE_TABLE
     if wide:
         table.add_column("why", ratio=1)
     for est in result.offers[:top]:
@@ -95,7 +93,14 @@ def render_plan(result: "PlanResult", out: Any, *, top: int = 10) -> None:
             f"{est.to_dict()['reliability']:.3f}", location,
         ]
         table.add_row(*cells, *([why] if wide else []))
-    out.print(table)
+    return table
+
+
+def render_plan(result: "PlanResult", out: Any, *, top: int = 10) -> None:
+    """The plan as a table on a rich Console ``out``: top offers, the chosen one marked."""
+    wide = out.width >= WIDE_TABLE
+    if result.offers:  # else nothing passed the filters: the exclusion counts below say why
+        out.print(_offers_table(result, wide=wide, top=top))
     if not wide:
         for est in result.offers[:top]:
             why = est.why if est.fits else f"over {est.refused}; {est.why}"

@@ -3,9 +3,9 @@
 Both go into the batch's out dir (``./runs/<batch name>/`` by default), beside the runs' own
 folders. Per run they hold: result, bundle path, hours, dollars, final loss, s/step and the
 parameters the batch varied. The data comes from each run's fetched bundle (``receipt.json``,
-``samples/``), the controller's ``controller_receipt.json`` and the fetched ``logs/agent.log``
-(the bundle itself carries no loss history, so the curve is read back from the trainer's progress
-lines in the log).
+``samples/``, ``loss.jsonl``: the loss curve) and the controller's ``controller_receipt.json``.
+A bundle packed before ``loss.jsonl`` was part of it, or a run with no bundle, has its curve read
+back from the trainer's progress lines in the fetched ``logs/agent.log``.
 
 The HTML page is self-contained: one inline SVG with every run's loss curve, and the final samples
 of each run side by side (one row per prompt; every run samples the same prompts with the same
@@ -36,10 +36,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def loss_points(out_dir: Path) -> list[tuple[int, float]]:
-    """(step, loss) from the trainer's progress lines in the fetched ``logs/agent.log``."""
+def loss_points(out_dir: Path, *, bundle: Path | None = None) -> list[tuple[int, float]]:
+    """(step, loss) from ``bundle/loss.jsonl`` (the runner's own record, a step logged twice after
+    a resume keeping its last value) when the run's fetched bundle has one; else from the
+    trainer's progress lines in the fetched ``out_dir/logs/agent.log``."""
     from remote.progress import LogWatcher
+    from remote.publish.bundle import LOSS_HISTORY, read_loss_points
 
+    points = read_loss_points(bundle / LOSS_HISTORY) if bundle is not None else []
+    if points:
+        return points
     try:
         data = (out_dir / "logs" / "agent.log").read_bytes()
     except OSError:
@@ -71,7 +77,8 @@ def run_entry(row: dict[str, Any]) -> dict[str, Any]:
     out = Path(row["out_dir"]) if row.get("out_dir") else None
     receipt = _read_json(out / "receipt.json") if out else {}
     ctl = _read_json(out / "controller_receipt.json") if out else {}
-    points = loss_points(out) if out else []
+    bundle = Path(row["bundle_path"]) if row.get("bundle_path") else None
+    points = loss_points(out, bundle=bundle) if out else []
     state = row["slot_state"]
     hours = ctl.get("billed_hours")
     if hours is None:
@@ -130,7 +137,7 @@ def losses_svg(runs: list[dict[str, Any]], *, width: int = 760, height: int = 30
     curves = [(run, [(s, v) for s, v in run["loss_points"] if math.isfinite(v)]) for run in runs]
     curves = [(run, pts) for run, pts in curves if len(pts) >= 2]
     if not curves:
-        return '<p class="muted">No loss history in the fetched logs.</p>'
+        return '<p class="muted">No loss history in the fetched bundles or logs.</p>'
     pad_l, pad_r, pad_t, pad_b = 60, 15, 15, 35
     steps = [s for _, pts in curves for s, _ in pts]
     losses = [v for _, pts in curves for _, v in pts]

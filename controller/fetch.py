@@ -96,20 +96,6 @@ def bundle_of_run(out_dir: Path, run_id: str) -> int:
     return count
 
 
-def remote_exists(host: "Host", path: str) -> bool:
-    """Whether ``path`` (a file or a directory) exists on the host.
-
-    ``read_bytes`` answers None for a directory as for a missing file, so a None is asked again
-    with ``test -e`` (a checkpoint may be a directory).
-    """
-    import shlex
-
-    if host.read_bytes(path, 0, 1) is not None:
-        return True
-    result = host.run(f"test -e {shlex.quote(path)}", check=False, timeout=60)
-    return bool(result is not None and result.ok)
-
-
 def has_bundle(host: "Host", paths: RunPaths) -> bool:
     return host.read_bytes(posixpath.join(paths.publish, SUMS_NAME), 0, 1) is not None
 
@@ -126,23 +112,29 @@ def fetch_extras(host: "Host", paths: RunPaths, out_dir: Path, *,
                  checkpoint: str | None = None) -> list[str]:
     """Best effort: logs and status into ``out_dir/logs/``, a checkpoint into
     ``out_dir/checkpoints/``. Returns what arrived; transfer errors are swallowed on purpose
-    (these files explain a failure, they are not the product)."""
-    got = []
+    (these files explain a failure, they are not the product).
+
+    The four small files come in one rsync (one SSH connection), missing ones skipped: this runs
+    between the agent's end and the destroy, so every round trip here is billed idle time.
+    """
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    wanted = [(paths.log, logs), (paths.status, logs), (paths.file("events.jsonl"), logs),
-              (paths.out, logs)]
+    names = [posixpath.basename(path) for path in
+             (paths.log, paths.status, paths.file("events.jsonl"), paths.out)]
+    got = []
+    try:
+        host.download(paths.run_dir, logs, includes=names)
+    except TransportError:
+        pass
+    else:
+        got = [str(logs / name) for name in names if (logs / name).is_file()]
     if checkpoint:
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        wanted.append((checkpoint, out_dir / "checkpoints"))
-    for remote, local_dir in wanted:
+        target = out_dir / "checkpoints" / posixpath.basename(checkpoint.rstrip("/"))
         try:
-            if not remote_exists(host, remote):
-                continue
-            host.download(remote, local_dir / posixpath.basename(remote))
+            host.download(checkpoint, target)  # a file or a directory; raises when missing
         except TransportError:
-            continue
-        got.append(str(local_dir / posixpath.basename(remote)))
+            return got
+        got.append(str(target))
     return got
 
 

@@ -1,7 +1,8 @@
 """The run spec: what a user writes in ``run.yaml``, as pydantic v2 models.
 
 Every model forbids unknown keys (typos are errors, not silently ignored settings). Defaults are
-the realistic ones for a Flux LoRA on a 24 GB+ GPU; the comment on each field says what it does.
+the realistic ones for a Flux LoRA on a 24 GB+ GPU; the description on each field says what it
+does (editors show it on hover, from the JSON Schema that ``flux-remote schema`` prints).
 Loading from YAML with located error messages lives in ``controller.spec_loader``; this module only
 declares the shape and the rules that involve one field or one section.
 """
@@ -38,26 +39,36 @@ class _Model(BaseModel):
 class CustomBaseModel(_Model):
     """An explicit base model: a hub id or a local path, and which Flux variant it is."""
 
-    name_or_path: str = Field(min_length=1)
-    variant: Literal["dev", "schnell"] = "dev"
-    assistant_lora_path: str | None = None  # schnell needs ostris' training adapter
+    name_or_path: str = Field(min_length=1, description="a Hugging Face hub id or a local path")
+    variant: Literal["dev", "schnell"] = Field("dev", description="which Flux variant it is")
+    assistant_lora_path: str | None = Field(
+        None, description="schnell needs ostris' training adapter")
 
 
 class DatasetSpec(_Model):
-    path: Path  # a local folder of images with optional caption sidecars; never modified
-    caption_ext: str = Field("txt", pattern=r"^[A-Za-z0-9]{1,8}$")
-    caption_dropout_rate: float = Field(0.05, ge=0.0, le=1.0)
-    shuffle_tokens: bool = False
-    cache_latents_to_disk: bool = True
-    max_side: int = Field(2048, ge=256, le=8192)  # ingest downscales larger images (never up)
+    path: Path = Field(description="a local folder of images with optional caption sidecars; "
+                                   "never modified")
+    caption_ext: str = Field("txt", pattern=r"^[A-Za-z0-9]{1,8}$",
+                             description="extension of the caption sidecar beside each image")
+    caption_dropout_rate: float = Field(0.05, ge=0.0, le=1.0,
+                                        description="fraction of steps trained without a caption")
+    shuffle_tokens: bool = Field(False, description="shuffle the comma-separated caption tokens")
+    cache_latents_to_disk: bool = Field(True, description="encode images once and cache the latents")
+    max_side: int = Field(2048, ge=256, le=8192,
+                          description="ingest downscales larger images (never up)")
 
 
 class CaptioningSpec(_Model):
-    mode: Literal["keep", "template", "model"] = "template"
-    template: str = "a photo of [trigger]"  # used for images without a sidecar caption
-    model: str = "Salesforce/blip-image-captioning-large"  # image-to-text model for mode: model
-    batch_size: int = Field(8, ge=1, le=256)
-    insert_trigger: bool = True  # prepend the trigger word to captions that lack it
+    mode: Literal["keep", "template", "model"] = Field(
+        "template", description="images without a sidecar caption: keep (no caption), template, "
+                                "or model (an image-to-text model on the GPU)")
+    template: str = Field("a photo of [trigger]",
+                          description="used for images without a sidecar caption")
+    model: str = Field("Salesforce/blip-image-captioning-large",
+                       description="image-to-text model for mode: model")
+    batch_size: int = Field(8, ge=1, le=256, description="images per captioning batch")
+    insert_trigger: bool = Field(True,
+                                 description="prepend the trigger word to captions that lack it")
 
 
 GateCategory = Literal[
@@ -66,60 +77,81 @@ GateCategory = Literal[
 
 
 class QualityGateSpec(_Model):
-    enabled: bool = True
-    strict: bool = False  # any image in an `exclude` category fails the whole gate
-    min_images: int = Field(5, ge=1)  # usable images needed after exclusions
-    min_short_side: int = Field(256, ge=1)  # pixels
-    blur_threshold: float = Field(40.0, ge=0.0)  # variance of Laplacian at 256 px; below = blurry
-    duplicate_max_distance: int = Field(4, ge=0, le=64)  # perceptual-hash Hamming distance
-    max_aspect_ratio: float = Field(3.0, ge=1.0)  # long side / short side
-    allow_nsfw: bool = True  # ALLOW_NSFW; only enforced when nsfw_model is set
-    nsfw_model: str | None = None
+    enabled: bool = Field(True, description="refuse to train on a dataset that fails the gate")
+    strict: bool = Field(False,
+                         description="any image in an `exclude` category fails the whole gate")
+    min_images: int = Field(5, ge=1, description="usable images needed after exclusions")
+    min_short_side: int = Field(256, ge=1, description="pixels")
+    blur_threshold: float = Field(
+        40.0, ge=0.0, description="variance of Laplacian at 256 px; below = blurry")
+    duplicate_max_distance: int = Field(4, ge=0, le=64,
+                                        description="perceptual-hash Hamming distance")
+    max_aspect_ratio: float = Field(3.0, ge=1.0, description="long side / short side")
+    allow_nsfw: bool = Field(True,
+                             description="ALLOW_NSFW; only enforced when nsfw_model is set")
+    nsfw_model: str | None = Field(
+        None, description="an image classifier (hub id) that flags nsfw images; None = no check")
     exclude: list[GateCategory] = Field(
-        default_factory=lambda: ["corrupt", "too_small", "duplicate", "extreme_aspect", "nsfw"]
-    )  # images in these categories are dropped; the other categories only warn
+        default_factory=lambda: ["corrupt", "too_small", "duplicate", "extreme_aspect", "nsfw"],
+        description="images in these categories are dropped; the other categories only warn",
+    )
 
 
 class SampleSpec(_Model):
-    enabled: bool = True
-    every: int | None = Field(None, ge=1)  # steps; None = scaled to the run length
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    steps: int | None = Field(None, ge=1, le=200)  # None = 20 for dev, 4 for schnell
-    guidance: float | None = Field(None, ge=0.0, le=30.0)  # None = 4 for dev, 1 for schnell
-    seed: int = 42
-    width: int = Field(1024, ge=64, le=4096)
-    height: int = Field(1024, ge=64, le=4096)
+    enabled: bool = Field(True, description="sample images while training")
+    every: int | None = Field(None, ge=1, description="steps; None = scaled to the run length")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS),
+                               description="[trigger] is replaced by the trigger word")
+    steps: int | None = Field(None, ge=1, le=200,
+                              description="denoising steps; None = 20 for dev, 4 for schnell")
+    guidance: float | None = Field(None, ge=0.0, le=30.0,
+                                   description="None = 4 for dev, 1 for schnell")
+    seed: int = Field(42, description="the same seed for every sample, so steps compare")
+    width: int = Field(1024, ge=64, le=4096, description="pixels")
+    height: int = Field(1024, ge=64, le=4096, description="pixels")
 
 
 class AiToolkitSpec(_Model):
-    repo: str = AI_TOOLKIT_REPO  # git URL (file:// works: tests and private forks)
-    commit: str = AI_TOOLKIT_COMMIT  # pinned commit (or branch) to check out
-    path: str | None = None  # an existing checkout on the instance (the aitoolkit image has one)
-    overrides: dict[str, Any] = Field(default_factory=dict)  # merged last into the generated YAML
+    repo: str = Field(AI_TOOLKIT_REPO,
+                      description="git URL (file:// works: tests and private forks)")
+    commit: str = Field(AI_TOOLKIT_COMMIT, description="pinned commit (or branch) to check out")
+    path: str | None = Field(None, description="an existing checkout on the instance "
+                                               "(the aitoolkit image has one)")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="merged last into the generated YAML")
 
 
 ResumeSetting = Union[Literal["auto", "none"], str]
 
 
 class TrainingSpec(_Model):
-    trainer: Literal["ai-toolkit", "tiny"] = "ai-toolkit"
-    steps: int = Field(2000, ge=1, le=200_000)
-    lr: float = Field(1e-4, gt=0.0, le=1.0)
-    rank: int = Field(16, ge=1, le=1024)
-    alpha: float | None = Field(None, gt=0.0)  # None = same as rank
-    batch_size: int = Field(1, ge=1, le=64)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=256)
-    resolutions: list[int] = Field(default_factory=lambda: [512, 768, 1024])
-    optimizer: str = "adamw8bit"
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    quantize: bool = True
-    save_every: int | None = Field(None, ge=1)  # None = scaled to the run length
-    max_step_saves_to_keep: int = Field(4, ge=1, le=100)
-    sample: SampleSpec = Field(default_factory=SampleSpec)
-    resume_from_checkpoint: ResumeSetting = "auto"  # RESUME_FROM_CHECKPOINT: auto | none | path
-    max_retries: int = Field(1, ge=0, le=5)  # trainer crashes retried from the newest checkpoint
-    ai_toolkit: AiToolkitSpec = Field(default_factory=AiToolkitSpec)
-    command: list[str] | None = None  # explicit trainer argv; "{config}" is the YAML path
+    trainer: Literal["ai-toolkit", "tiny"] = Field(
+        "ai-toolkit", description="ai-toolkit (the real one) or tiny (a small CPU LoRA fit: demo, tests)")
+    steps: int = Field(2000, ge=1, le=200_000, description="training steps")
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="learning rate")
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: float | None = Field(None, gt=0.0, description="LoRA alpha; None = same as rank")
+    batch_size: int = Field(1, ge=1, le=64, description="images per step")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=256,
+                                             description="batches accumulated per optimizer step")
+    resolutions: list[int] = Field(default_factory=lambda: [512, 768, 1024],
+                                   description="training buckets, multiples of 16")
+    optimizer: str = Field("adamw8bit", description="ai-toolkit optimizer name")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="training precision")
+    quantize: bool = Field(True, description="8-bit base weights: Flux fits in 24 GB")
+    save_every: int | None = Field(None, ge=1, description="checkpoint every this many steps; "
+                                                           "None = scaled to the run length")
+    max_step_saves_to_keep: int = Field(4, ge=1, le=100, description="checkpoints kept")
+    sample: SampleSpec = Field(default_factory=SampleSpec,
+                               description="sample images while training")
+    resume_from_checkpoint: ResumeSetting = Field(
+        "auto", description="RESUME_FROM_CHECKPOINT: auto | none | path")
+    max_retries: int = Field(
+        1, ge=0, le=5, description="trainer crashes retried from the newest checkpoint")
+    ai_toolkit: AiToolkitSpec = Field(default_factory=AiToolkitSpec,
+                                      description="which ai-toolkit to install on the instance")
+    command: list[str] | None = Field(
+        None, description='explicit trainer argv; "{config}" is the YAML path')
 
     @field_validator("resolutions")
     @classmethod
@@ -138,47 +170,77 @@ class TrainingSpec(_Model):
             raise ValueError("an empty command runs nothing: remove the key or give argv")
         return value
 
+    @field_validator("resume_from_checkpoint")
+    @classmethod
+    def _resume(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("auto", "none"):
+            return value
+        if not value.endswith(".safetensors"):
+            raise ValueError("give auto, none, or the path of a .safetensors LoRA (a relative "
+                             "path is read from the dataset folder)")
+        if ".." in Path(value).parts:
+            raise ValueError("a relative path must stay inside the dataset folder (no '..')")
+        return value
+
     @property
     def effective_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
 
 
 class GpuSpec(_Model):
-    names: list[str] = Field(default_factory=list)  # allowed GPU models, e.g. ["RTX 4090"]; [] = any
-    min_vram_gb: float = Field(24.0, gt=0)  # Flux LoRA needs 24 GB with quantize: true
-    min_ram_gb: float = Field(48.0, gt=0)  # quantizing at start needs ~50 GB of system RAM
-    disk_gb: float = Field(120.0, gt=0)  # disk to rent: weights ~33 GB + venv + outputs
-    min_reliability: float = Field(0.98, ge=0.0, le=1.0)
-    min_inet_down_mbps: float = Field(200.0, ge=0.0)
-    num_gpus: int = Field(1, ge=1, le=16)
-    interruptible: bool = False  # bid instances: cheaper, can be outbid mid-run
-    datacenter_only: bool = False
-    verified_only: bool = True
-    image: str = "pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel"
-    min_cuda: float | None = Field(12.4, ge=0)  # max CUDA version the host driver supports
-    max_cuda: float | None = Field(None, ge=0)
-    min_driver: str | None = None  # e.g. "580.0" for torch cu130 builds
+    names: list[str] = Field(default_factory=list,
+                             description='allowed GPU models, e.g. ["RTX 4090"]; [] = any')
+    min_vram_gb: float = Field(24.0, gt=0, description="Flux LoRA needs 24 GB with quantize: true")
+    min_ram_gb: float = Field(48.0, gt=0,
+                              description="quantizing at start needs ~50 GB of system RAM")
+    disk_gb: float = Field(120.0, gt=0,
+                           description="disk to rent: weights ~33 GB + venv + outputs")
+    min_reliability: float = Field(0.98, ge=0.0, le=1.0,
+                                   description="the host's reliability score, 0 to 1")
+    min_inet_down_mbps: float = Field(200.0, ge=0.0,
+                                      description="download bandwidth: the weights come first")
+    num_gpus: int = Field(1, ge=1, le=16, description="GPUs per instance")
+    interruptible: bool = Field(False, description="bid instances: cheaper, can be outbid mid-run")
+    datacenter_only: bool = Field(False, description="only hosts in a datacenter")
+    verified_only: bool = Field(True, description="only hosts Vast.ai has verified")
+    image: str = Field("pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel",
+                       description="the Docker image the instance runs")
+    min_cuda: float | None = Field(12.4, ge=0,
+                                   description="max CUDA version the host driver supports")
+    max_cuda: float | None = Field(None, ge=0,
+                                   description="upper bound on the host's CUDA version")
+    min_driver: str | None = Field(None, description='e.g. "580.0" for torch cu130 builds')
 
 
 class BudgetSpec(_Model):
-    max_usd: float = Field(gt=0)  # COST_GUARD: hard cap for this run, all costs included
-    max_usd_per_hour: float | None = Field(None, gt=0)
-    max_hours: float | None = Field(None, gt=0)
-    on_cap: Literal["graceful_stop", "hard_stop"] = "graceful_stop"  # graceful: checkpoint, publish
-    safety_margin: float = Field(0.15, ge=0.0, le=2.0)  # estimates are multiplied by 1 + this
+    max_usd: float = Field(gt=0,
+                           description="COST_GUARD: hard cap for this run, all costs included")
+    max_usd_per_hour: float | None = Field(None, gt=0, description="offers dearer than this are skipped")
+    max_hours: float | None = Field(None, gt=0, description="optional wall-clock cap")
+    on_cap: Literal["graceful_stop", "hard_stop"] = Field(
+        "graceful_stop", description="graceful: checkpoint, publish")
+    safety_margin: float = Field(0.15, ge=0.0, le=2.0,
+                                 description="estimates are multiplied by 1 + this")
 
 
 class ProviderSpec(_Model):
-    type: Literal["vast", "ssh", "local"] = "vast"
-    host: str | None = None  # ssh only
-    port: int = Field(22, ge=1, le=65535)
-    user: str = "root"
-    key_path: Path | None = None  # ssh only; default ~/.ssh/id_ed25519 via ssh's own rules
-    price_per_hour: float = Field(0.0, ge=0.0)  # ssh/local: what your own hardware costs you
-    remote_root: str = "/workspace/flux-remote"  # where run dirs live on the instance
-    remote_python: str = "python3"
-    auto_mount_paths: bool = True  # VAST_AUTO_MOUNT_PATHS: caches/outputs on the largest volume
-    heartbeat_grace_s: int = Field(900, ge=10)  # the agent's watchdog acts after this much silence
+    type: Literal["vast", "ssh", "local"] = Field(
+        "vast", description="vast: rent on Vast.ai; ssh: a machine you have; local: this machine")
+    host: str | None = Field(None, description="ssh only")
+    port: int = Field(22, ge=1, le=65535, description="ssh only")
+    user: str = Field("root", description="ssh only")
+    key_path: Path | None = Field(
+        None, description="ssh only; default ~/.ssh/id_ed25519 via ssh's own rules")
+    price_per_hour: float = Field(0.0, ge=0.0,
+                                  description="ssh/local: what your own hardware costs you")
+    remote_root: str = Field("/workspace/flux-remote",
+                             description="where run dirs live on the instance")
+    remote_python: str = Field("python3", description="the Python the agent runs with")
+    auto_mount_paths: bool = Field(
+        True, description="VAST_AUTO_MOUNT_PATHS: caches/outputs on the largest volume")
+    heartbeat_grace_s: int = Field(
+        900, ge=10, description="the agent's watchdog acts after this much silence")
 
     @model_validator(mode="after")
     def _ssh_needs_host(self) -> "ProviderSpec":
@@ -195,31 +257,40 @@ class ProviderSpec(_Model):
 
 
 class WandbSpec(_Model):
-    enabled: bool = False  # the key comes only from WANDB_API_KEY
-    project: str = "flux-remote"
-    entity: str | None = None
-    run_name: str | None = None
+    enabled: bool = Field(False, description="the key comes only from WANDB_API_KEY")
+    project: str = Field("flux-remote", description="the W&B project")
+    entity: str | None = Field(None, description="the W&B team or user; None = your default")
+    run_name: str | None = Field(None, description="None = the run id")
 
 
 class PublishSpec(_Model):
-    out_dir: Path | None = None  # default ./runs/<name>/
-    hf_repo: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-    hf_private: bool = True
+    out_dir: Path | None = Field(None, description="where the bundle goes; default ./runs/<name>/")
+    hf_repo: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+                                description="upload the bundle to this Hub repo (HF_TOKEN, write)")
+    hf_private: bool = Field(True, description="create the Hub repo private")
 
 
 class RunSpec(_Model):
-    name: str
-    trigger_word: str | None = None
-    base_model: Union[Literal["flux-dev", "flux-schnell"], CustomBaseModel] = "flux-dev"
-    dataset: DatasetSpec
-    captioning: CaptioningSpec = Field(default_factory=CaptioningSpec)
-    quality_gate: QualityGateSpec = Field(default_factory=QualityGateSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    gpu: GpuSpec = Field(default_factory=GpuSpec)
-    budget: BudgetSpec
-    provider: ProviderSpec = Field(default_factory=ProviderSpec)
-    wandb: WandbSpec = Field(default_factory=WandbSpec)
-    publish: PublishSpec = Field(default_factory=PublishSpec)
+    name: str = Field(description="letters, digits, - and _: a folder name and an instance label")
+    trigger_word: str | None = Field(None,
+                                     description="the word that calls up your subject in prompts")
+    base_model: Union[Literal["flux-dev", "flux-schnell"], CustomBaseModel] = Field(
+        "flux-dev", description="flux-dev (gated: license + HF_TOKEN), flux-schnell, or "
+                                "{name_or_path, variant}")
+    dataset: DatasetSpec = Field(description="the images to train on")
+    captioning: CaptioningSpec = Field(default_factory=CaptioningSpec,
+                                       description="captions for images without one")
+    quality_gate: QualityGateSpec = Field(default_factory=QualityGateSpec,
+                                          description="checks before paying for training")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="the LoRA training")
+    gpu: GpuSpec = Field(default_factory=GpuSpec, description="which offers may be rented")
+    budget: BudgetSpec = Field(description="what the run may cost")
+    provider: ProviderSpec = Field(default_factory=ProviderSpec,
+                                   description="where the run happens")
+    wandb: WandbSpec = Field(default_factory=WandbSpec,
+                             description="optional Weights & Biases logging")
+    publish: PublishSpec = Field(default_factory=PublishSpec,
+                                 description="where the bundle goes")
 
     @field_validator("name")
     @classmethod
@@ -258,11 +329,14 @@ class RunSpec(_Model):
 class BatchSpec(_Model):
     """The ``batch:`` section: the rest of the file is the base spec every run starts from."""
 
-    max_usd: float = Field(gt=0)  # total for all runs together; never exceeded
-    max_parallel: int = Field(1, ge=1, le=64)  # instances alive at once
-    retries: int = Field(1, ge=0, le=5)  # infrastructure failures only, never a failed gate
-    runs: list[dict[str, Any]] | None = None  # overrides (dotted keys or nested), one per run
-    sweep: dict[str, list[Any]] | None = None  # dotted key -> values; cartesian product
+    max_usd: float = Field(gt=0, description="total for all runs together; never exceeded")
+    max_parallel: int = Field(1, ge=1, le=64, description="instances alive at once")
+    retries: int = Field(1, ge=0, le=5,
+                         description="infrastructure failures only, never a failed gate")
+    runs: list[dict[str, Any]] | None = Field(
+        None, description="overrides (dotted keys or nested), one per run")
+    sweep: dict[str, list[Any]] | None = Field(
+        None, description="dotted key -> values; cartesian product")
 
     @model_validator(mode="after")
     def _one_of(self) -> "BatchSpec":

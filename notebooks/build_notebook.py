@@ -183,48 +183,25 @@ GPU, driver, disk and bandwidth checks as its first stage).
 """)
 
 code("checks", '''
-import shutil
-import sys
-
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from controller.cli.dataset_cmds import render_report
-from controller.errors import FluxRemoteError, SpecError
-from remote.dataset.check import check_dataset
+from controller.dataset_check import run_checks
+from controller.errors import SpecError
+from controller.launch import machine_checks
 
 console = Console()
 checks = Table(title="this machine", title_justify="left")
 checks.add_column("check")
 checks.add_column("result")
-checks.add_row("python", sys.version.split()[0])
-if PROVIDER in ("vast", "ssh"):
-    for tool in ("ssh", "rsync"):
-        checks.add_row(tool, shutil.which(tool) or "[red]missing: install it[/]")
-if PROVIDER == "vast":
-    from controller.vast.client import find_api_key
-
-    try:
-        find_api_key()
-        checks.add_row("Vast.ai key", "found")
-    except FluxRemoteError as exc:
-        checks.add_row("Vast.ai key", f"[red]{exc}[/]")
-    if spec.base_model == "flux-dev":
-        checks.add_row("HF_TOKEN", "set" if os.environ.get("HF_TOKEN") else
-                       "[red]not set: FLUX.1-dev is gated[/]")
-if WANDB:
-    checks.add_row("WANDB_API_KEY", "set" if os.environ.get("WANDB_API_KEY") else
-                   f"not set (WANDB_MODE={os.environ.get('WANDB_MODE', 'online')})")
-if PUBLISH_HF_REPO:
-    checks.add_row("HF_TOKEN (publish)", "set" if os.environ.get("HF_TOKEN") else "[red]not set[/]")
+for check in machine_checks(spec):
+    checks.add_row(check.name, Text(check.result, style="" if check.ok else "red"))
 console.print(checks)
 
-dataset_report = check_dataset(
-    spec.dataset.path, gate=spec.quality_gate.model_dump(mode="json"),
-    trigger=spec.trigger_word, caption_ext=spec.dataset.caption_ext,
-    caption_mode=spec.captioning.mode, template=spec.captioning.template,
-    insert_trigger=spec.captioning.insert_trigger, max_side=spec.dataset.max_side)
-render_report(dataset_report, console, label=str(spec.dataset.path))
+[(label, dataset_report)] = run_checks(spec)
+render_report(dataset_report, console, label=label)
 if QUALITY_GATE and not dataset_report["passed"]:
     raise SpecError("the dataset fails the quality gate: fix it (see above) before renting")
 ''')
@@ -239,20 +216,17 @@ here, before anything is rented.
 """)
 
 code("plan", '''
-from controller.errors import BudgetError
 from controller.journal import open_journal
-from controller.providers import get_provider
-from controller.ui import plan_table
+from controller.launch import check_budget, plan_run
+from controller.ui import LiveView, plan_table
 
 journal = open_journal()
-provider = get_provider(spec, journal=journal)
-estimate = provider.estimate(spec)
+view = LiveView(console, show_logs=False)
+orchestrator, estimate = plan_run(spec, journal, reporter=view, enforce_budget=False)
 console.print(plan_table(estimate, budget_usd=spec.budget.max_usd))
 for note in estimate.notes:
     console.print(f"- {note}")
-if estimate.est_usd is not None and estimate.est_usd > spec.budget.max_usd:
-    raise BudgetError(f"estimated ${estimate.est_usd:.2f} exceeds COST_GUARD "
-                      f"${spec.budget.max_usd:.2f}")
+check_budget(spec, estimate)  # over COST_GUARD: refused here, before anything is rented
 ''')
 
 md("launch-intro", """
@@ -261,29 +235,24 @@ md("launch-intro", """
 Running the next cell rents the machine (for `vast`), ships the dataset and the agent, and follows
 the run to its end: stage, step, loss and spend are printed as they change. Interrupting the
 kernel detaches: the run carries on, its own cost guard and watchdog still bound its spend, and
-`flux-remote resume RUN_ID` (or re-running this cell's last line) picks it up again.
+`flux-remote resume RUN_ID` picks it up again. Interrupted before the agent runs, there is
+nothing to detach from: the machine is released at once. This is the same function that
+`flux-remote launch --yes` calls (`controller.launch.drive_interactive`).
 """)
 
 code("launch", '''
-from controller import runs as R
-from controller.orchestrator import Options, Orchestrator
-from controller.ui import LiveView
+from controller.launch import drive_interactive
+from controller.orchestrator import Options
 
-view = LiveView(console, show_logs=False)
-orchestrator = Orchestrator(journal, provider, reporter=view)
 run_id = orchestrator.create_run(spec, estimate, out_dir=OUT_DIR, spec_path=SPEC_FILE.resolve())
 console.print(f"run [bold]{run_id}[/]")
-try:
-    outcome = orchestrator.drive(run_id, Options(poll_interval=POLL_SECONDS), estimate)
-except KeyboardInterrupt:
-    if orchestrator.state(run_id) in R.ACTIVE_STATES and orchestrator.state(run_id) != R.RUNNING:
-        outcome = orchestrator.down(run_id, force=True)  # nothing runs on it yet: let it go
-    else:
-        outcome = orchestrator.outcome(run_id, detached=True)
-        console.print(f"detached: {run_id} carries on; `flux-remote resume {run_id}` follows it")
+try:  # Ctrl-C (interrupt the kernel) detaches, or releases a machine nothing runs on yet
+    outcome = drive_interactive(orchestrator, run_id, Options(poll_interval=POLL_SECONDS),
+                                estimate=estimate)
 finally:
     view.close()
-console.print(f"run {outcome.run_id}: {outcome.state}")
+console.print(f"run {outcome.run_id}: {outcome.state}"
+              + (f" (detached: `flux-remote resume {run_id}` follows it)" if outcome.detached else ""))
 ''')
 
 md("logs-intro", """
@@ -403,7 +372,7 @@ md("next-steps", """
   `RESUME_FROM_CHECKPOINT = "auto"` training continues from the newest checkpoint.
 * From a terminal: `flux-remote ls`, `flux-remote status`, `flux-remote logs RUN_ID`,
   `flux-remote cost`; `flux-remote gc` finds any instance no run owns.
-* Publish later: `flux-remote publish OUT_DIR --repo you/my-lora`.
+* Publish later: `flux-remote publish RUN_ID --repo you/my-lora` (or the bundle folder).
 * Several runs under one budget: a batch file (`configs/batch-sweep.yaml`).
 * Outgrowing one Vast account: `flux-remote export skypilot run.yaml` runs the same pipeline on any
   cloud SkyPilot supports.

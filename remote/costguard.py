@@ -4,6 +4,10 @@ Spend is ``price_per_hour x hours since billing started`` (the plan's ``billing_
 trainer is stopped gracefully, so the decision is taken one checkpoint ahead: when the *next*
 checkpoint (projected from seconds per step and ``save_every``) plus a reserve for validating and
 publishing would cross the cap, training stops now and the run packs what it has.
+
+With ``budget.on_cap: hard_stop`` (``hard``) the trainer is stopped at once instead of after its
+next save, so no checkpoint is projected: training stops when the reserve for validating and
+publishing would cross the cap.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ class CostGuard:
     clock: Callable[[], float] = time.time
     reserve_s: float = DEFAULT_RESERVE_S
     stop_reason: str | None = None  # set once the guard has asked training to stop
+    hard: bool = False  # budget.on_cap hard_stop: the trainer stops now, not after a save
 
     @classmethod
     def from_plan(cls, plan: dict, *, clock: Callable[[], float] = time.time) -> "CostGuard":
         return cls(price_per_hour=float(plan.get("price_per_hour") or 0.0),
                    budget_usd=float(plan.get("budget_usd") or 0.0),
                    max_hours=plan.get("max_hours"),
-                   started_at=float(plan.get("billing_started_at") or clock()), clock=clock)
+                   started_at=float(plan.get("billing_started_at") or clock()), clock=clock,
+                   hard=on_cap(plan) == "hard_stop")
 
     def hours(self) -> float:
         return max(0.0, self.clock() - self.started_at) / 3600.0
@@ -61,16 +67,24 @@ class CostGuard:
         spend_now = self.spend()
         if self.price_per_hour > 0 and self.budget_usd > 0 and spend_now >= self.budget_usd:
             return f"budget ${self.budget_usd:.2f} reached (spent ${spend_now:.2f})"
-        if s_per_step is None or not save_every or step is None:
+        if self.hard:  # nothing to wait for: only validate + publish lie ahead
+            ahead_s, what = self.reserve_s, "validating and publishing"
+        elif s_per_step is None or not save_every or step is None:
             return None
-        steps_left = save_every - (step % save_every) + (saves_ahead - 1) * save_every
-        ahead_s = steps_left * s_per_step + self.reserve_s
+        else:
+            steps_left = save_every - (step % save_every) + (saves_ahead - 1) * save_every
+            ahead_s = steps_left * s_per_step + self.reserve_s
+            what = f"the checkpoint at step {step + steps_left}"
         if self.max_hours is not None and hours_now + ahead_s / 3600 > float(self.max_hours):
-            return (f"the checkpoint at step {step + steps_left} would pass max_hours "
-                    f"{self.max_hours}")
+            return f"{what} would pass max_hours {self.max_hours}"
         if self.price_per_hour > 0 and self.budget_usd > 0:
             projected = spend_now + self.price_per_hour * ahead_s / 3600
             if projected > self.budget_usd:
-                return (f"the checkpoint at step {step + steps_left} would cost "
-                        f"${projected:.2f}, over the ${self.budget_usd:.2f} budget")
+                return f"{what} would cost ${projected:.2f}, over the ${self.budget_usd:.2f} budget"
         return None
+
+
+def on_cap(plan: dict) -> str:
+    """The plan's ``budget.on_cap``: "graceful_stop" (the default) or "hard_stop"."""
+    budget = (plan.get("spec") or {}).get("budget") or {}
+    return str(budget.get("on_cap") or "graceful_stop")

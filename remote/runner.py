@@ -7,8 +7,11 @@ the previous one's in-memory result), training continues from the newest checkpo
 that already finished only reports so. One agent per run dir: an ``fcntl`` lock on
 ``agent.lock``.
 
-A ``STOP`` file in the run dir, the cost guard, or the watchdog ask training to stop gracefully;
-the run then validates and publishes what exists and ends ``stopped``. Exit codes: 0 done or
+A ``STOP`` file in the run dir, the cost guard, or the watchdog ask training to stop gracefully
+(with ``budget.on_cap: hard_stop`` the cost guard and the watchdog's cap stop it at once, see
+:mod:`remote.train`); the run then validates and publishes what exists and ends ``stopped``.
+``training.resume_from_checkpoint`` ``none`` or a path is applied once per run before the trainer
+starts (:mod:`remote.resume`); a path is validated in the checks stage already. Exit codes: 0 done or
 stopped with a bundle, 1 failed (or another agent holds the run), 2 bad plan.
 """
 
@@ -24,7 +27,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from remote.checks import Probes
 from remote.costguard import CostGuard
@@ -32,6 +35,9 @@ from remote.plan import PlanError, load_plan, write_json_atomic
 from remote.secrets import load_secrets, redactor_for
 from remote.status import FINISHED_STATES, STAGES, AgentLog, RunRecorder, StageFailed
 from remote.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from remote.resume import ResumePolicy
 
 DATASET_STAGES = ("ingest", "caption", "quality_gate")
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -134,6 +140,7 @@ class Runner:
             self.warn(warning)
         self.guard = CostGuard.from_plan(plan, clock=clock)
         self.stop_reason: str | None = None
+        self._hard_stop = False  # budget.on_cap hard_stop and the cap was hit: stop the trainer now
         self._stop_lock = threading.Lock()
         self._ingest_result: Any = None
         self._last_status_write = 0.0
@@ -142,7 +149,7 @@ class Runner:
         self.watchdog = Watchdog(
             self.run_dir, grace_s=float(plan.get("heartbeat_grace_s") or 900), env=self.env,
             event=self.recorder.event, is_finished=self._finished,
-            cap_reached=self.guard.cap_reached, stop_training=self.request_stop, clock=clock)
+            cap_reached=self.guard.cap_reached, stop_training=self.cap_stop, clock=clock)
 
     # -- small helpers -----------------------------------------------------------------------
     def warn(self, message: str) -> None:
@@ -158,6 +165,21 @@ class Runner:
                 self.stop_reason = reason
                 self.log.agent(f"stop requested: {reason}")
                 self.recorder.event("stop_requested", reason=reason)
+
+    def cap_stop(self, reason: str) -> None:
+        """The budget or max_hours stops training: gracefully, or at once with ``hard_stop``."""
+        if self.guard.hard:
+            self._hard_stop = True
+        self.request_stop(reason)
+
+    def stop_now(self) -> bool:
+        """For the supervisor: True once a hard stop is due (the cap reached counts even while
+        the trainer prints no progress, e.g. while it loads the model)."""
+        if self.guard.hard and not self._hard_stop and self.guard.cap_reached():
+            self.recorder.event("costguard", reason="cap reached", spend_usd=self.guard.spend(),
+                                hard=True)
+            self.cap_stop("cost guard: cap reached")
+        return self._hard_stop
 
     def stop_requested(self) -> bool:
         if self.stop_reason is None and (self.run_dir / "STOP").exists():
@@ -275,6 +297,7 @@ class Runner:
             names = ", ".join(f"{c.name} ({c.value} vs {c.threshold}: {c.detail})"
                               for c in report.failed)
             raise StageFailed(f"runtime checks failed: {names}", cause="checks")
+        self._check_resume_source()
         detail = report.to_dict()
         detail["outputs"] = self._place_outputs(report.mount_choice)
         return "done", detail
@@ -410,6 +433,7 @@ class Runner:
         # a trainer that saves on SIGTERM stops at once; ai-toolkit only after its next save
         self._saves_ahead = 1 if default_stop_policy(command) == "sigterm" else 2
         self._reap_orphans(config_path)
+        self._apply_resume(int(config["steps"]))
         self.recorder.update(total=config["steps"])
         self.recorder.event("train_start", command=[Path(a).name if i == 0 else a
                                                     for i, a in enumerate(command)])
@@ -419,7 +443,8 @@ class Runner:
             stop_requested=self.stop_requested, on_progress=self._on_progress,
             on_checkpoint=self._on_checkpoint,
             max_retries=int((self.spec.get("training") or {}).get("max_retries", 1)),
-            total_steps=int(config["steps"]), cwd=Path(aitk_dir) if aitk_dir else self.run_dir)
+            total_steps=int(config["steps"]), cwd=Path(aitk_dir) if aitk_dir else self.run_dir,
+            stop_now=self.stop_now)
         result = run_training(context)
         self.log.flush()
         self._record_wandb_url()
@@ -436,6 +461,50 @@ class Runner:
             raise StageFailed(f"training failed ({result.cause or 'unknown cause'}): "
                               f"{result.error}\n{tail}", cause=result.cause or "trainer")
         return ("stopped" if result.state == "stopped" else "done"), detail
+
+    def _resume_policy(self) -> "ResumePolicy":
+        from remote.resume import ResumePolicy, run_rank, setting_of
+
+        rank = self.detail("config").get("rank") or run_rank(self.spec)
+        return ResumePolicy(setting_of(self.spec), run_dir=self.run_dir,
+                            run_id=self.plan["run_id"], dataset_dir=Path(self.plan["dataset_dir"]),
+                            output_dir=self.output / self.name, name=self.name, rank=int(rank),
+                            clock=self.clock)
+
+    def _check_resume_source(self) -> None:
+        """A resume_from_checkpoint LoRA that cannot be used fails before the bootstrap is paid."""
+        from remote.resume import ResumeError
+
+        try:
+            source = self._resume_policy().check()
+        except ResumeError as exc:
+            raise StageFailed(str(exc), cause="resume") from exc
+        if source is not None:
+            self.log.agent(f"resume_from_checkpoint: {source.path} is usable (step {source.step}, "
+                           f"{source.pairs} LoRA pairs)")
+
+    def _apply_resume(self, total: int) -> None:
+        """``none`` or a path, once per run: set earlier files aside, place the LoRA to start from."""
+        from remote.resume import ResumeError
+
+        try:
+            record = self._resume_policy().apply()
+        except ResumeError as exc:
+            raise StageFailed(str(exc), cause="resume") from exc
+        if record is None:
+            return
+        self.recorder.event("resume", **record)
+        if record["set_aside"]:
+            self.log.agent(f"resume_from_checkpoint {record['setting']}: moved {len(record['moved'])}"
+                           f" earlier file(s) to {record['set_aside']} (nothing deleted)")
+        if record["checkpoint"]:
+            self.log.agent(f"resume_from_checkpoint: training starts from {record['source']} at "
+                           f"step {record['step']} (optimizer state fresh)")
+            if record["step"] >= total:
+                self.warn(f"the resume checkpoint is at step {record['step']}, the run has {total}"
+                          " steps: training only saves it as the final LoRA")
+        else:
+            self.log.agent("resume_from_checkpoint none: training starts at step 0")
 
     def _reap_orphans(self, config_path: Path, *, wait_s: float = 30.0) -> None:
         """A trainer left by a killed agent must not train next to the new one.
@@ -471,10 +540,11 @@ class Runner:
         reason = self.guard.check(step=progress.step, s_per_step=progress.s_per_step,
                                   save_every=self.detail("config").get("save_every"),
                                   saves_ahead=self._saves_ahead)
-        if reason and self.stop_reason is None:
+        # a hard cap also cuts short a graceful stop (STOP file) that is still waiting for a save
+        if reason and not self._hard_stop and (self.stop_reason is None or self.guard.hard):
             self.recorder.event("costguard", reason=reason, spend_usd=self.guard.spend(),
-                                step=progress.step)
-            self.request_stop(f"cost guard: {reason}")
+                                step=progress.step, hard=self.guard.hard)
+            self.cap_stop(f"cost guard: {reason}")
         due = now - self._last_status_write >= STATUS_MIN_INTERVAL_S
         if due or progress.step >= progress.total:
             self._last_status_write = now

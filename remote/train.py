@@ -13,6 +13,11 @@ SIGTERM to the group:
 * ``sigterm`` (tiny trainer, which saves on SIGTERM): SIGTERM at once unless a save is running
   (between ``Saving at step`` and ``Saved checkpoint``), in which case right after it.
 
+Hard stop. ``ctx.stop_now()`` turning true (``budget.on_cap: hard_stop`` when the cost guard
+fires) is a stop request that does not wait for the next save: SIGTERM at once, under either
+policy, unless a save is running, in which case right after it. ai-toolkit loses the steps since
+its last save; the tiny trainer saves on SIGTERM anyway.
+
 Either way, SIGKILL follows if the trainer has not exited ``grace_s`` after SIGTERM.
 
 Crashes. A non-zero exit that was not asked for is a crash: the cause is recognised from the log
@@ -77,6 +82,16 @@ class TrainContext:
     grace_s: float = 120.0  # SIGTERM -> SIGKILL
     poll_s: float = 0.2  # how often stop_requested() is asked while the trainer is quiet
     clock: Callable[[], float] = time.monotonic
+    # a stop that must not wait for the next save (implies stop_requested); None: never
+    stop_now: Callable[[], bool] | None = None
+
+    def hard_stop(self) -> bool:
+        return self.stop_now is not None and self.stop_now()
+
+    def any_stop(self) -> bool:
+        """A stop of either kind is asked for (both callbacks are polled: each may record why)."""
+        requested = self.stop_requested()
+        return self.hard_stop() or requested
 
 
 @dataclass
@@ -203,6 +218,7 @@ class _Supervisor:
         self.s_per_step: float | None = None
         self.last_checkpoint: Path | None = None
         self._at_line_start = True
+        self._hard = False
 
     def note(self, message: str) -> None:
         """A supervisor line in the trainer's log, on a line of its own."""
@@ -256,16 +272,15 @@ class _Supervisor:
                         proc.wait(timeout=ctx.poll_s)
                     except subprocess.TimeoutExpired:
                         pass
-                if saves_at_stop is None and ctx.stop_requested():
+                if saves_at_stop is None and ctx.any_stop():
                     saves_at_stop = pipe.watcher.saves
-                    self.note(f"stop requested at step {self.step}: "
-                              + ("stopping after the next checkpoint" if self.policy == "after_next_save"
-                                 else "stopping (a save in progress finishes first)"))
+                    self.note(f"stop requested at step {self.step}: " + self._stop_plan())
                 if saves_at_stop is not None and term_at is None:
                     while pipe.pump(0):  # lines already written must count before deciding
                         pass
                     watcher = pipe.watcher
-                    if not watcher.saving and (self.policy == "sigterm" or watcher.saves > saves_at_stop):
+                    if not watcher.saving and (self.policy == "sigterm" or self._now(waiting=True)
+                                               or watcher.saves > saves_at_stop):
                         self._signal(proc, signal.SIGTERM)
                         term_at = ctx.clock()
                 elif term_at is not None and ctx.clock() - term_at > ctx.grace_s:
@@ -280,6 +295,21 @@ class _Supervisor:
         pipe.finish()
         return _Attempt(proc.returncode, saves_at_stop is not None, term_at is not None,
                         pipe.watcher, render_tail(bytes(pipe.tail)))
+
+    def _stop_plan(self) -> str:
+        if self._now(waiting=False):
+            return "hard stop: stopping now (a save in progress finishes first)"
+        if self.policy == "after_next_save":
+            return "stopping after the next checkpoint"
+        return "stopping (a save in progress finishes first)"
+
+    def _now(self, *, waiting: bool) -> bool:
+        """A hard stop is asked for (remembered; logged when it cuts short a wait for a save)."""
+        if not self._hard and self.ctx.hard_stop():
+            self._hard = True
+            if waiting and self.policy == "after_next_save":
+                self.note(f"hard stop at step {self.step}: not waiting for the next checkpoint")
+        return self._hard
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -311,7 +341,7 @@ def run_training(ctx: TrainContext) -> TrainResult:
     attempt: _Attempt | None = None
     error: str | None = None
     while True:
-        if ctx.stop_requested():
+        if ctx.any_stop():
             sup.note("stop requested: not starting the trainer")
             return sup.result("stopped", attempt, attempts, error=error)
         attempts += 1

@@ -75,6 +75,7 @@ def test_a_sweep_of_four_runs_two_instances_at_a_time(tmp_path: Path, fake_vast:
     for run in runs:
         assert verify_sums(Path(run["bundle_path"])) >= 3
         assert Path(run["bundle_path"]).parent == tmp_path / "out"
+        assert "  loss.jsonl\n" in (Path(run["bundle_path"]) / "SHA256SUMS").read_text()
     rows = [i for r in runs for i in journal.instances(r["run_id"])]
     assert len(rows) == 4 and all(i["state"] == "destroyed" for i in rows)  # no offer fights
     assert len({i["offer_id"] for i in rows}) == 4
@@ -102,6 +103,24 @@ def test_a_sweep_of_four_runs_two_instances_at_a_time(tmp_path: Path, fake_vast:
     report = (tmp_path / "out" / "batch_report.html").read_text()
     assert report.count('<path d="M') == 4 and report.count("<img ") == 4
     assert 'src="http' not in report and "rank=4" in report
+
+
+def test_the_report_takes_the_loss_curve_from_the_bundle_and_else_from_the_log(
+        tmp_path: Path) -> None:
+    from controller.batch_report import run_entry
+
+    bar = "r:  {p}%|#   | {s}/4 [00:01<00:01,  1.00s/it, lr: 1.0e-04 loss: {v}]\n"
+    for name in ("new", "old"):
+        (tmp_path / name / "logs").mkdir(parents=True)
+        (tmp_path / name / "logs" / "agent.log").write_text(
+            bar.format(p=25, s=1, v="9.0e-01") + bar.format(p=50, s=2, v="8.0e-01"))
+    (tmp_path / "new" / "loss.jsonl").write_text(  # step 2 again after a resume: the last wins
+        '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.45}\n{"step": 2, "loss": 0.4}\n')
+    rows = {name: {"name": name, "slot_state": "done", "out_dir": str(tmp_path / name),
+                   "bundle_path": str(tmp_path / name)} for name in ("new", "old")}
+    new, old = run_entry(rows["new"]), run_entry(rows["old"])  # "old": packed before loss.jsonl
+    assert new["loss_points"] == [(1, 0.5), (2, 0.4)] and new["final_loss"] == 0.4
+    assert old["loss_points"] == [(1, 0.9), (2, 0.8)] and old["final_loss"] == 0.8
 
 
 class FlakyLocal(LocalProvider):

@@ -155,6 +155,21 @@ def test_upload_download_skip_unchanged_and_hostile_names(host: LocalHost, tmp_p
         host.download(str(tmp_path / "nope"), back)
 
 
+def test_download_includes_only_the_named_entries(host: LocalHost, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "ckpt" / "inner").mkdir(parents=True)
+    (run / "ckpt" / "inner" / "w.bin").write_bytes(b"w")
+    for name in [*HOSTILE, "st*r[1].log", "stXr1.log", "other.txt"]:
+        (run / name).write_text(name)
+    wanted = [*HOSTILE, "st*r[1].log", "ckpt", "missing.log"]
+    host.download(str(run), tmp_path / "back", includes=wanted)
+    got = sorted(str(p.relative_to(tmp_path / "back")) for p in (tmp_path / "back").rglob("*"))
+    assert got == sorted([*HOSTILE, "st*r[1].log", "ckpt", "ckpt/inner", "ckpt/inner/w.bin"])
+    with pytest.raises(TransportError, match="not a directory"):
+        host.download(str(run / "other.txt"), tmp_path / "x", includes=["a"])
+    assert not list(tmp_path.rglob("pwned"))
+
+
 def test_delete_is_guarded_and_stays_inside(host: LocalHost, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

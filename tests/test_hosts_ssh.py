@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -341,6 +342,43 @@ def test_upload_and_download_round_trip_hostile_names_and_skip_unchanged(
     assert not list(tmp_path.rglob("pwned")) and not (Path.home() / "pwned").exists()
     with pytest.raises(TransportError, match="does not exist"):
         host.download(str(tmp_path / "missing"), back)
+
+
+def test_fetch_extras_is_one_rsync_and_missing_files_are_skipped(
+    host: SshHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controller.fetch import fetch_extras
+    from controller.follow import RunPaths
+
+    run = tmp_path / "run $(touch pwned)"
+    (run / "ckpt").mkdir(parents=True)
+    (run / "ckpt" / "w.bin").write_bytes(b"w")
+    for name in ("agent.log", "status.json", "events.jsonl", "plan.json", *HOSTILE):
+        (run / name).write_text(name)  # no agent.out: the agent never crashed before logging
+    calls = tmp_path / "rsync calls"
+    wrapper = tmp_path / "bin" / "rsync"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$*" | head -n 1 >> {shlex.quote(str(calls))}\n'
+                       f'exec {shlex.quote(shutil.which("rsync") or "rsync")} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+
+    def rsyncs() -> int:  # this side's; the other side's "rsync --server" is not counted
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        return len([line for line in lines if "--server" not in line])
+
+    got = fetch_extras(host, RunPaths(str(run)), tmp_path / "out")
+    logs = ["agent.log", "events.jsonl", "status.json"]
+    assert sorted(Path(p).name for p in got) == logs and rsyncs() == 1
+    assert sorted(p.name for p in (tmp_path / "out" / "logs").iterdir()) == logs
+    got = fetch_extras(host, RunPaths(str(run)), tmp_path / "out", checkpoint=str(run / "ckpt"))
+    assert (tmp_path / "out" / "checkpoints" / "ckpt" / "w.bin").read_bytes() == b"w"
+    assert len(got) == 4 and rsyncs() == 3
+    gone = tmp_path / "gone"
+    assert fetch_extras(host, RunPaths(str(gone)), tmp_path / "o2", checkpoint=str(gone)) == []
+    host.download(str(run), tmp_path / "picked", includes=HOSTILE)  # names travel in the protocol
+    assert sorted(p.name for p in (tmp_path / "picked").iterdir()) == sorted(HOSTILE)
+    assert not list(tmp_path.rglob("pwned")) and not (Path.home() / "pwned").exists()
 
 
 def test_upload_excludes_and_delete_stays_inside_the_destination(

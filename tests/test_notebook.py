@@ -148,3 +148,13 @@ def test_notebook_publishes_to_the_hub(tmp_path: Path, monkeypatch: pytest.Monke
     assert fake_hub.commits[0].paths == ["README.md"]
     assert "demo-local.safetensors" in fake_hub.repos[repo].files
     assert fake_hub.repos[repo].private
+
+
+def test_the_notebook_calls_the_library_instead_of_repeating_it() -> None:
+    code = "\n".join(c.source for c in read().cells if c.cell_type == "code")
+    for duplicate in ("KeyboardInterrupt", "check_dataset(", "est_usd >", "shutil.which",
+                      "find_api_key"):
+        assert duplicate not in code, duplicate
+    for call in ("machine_checks(spec)", "run_checks(spec)", "plan_run(", "check_budget(",
+                 "drive_interactive("):
+        assert call in code, call

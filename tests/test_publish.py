@@ -137,8 +137,11 @@ def test_pack_run_assembles_the_bundle(tmp_path: Path) -> None:
     publish = run_dir / "publish"
     assert set(files) >= {"my_lora.safetensors", "config.yaml", "run.yaml", "quality_report.json",
                           "captions/a.txt", "README.md", "receipt.json", "report.html",
-                          "samples/170__000000000_0.jpg", "samples/1720__000000020_1.jpg"}
+                          "loss.jsonl", "samples/170__000000000_0.jpg",
+                          "samples/1720__000000020_1.jpg"}
     assert "SHA256SUMS" not in files and (publish / "SHA256SUMS").is_file()
+    assert "  loss.jsonl\n" in (publish / "SHA256SUMS").read_text()
+    assert read_loss_points(publish / "loss.jsonl") == [(1, 1.0), (2, 0.5)]
     assert verify_sha256sums(publish) == []
     receipt = json.loads((publish / "receipt.json").read_text())
     assert receipt["state"] == "done" and receipt["steps"] == {"planned": 20, "done": 20}

@@ -77,8 +77,12 @@ class ScriptedHost:
     def upload(self, local: Path, remote: str, *, delete: bool = False, excludes: Any = ()) -> Any:
         return _Stats()
 
-    def download(self, remote: str, local: Path) -> Any:
+    def download(self, remote: str, local: Path, *, includes: Any = None) -> Any:
         prefix = remote.rstrip("/") + "/"
+        if includes is not None:  # only those entries of the directory
+            for name in includes:
+                self.download(prefix + name, local / name)
+            return _Stats()
         if remote in self.files:
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(self.files[remote])

@@ -12,6 +12,7 @@ from controller.errors import TransportError
 from controller.hosts.rsync import (
     PARTIAL_DIR,
     check_delete_target,
+    include_rules,
     parse_stats,
     rsync_argv,
     run_rsync,
@@ -76,6 +77,19 @@ def test_argv_is_resumable_protected_and_ends_options() -> None:
     assert argv[argv.index("-e") + 1] == "ssh -p 2"
     assert "--exclude=--evil" in argv and argv[-3:] == ["--", "a b/", "h:/x y"]
     assert "--delete" not in rsync_argv("a/", "b")
+
+
+def test_includes_pick_top_level_entries_literally_and_exclude_the_rest() -> None:
+    argv = rsync_argv("a/", "b", excludes=["*.tmp"], includes=["agent.log", "c*k[1]\\x"])
+    rules = argv[argv.index("--exclude=*.tmp"):argv.index("--")]
+    assert rules == ["--exclude=*.tmp", "--include=/agent.log", "--include=/agent.log/***",
+                     "--include=/c\\*k\\[1]\\\\x", "--include=/c\\*k\\[1]\\\\x/***",
+                     "--exclude=*"]
+    assert include_rules([]) == ["--exclude=*"]
+    assert not any(a.startswith("--include") for a in rsync_argv("a/", "b"))
+    for bad in ["", ".", "..", "a/b", "/abs"]:
+        with pytest.raises(ValueError, match="one entry"):
+            include_rules([bad])
 
 
 def test_ssh_options_pin_the_host_key_and_use_only_our_key(tmp_path: Path) -> None:

@@ -3,14 +3,13 @@ so a dataset can be fixed before anything is rented."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from controller.cli.common import JSON_OPTION, console, emit_json, handles_errors
-from controller.errors import EXIT_OK, EXIT_RUN_FAILED, SpecError
+from controller.errors import EXIT_OK, EXIT_RUN_FAILED
 
 MAX_ROWS = 40  # flagged images shown in the table; --json has them all
 
@@ -34,7 +33,9 @@ def check_dataset_cmd(
 
     Example: flux-remote check-dataset run.yaml
     """
-    checks = [(label, _run_check(kwargs)) for label, kwargs in _checks_for(target)]
+    from controller.dataset_check import run_checks
+
+    checks = run_checks(target)
     passed = all(report["passed"] for _, report in checks)
     if as_json:
         if len(checks) == 1:
@@ -47,41 +48,6 @@ def check_dataset_cmd(
         for label, report in checks:
             render_report(report, out, label=label)
     raise typer.Exit(EXIT_OK if passed else EXIT_RUN_FAILED)
-
-
-def _checks_for(target: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(label, check_dataset keyword arguments) for a folder or each distinct run of a spec."""
-    if not target.exists():
-        raise SpecError(f"{target}: no such file or folder",
-                        hint="give a run spec (run.yaml) or a dataset folder")
-    if target.is_dir():
-        return [(str(target), {"directory": target})]
-    from controller.spec_loader import load_file
-
-    checks: dict[str, tuple[str, dict[str, Any]]] = {}
-    for spec in load_file(target).runs:
-        kwargs = {
-            "directory": spec.dataset.path,
-            "gate": spec.quality_gate.model_dump(mode="json"),
-            "trigger": spec.trigger_word,
-            "caption_ext": spec.dataset.caption_ext,
-            "caption_mode": spec.captioning.mode,
-            "template": spec.captioning.template,
-            "insert_trigger": spec.captioning.insert_trigger,
-            "max_side": spec.dataset.max_side,
-        }
-        key = json.dumps(kwargs, sort_keys=True, default=str)
-        checks.setdefault(key, (f"{target} ({spec.name})", kwargs))
-    return list(checks.values())
-
-
-def _run_check(kwargs: dict[str, Any]) -> dict[str, Any]:
-    from remote.dataset.check import check_dataset
-
-    try:
-        return check_dataset(**kwargs)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-        raise SpecError(f"{kwargs['directory']}: {exc}") from exc
 
 
 def render_report(report: dict[str, Any], out: Any, *, label: str | None = None) -> None:

@@ -38,7 +38,8 @@ def export_skypilot_cmd(
 
 
 def publish_cmd(
-    run_or_bundle_dir: Path = typer.Argument(..., help="A fetched bundle, or a run folder holding publish/."),
+    run_or_bundle: str = typer.Argument(
+        ..., help="A fetched bundle, a run folder holding publish/, or a run id (or unique prefix)."),
     repo: Optional[str] = typer.Option(
         None, "--repo", help="Hub repo id, e.g. alice/my-lora (default: publish.hf_repo in run.yaml)."
     ),
@@ -48,11 +49,12 @@ def publish_cmd(
     """Upload a fetched bundle to the Hugging Face Hub (model card first), with HF_TOKEN.
 
     Example: HF_TOKEN=hf_... flux-remote publish runs/me --repo alice/me-lora
+    or:      HF_TOKEN=hf_... flux-remote publish demo-local-20261129 (a run id or prefix)
     """
     from controller.errors import SpecError
     from controller.hf_publish import publish_bundle, publish_target
 
-    bundle = find_bundle(run_or_bundle_dir)
+    bundle, run_id = resolve_bundle(run_or_bundle)
     target = publish_target(bundle)
     repo_id = repo or target.get("hf_repo")
     if not repo_id:
@@ -60,11 +62,46 @@ def publish_cmd(
                         hint="pass --repo OWNER/NAME or set publish.hf_repo")
     private = not public and bool(target.get("hf_private", True))
     url = publish_bundle(bundle, repo_id, private=private)
+    if run_id is not None:
+        from controller.journal import open_journal
+
+        open_journal().add_event(run_id, "published", {"url": url})
     if as_json:
         emit_json({"ok": True, "repo": repo_id, "url": url, "private": private, "bundle": str(bundle)})
         return
     visibility = "private" if private else "public"
     console().print(f"published {bundle} to {url} ({visibility})", soft_wrap=True, markup=False)
+
+
+def resolve_bundle(ref: str) -> tuple[Path, str | None]:
+    """(bundle folder, run id or None) for a path, else a run id or unique prefix in the journal.
+
+    A path that exists wins over a run id; a run's bundle is its recorded ``bundle_path``, else
+    whatever was fetched into its ``out_dir``.
+    """
+    from controller.errors import SpecError
+    from controller.journal import open_journal
+
+    path = Path(ref)
+    if path.exists():
+        return find_bundle(path), None
+    found = open_journal().find_runs(ref)
+    if not found:
+        raise SpecError(f"{ref}: no such folder and no run with that id",
+                        hint="give a bundle folder or a run id from `flux-remote ls`")
+    if len(found) > 1:
+        names = ", ".join(run["run_id"] for run in found[:5])
+        raise SpecError(f"{ref!r} matches {len(found)} runs ({names}); give more of the id")
+    run = found[0]
+    recorded = run.get("bundle_path")
+    if recorded and (Path(recorded) / "SHA256SUMS").is_file():
+        return Path(recorded), run["run_id"]
+    try:
+        return find_bundle(Path(run["out_dir"])), run["run_id"]
+    except SpecError as exc:
+        raise SpecError(f"run {run['run_id']} ({run['state']}) has no fetched bundle in "
+                        f"{run['out_dir']}", hint=f"fetch it first: flux-remote fetch "
+                                                  f"{run['run_id']}") from exc
 
 
 def find_bundle(path: Path) -> Path:

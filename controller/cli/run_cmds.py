@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from controller.cli.common import JSON_OPTION, console, emit_json, handles_errors
-from controller.errors import EXIT_RUN_FAILED, BudgetError, RunError, SpecError
+from controller.errors import EXIT_RUN_FAILED, RunError, SpecError
 
 if TYPE_CHECKING:
     from controller.journal import Journal
@@ -86,34 +86,19 @@ def _close(view: Any) -> None:
         close()
 
 
+def _ask_stop() -> bool:
+    choice = typer.prompt("\nstop the run (s) or detach and let it run (d)?", default="d")
+    return choice.strip().lower().startswith("s")
+
+
 def _drive_interactive(orch: "Orchestrator", run_id: str, options: "Options", *,
                        yes: bool, estimate: Any = None) -> "Outcome":
-    """Drive the run; on Ctrl-C ask stop-or-detach (``--yes``: detach).
+    """Drive the run; on Ctrl-C ask stop-or-detach (``--yes``: detach); see
+    ``controller.launch.drive_interactive``."""
+    from controller.launch import drive_interactive
 
-    Before the agent runs there is nothing to detach from: Ctrl-C then releases the machine at
-    once (a rented instance must not bill while nothing uses it).
-    """
-    from controller import runs as R
-    from controller.orchestrator import Options
-
-    while True:
-        try:
-            return orch.drive(run_id, options, estimate)
-        except KeyboardInterrupt:
-            _close(orch.reporter)
-            if orch.state(run_id) in R.TERMINAL_STATES:
-                return orch.outcome(run_id)
-            if orch.state(run_id) != R.RUNNING:
-                return orch.down(run_id, force=True)
-            if yes:
-                return orch.outcome(run_id, detached=True)
-            choice = typer.prompt("\nstop the run (s) or detach and let it run (d)?",
-                                  default="d").strip().lower()
-            if not choice.startswith("s"):
-                return orch.outcome(run_id, detached=True)
-            orch.request_stop(run_id)
-            options = Options(**{**options.__dict__, "detach": False})
-            yes = True  # a second Ctrl-C detaches
+    return drive_interactive(orch, run_id, options, estimate=estimate,
+                             ask_stop=None if yes else _ask_stop)
 
 
 def _finish(outcome: "Outcome", as_json: bool) -> None:
@@ -154,14 +139,12 @@ def launch(
         _launch_batch(loaded, file, yes=yes, detach=detach, out=out, dry_run=dry_run,
                       poll_interval=poll_interval, as_json=as_json)
         return
+    from controller.launch import plan_run
+
     spec = loaded.runs[0]
     journal = _journal()
     view = _view(as_json)
-    orch = _orchestrator(journal, spec.provider.type, view)
-    estimate = orch.provider.estimate(spec)
-    if estimate.est_usd is not None and estimate.est_usd > spec.budget.max_usd:
-        raise BudgetError(f"estimated ${estimate.est_usd:.2f} exceeds the budget "
-                          f"${spec.budget.max_usd:.2f}")
+    orch, estimate = plan_run(spec, journal, reporter=view)
     if dry_run:
         if as_json:
             emit_json({"ok": True, "dry_run": True, **estimate.to_dict()})

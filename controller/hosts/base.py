@@ -120,8 +120,17 @@ class Host(Protocol):
         """
         ...
 
-    def download(self, remote: str, local: Path) -> TransferStats:
-        """rsync ``remote`` (a directory's contents, or one file) to ``local``; like ``upload``."""
+    def download(
+        self, remote: str, local: Path, *, includes: Sequence[str] | None = None
+    ) -> TransferStats:
+        """rsync ``remote`` (a directory's contents, or one file) to ``local``; like ``upload``.
+        Raises TransportError when ``remote`` does not exist.
+
+        ``includes`` (names of entries directly in the ``remote`` directory) fetches only those
+        entries, a directory among them whole, into the ``local`` directory, in one transfer
+        (one connection); a name ``remote`` lacks is skipped, not an error. A name must be one
+        path component (ValueError otherwise).
+        """
         ...
 
     def close(self) -> None:

@@ -170,14 +170,18 @@ class LocalHost:
             argv, pushing=True, where=self.where, sleep=self._sleep, clock=self._clock
         )
 
-    def download(self, remote: str, local: Path) -> TransferStats:
+    def download(
+        self, remote: str, local: Path, *, includes: Sequence[str] | None = None
+    ) -> TransferStats:
         local = Path(local)
         is_dir = Path(remote).is_dir()
         if not Path(remote).exists():
             raise TransportError(f"nothing to download: {remote} does not exist on {self.where}")
+        if includes is not None and not is_dir:
+            raise TransportError(f"cannot pick entries out of {remote}: not a directory")
         (local if is_dir else local.parent).mkdir(parents=True, exist_ok=True)
         source = f"{remote.rstrip('/')}/" if is_dir else remote
-        argv = rsync.rsync_argv(source, str(local), extra=self._rsync_args)
+        argv = rsync.rsync_argv(source, str(local), includes=includes, extra=self._rsync_args)
         return rsync.run_rsync(
             argv, pushing=True, where=self.where, sleep=self._sleep, clock=self._clock
         )

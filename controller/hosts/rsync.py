@@ -108,6 +108,28 @@ def check_delete_target(path: str) -> str:
     return normal
 
 
+def _escaped(name: str) -> str:
+    return "".join(f"\\{char}" if char in "*?[\\" else char for char in name)
+
+
+def include_rules(names: Sequence[str]) -> list[str]:
+    """Filter options that transfer only the entries ``names`` at the top of the source directory
+    (a named directory with everything in it) and nothing else. A name must be one path
+    component: ValueError for ``""``, ``.``, ``..`` or one with a ``/``.
+
+    Each name matches only itself: rsync reads ``\\`` as an escape only in a pattern that holds
+    a wildcard, so a name without ``*?[`` stays as it is and any other is escaped (the ``/***``
+    rule, which also takes a directory's contents, always holds one).
+    """
+    rules = []
+    for name in names:
+        if not name or name in (".", "..") or "/" in name:
+            raise ValueError(f"an include must name one entry of the directory, not {name!r}")
+        plain = name if not any(char in name for char in "*?[") else _escaped(name)
+        rules += [f"--include=/{plain}", f"--include=/{_escaped(name)}/***"]
+    return [*rules, "--exclude=*"]
+
+
 def rsync_argv(
     source: str,
     dest: str,
@@ -115,10 +137,13 @@ def rsync_argv(
     ssh_command: str | None = None,
     delete: bool = False,
     excludes: Sequence[str] = (),
+    includes: Sequence[str] | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The rsync command line. ``source``/``dest`` are passed as they are (add trailing ``/``
-    for "contents of"); ``ssh_command`` is the ``-e`` value for remote transfers."""
+    for "contents of"); ``ssh_command`` is the ``-e`` value for remote transfers. ``includes``
+    (names of entries at the top of a source directory) limits the transfer to those entries;
+    ``excludes`` still take precedence over them."""
     argv = [
         "rsync",
         "-a",
@@ -133,6 +158,8 @@ def rsync_argv(
     if delete:
         argv.append("--delete")
     argv += [f"--exclude={pattern}" for pattern in excludes]
+    if includes is not None:
+        argv += include_rules(includes)
     argv += list(extra)
     argv += ["--", source, dest]
     return argv

@@ -380,8 +380,21 @@ class SshHost:
         )
         return self._rsync(argv, pushing=True)
 
-    def download(self, remote: str, local: Path) -> TransferStats:
+    def download(
+        self, remote: str, local: Path, *, includes: Sequence[str] | None = None
+    ) -> TransferStats:
         local = Path(local)
+        if includes is not None:
+            # a directory by contract: no probe round trip; a missing one fails inside rsync
+            local.mkdir(parents=True, exist_ok=True)
+            argv = rsync.rsync_argv(
+                self._remote_spec(remote.rstrip("/") + "/"),
+                str(local),
+                ssh_command=self._ssh_command(),
+                includes=includes,
+                extra=self._rsync_args,
+            )
+            return self._rsync(argv, pushing=False)
         quoted = shlex.quote(remote)
         probe = f"if [ -d {quoted} ]; then echo dir; elif [ -e {quoted} ]; then echo file; fi"
         out, err, code = self._idempotent(probe)

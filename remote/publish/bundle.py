@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SUMS = "SHA256SUMS"
+LOSS_HISTORY = "loss.jsonl"  # the bundle's copy of work/loss.jsonl
 
 
 def sha256_file(path: Path) -> str:
@@ -70,8 +71,12 @@ def _copy(src: Path, dest: Path) -> None:
 def assemble_bundle(publish_dir: Path, *, name: str, lora: Path, samples: Iterable[Path],
                     config_path: Path, run_yaml: str, quality_report: Path | None,
                     captions: Iterable[Path], model_card: str, receipt: dict[str, Any],
-                    report_html: str) -> list[str]:
-    """Build the bundle and move it to ``publish_dir``; returns the files it holds."""
+                    report_html: str, loss_history: Path | None = None) -> list[str]:
+    """Build the bundle and move it to ``publish_dir``; returns the files it holds.
+
+    ``loss_history`` (the runner's ``work/loss.jsonl``: one ``{"step", "loss", "lr", "t"}`` per
+    line, a step repeated after a resume) is carried as ``loss.jsonl`` so that the curve can be
+    drawn again at home (``controller.batch_report``) without the agent's log."""
     staging = publish_dir.with_name(f".{publish_dir.name}.partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -83,6 +88,8 @@ def assemble_bundle(publish_dir: Path, *, name: str, lora: Path, samples: Iterab
     (staging / "run.yaml").write_text(run_yaml, encoding="utf-8")
     if quality_report is not None and quality_report.is_file():
         _copy(quality_report, staging / "quality_report.json")
+    if loss_history is not None and loss_history.is_file():
+        _copy(loss_history, staging / LOSS_HISTORY)
     for caption in captions:
         _copy(caption, staging / "captions" / caption.name)
     (staging / "README.md").write_text(model_card, encoding="utf-8")
@@ -174,6 +181,7 @@ def pack_run(*, plan: dict[str, Any], status: dict[str, Any], lora: Path, config
         config_path=config_path,
         run_yaml=yaml.safe_dump(spec, sort_keys=False, allow_unicode=True),
         quality_report=work / "quality_report.json", captions=captions,
+        loss_history=work / "loss.jsonl",
         model_card=render_model_card(spec, lora_file=f"{name}.safetensors", widget=widget,
                                      receipt=receipt),
         receipt=receipt, report_html=report)

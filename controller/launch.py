@@ -1,0 +1,128 @@
+"""Launching one run from a front end: the terminal (``flux-remote launch``) or the notebook.
+
+Both front ends do the same four things and differ only in how they draw and ask, so the
+things themselves live here and return data:
+
+* ``machine_checks``: what this machine needs for the spec's provider (tools, keys, tokens);
+* ``plan_run``: the orchestrator for the spec's provider and the run's estimate, refused before
+  anything is rented when the estimate exceeds the budget;
+* ``drive_interactive``: drive the run to its end; on Ctrl-C stop it or detach from it, and never
+  leave a rented machine idle;
+* the dataset check lives in ``controller.dataset_check``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+
+from controller import runs as R
+from controller.errors import BudgetError, FluxRemoteError
+
+if TYPE_CHECKING:
+    from controller.journal import Journal
+    from controller.orchestrator import Options, Orchestrator, Outcome
+    from controller.providers.base import Estimate
+    from controller.spec import RunSpec
+
+
+@dataclass(frozen=True)
+class MachineCheck:
+    """One line of the "this machine" table: what was checked, what was found, and whether the
+    run can go ahead with it (``ok`` False: it will fail; warnings stay ok)."""
+
+    name: str
+    result: str
+    ok: bool = True
+
+
+def machine_checks(spec: "RunSpec", *, env: Optional[Mapping[str, str]] = None,
+                   which: Callable[[str], Optional[str]] = shutil.which) -> list[MachineCheck]:
+    """What this machine needs to launch ``spec``: Python, ssh and rsync for remote providers,
+    the Vast.ai key, HF_TOKEN for the gated flux-dev and for publishing, WANDB_API_KEY."""
+    env = os.environ if env is None else env
+    checks = [MachineCheck("python", sys.version.split()[0])]
+    if spec.provider.type in ("vast", "ssh"):
+        for tool in ("ssh", "rsync"):
+            found = which(tool)
+            checks.append(MachineCheck(tool, found or "missing: install it", found is not None))
+    if spec.provider.type == "vast":
+        from controller.vast.client import find_api_key
+
+        try:
+            find_api_key()
+            checks.append(MachineCheck("Vast.ai key", "found"))
+        except FluxRemoteError as exc:
+            checks.append(MachineCheck("Vast.ai key", str(exc), False))
+        if spec.base_model == "flux-dev":
+            token = bool(env.get("HF_TOKEN"))
+            checks.append(MachineCheck("HF_TOKEN", "set" if token else
+                                       "not set: FLUX.1-dev is gated", token))
+    if spec.wandb.enabled:
+        mode = env.get("WANDB_MODE", "online")
+        checks.append(MachineCheck("WANDB_API_KEY", "set" if env.get("WANDB_API_KEY") else
+                                   f"not set (WANDB_MODE={mode})"))
+    if spec.publish.hf_repo:
+        token = bool(env.get("HF_TOKEN"))
+        checks.append(MachineCheck("HF_TOKEN (publish)", "set" if token else "not set", token))
+    return checks
+
+
+def check_budget(spec: "RunSpec", estimate: "Estimate") -> None:
+    """Refuse (BudgetError) a run whose estimate exceeds its budget, before anything is rented."""
+    if estimate.est_usd is not None and estimate.est_usd > spec.budget.max_usd:
+        raise BudgetError(f"estimated ${estimate.est_usd:.2f} exceeds the budget "
+                          f"${spec.budget.max_usd:.2f}")
+
+
+def plan_run(spec: "RunSpec", journal: "Journal", *, reporter: Any = None,
+             enforce_budget: bool = True,
+             **provider_options: Any) -> tuple["Orchestrator", "Estimate"]:
+    """The orchestrator for the spec's provider and the run's estimate (BudgetError when the
+    estimate exceeds the budget, unless ``enforce_budget`` is False: then the caller shows the
+    plan first and calls ``check_budget`` itself). Nothing is rented; Vast offers are queried."""
+    from controller.orchestrator import Orchestrator
+    from controller.providers import provider_named
+
+    provider = provider_named(spec.provider.type, journal=journal, **provider_options)
+    orch = Orchestrator(journal, provider, reporter=reporter)
+    estimate = provider.estimate(spec)
+    if enforce_budget:
+        check_budget(spec, estimate)
+    return orch, estimate
+
+
+def drive_interactive(orch: "Orchestrator", run_id: str, options: "Options", *,
+                      estimate: "Estimate | None" = None,
+                      ask_stop: Optional[Callable[[], bool]] = None) -> "Outcome":
+    """Drive the run to its end; on Ctrl-C, stop it or detach from it.
+
+    ``ask_stop`` is asked, after a Ctrl-C while the agent runs, whether to stop the run
+    (graceful: checkpoint, publish, fetch, destroy); None or False detaches: the run carries on,
+    its own cost guard and watchdog still bound its spend, and ``flux-remote resume RUN``
+    reattaches. After a stop a second Ctrl-C detaches. Before the agent runs there is nothing to
+    detach from: Ctrl-C then releases the machine at once (a rented instance must not bill while
+    nothing uses it). The reporter is closed before asking so that the question is visible.
+    """
+    from controller.orchestrator import Options
+
+    while True:
+        try:
+            return orch.drive(run_id, options, estimate)
+        except KeyboardInterrupt:
+            close = getattr(orch.reporter, "close", None)
+            if close is not None:
+                close()
+            state = orch.state(run_id)
+            if state in R.TERMINAL_STATES:
+                return orch.outcome(run_id)
+            if state != R.RUNNING:
+                return orch.down(run_id, force=True)
+            if ask_stop is None or not ask_stop():
+                return orch.outcome(run_id, detached=True)
+            orch.request_stop(run_id)
+            options = Options(**{**options.__dict__, "detach": False})
+            ask_stop = None  # a second Ctrl-C detaches

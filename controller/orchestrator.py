@@ -403,7 +403,7 @@ class Orchestrator:
         except FluxRemoteError as exc:
             self.journal.add_event(run_id, "publish_failed", {"error": str(exc)})
             self.reporter.note(f"publishing failed (the bundle is safe in {out_dir}): {exc}\n"
-                               f"  retry: flux-remote publish {out_dir}")
+                               f"  retry: flux-remote publish {run_id}")
             return
         self.journal.add_event(run_id, "published", {"url": url})
         self.reporter.note(f"published: {url}")

@@ -116,7 +116,7 @@ class ResumePolicy:
 
     @property
     def mode(self) -> str:
-        """"auto", "none" or "path"."""
+        """One of auto, none or path."""
         return self.setting if self.setting in ("auto", "none") else "path"
 
     def pending(self) -> bool:

@@ -11,8 +11,9 @@ A ``STOP`` file in the run dir, the cost guard, or the watchdog ask training to 
 (with ``budget.on_cap: hard_stop`` the cost guard and the watchdog's cap stop it at once, see
 :mod:`remote.train`); the run then validates and publishes what exists and ends ``stopped``.
 ``training.resume_from_checkpoint`` ``none`` or a path is applied once per run before the trainer
-starts (:mod:`remote.resume`); a path is validated in the checks stage already. Exit codes: 0 done or
-stopped with a bundle, 1 failed (or another agent holds the run), 2 bad plan.
+starts (:mod:`remote.resume`); a path is validated in the checks stage already.
+
+Exit codes: 0 done or stopped with a bundle, 1 failed (or another agent holds the run), 2 bad plan.
 """
 
 from __future__ import annotations
@@ -460,6 +461,9 @@ class Runner:
             tail = "\n".join(result.log_tail[-50:])
             raise StageFailed(f"training failed ({result.cause or 'unknown cause'}): "
                               f"{result.error}\n{tail}", cause=result.cause or "trainer")
+        if result.state == "stopped" and result.last_checkpoint is None:  # a hard stop, early
+            raise StageFailed(f"training stopped at step {result.step} ({self.stop_reason}) "
+                              "before its first checkpoint: nothing to publish", cause="stopped")
         return ("stopped" if result.state == "stopped" else "done"), detail
 
     def _resume_policy(self) -> "ResumePolicy":
@@ -484,7 +488,7 @@ class Runner:
                            f"{source.pairs} LoRA pairs)")
 
     def _apply_resume(self, total: int) -> None:
-        """``none`` or a path, once per run: set earlier files aside, place the LoRA to start from."""
+        """``none`` or a path, once per run: set earlier files aside, place the LoRA to start at."""
         from remote.resume import ResumeError
 
         try:
@@ -495,8 +499,9 @@ class Runner:
             return
         self.recorder.event("resume", **record)
         if record["set_aside"]:
-            self.log.agent(f"resume_from_checkpoint {record['setting']}: moved {len(record['moved'])}"
-                           f" earlier file(s) to {record['set_aside']} (nothing deleted)")
+            self.log.agent(f"resume_from_checkpoint {record['setting']}: moved "
+                           f"{len(record['moved'])} earlier file(s) to {record['set_aside']} "
+                           "(nothing deleted)")
         if record["checkpoint"]:
             self.log.agent(f"resume_from_checkpoint: training starts from {record['source']} at "
                            f"step {record['step']} (optimizer state fresh)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from remote.costguard import CostGuard
 from remote.plan import load_plan, make_plan, write_json_atomic
 from remote.resume import (MARKER, ResumeError, ResumePolicy, copy_with_step, inspect_source,
                            read_marker, run_rank, setting_of)
-from remote.runner import Runner
+from remote.runner import Runner, trainer_pids
 from remote.status import read_events, read_status
 from remote.train import default_stop_policy, run_training
 from remote.trainers import checkpoints as ck
@@ -52,8 +53,9 @@ def tiny_lora(path: Path, *, rank: int = 4, step: int | None = 6,
 
 def policy(tmp_path: Path, setting: str, *, run_id: str = "r1", rank: int = 4) -> ResumePolicy:
     return ResumePolicy(setting, run_dir=tmp_path / "run", run_id=run_id,
-                        dataset_dir=tmp_path / "dataset", output_dir=tmp_path / "run" / "out" / NAME,
-                        name=NAME, rank=rank, clock=lambda: 1_800_000_000.0)
+                        dataset_dir=tmp_path / "dataset",
+                        output_dir=tmp_path / "run" / "out" / NAME, name=NAME, rank=rank,
+                        clock=lambda: 1_800_000_000.0)
 
 
 def earlier_attempt(out: Path) -> set[str]:
@@ -320,8 +322,10 @@ def test_none_after_an_earlier_run_then_a_restart_continues(tmp_path: Path,
     try:
         wait_for(r2_saved, what="r2's first checkpoint")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # agent and trainer, mid-run
+        os.killpg(proc.pid, signal.SIGKILL)  # the agent, mid-run
         proc.wait()
+        for pid in trainer_pids(run_dir / "work" / "config.yaml"):  # and its trainer (own session)
+            os.kill(pid, signal.SIGKILL)
     newest = ck.newest_checkpoint(out, NAME)
     assert newest is not None and 4 <= newest[1] < 16
     resumes = [e for e in read_events(run_dir) if e["event"] == "resume"]
@@ -385,3 +389,60 @@ def test_a_rank_mismatch_fails_before_training(tmp_path: Path, small_dataset: Pa
     assert "r8.safetensors cannot be resumed from" in status["error"]
     assert "rank 8, the spec says 4" in status["error"]
     assert not (run_dir / "output").exists()
+
+
+FAKE_AITK_SAVING_LORAS = '''\
+"""An ai-toolkit stand-in (no save on SIGTERM) whose checkpoints are real LoRA files."""
+import os, sys, time
+from pathlib import Path
+from remote.resume import copy_with_step
+
+out, lora = Path(os.environ["FAKE_OUT"]), Path(os.environ["FAKE_LORA"])
+out.mkdir(parents=True, exist_ok=True)
+total = 400
+for step in range(1, total + 1):
+    time.sleep(0.05)
+    sys.stderr.write(f"\\rdemo_lora: {step * 100 // total:3d}%|#         | {step}/{total} "
+                     f"[00:{step % 60:02d}<00:10,  2.00s/it, lr: 1.0e-04 loss: 4.0e-01]")
+    sys.stderr.flush()
+    if step % 10 == 0:
+        print(f"Saving at step {step}", flush=True)
+        path = out / f"demo_lora_{step:09d}.safetensors"
+        copy_with_step(lora, path, step)
+        print(f"Saved checkpoint to {path}", flush=True)
+'''
+
+
+def test_the_agent_hard_stops_an_ai_toolkit_like_trainer_and_publishes(
+        tmp_path: Path, small_dataset: Path) -> None:
+    script = tmp_path / "fake_aitk.py"
+    script.write_text(FAKE_AITK_SAVING_LORAS)
+    lora = tiny_lora(tmp_path / "lora.safetensors")
+    spec = tiny_spec(small_dataset, steps=400, command=[sys.executable, str(script), "{config}"])
+    spec["budget"]["on_cap"] = "hard_stop"
+    run_dir = tmp_path / "runs" / "r1"
+    out = run_dir / "output" / NAME
+    first_save = out / f"{NAME}_000000010.safetensors"
+    began = time.time()
+    plan = make_plan(run_id="r1", spec=spec, run_dir=str(run_dir), dataset_dir=str(small_dataset),
+                     provider="local", price_per_hour=36.0, billing_started_at=began)
+
+    def clock() -> float:  # ten minutes ($6 of $5) pass once the first checkpoint is saved
+        return time.time() + (600 if first_save.is_file() else 0)
+
+    runner = Runner(plan, env={**os.environ, "FAKE_OUT": str(out), "FAKE_LORA": str(lora)},
+                    clock=clock)
+    try:
+        assert runner.run() == 0, (run_dir / "agent.log").read_text()[-3000:]
+    finally:
+        runner.log.close()
+    status = read_status(run_dir)
+    assert status["state"] == "stopped"
+    train = status["stages"]["train"]["detail"]
+    assert train["last_checkpoint"] == str(first_save) and 10 <= train["step"] < 20
+    assert not (out / f"{NAME}_000000020.safetensors").exists()  # no waiting for the next save
+    assert any(e["event"] == "costguard" and e["hard"] for e in read_events(run_dir))
+    assert "hard stop" in (run_dir / "agent.log").read_text()
+    receipt = json.loads((run_dir / "publish" / "receipt.json").read_text())
+    assert receipt["state"] == "stopped"
+    assert ck.read_step(run_dir / "publish" / f"{NAME}.safetensors") == 10

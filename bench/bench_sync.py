@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,7 +57,7 @@ def make_dataset(root: Path, total_mb: int) -> int:
     return sum(p.stat().st_size for p in root.iterdir())
 
 
-def plain_rsync(src: Path, dest: str, ssh_command: str, extra: list[str] | tuple = ()) -> float:
+def plain_rsync(src: Path, dest: str, ssh_command: str, extra: Sequence[str] = ()) -> float:
     started = time.perf_counter()
     subprocess.run(
         ["rsync", "-a", *extra, "-e", ssh_command, "--", f"{src}/", dest],

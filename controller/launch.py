@@ -13,6 +13,7 @@ things themselves live here and return data:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from controller import runs as R
-from controller.errors import BudgetError, FluxRemoteError
+from controller.errors import BudgetError, FluxRemoteError, SpecError
 
 if TYPE_CHECKING:
     from controller.journal import Journal
@@ -57,10 +58,12 @@ def machine_checks(spec: "RunSpec", *, env: Optional[Mapping[str, str]] = None,
             checks.append(MachineCheck("Vast.ai key", "found"))
         except FluxRemoteError as exc:
             checks.append(MachineCheck("Vast.ai key", str(exc), False))
-        if spec.base_model == "flux-dev":
-            token = bool(env.get("HF_TOKEN"))
-            checks.append(MachineCheck("HF_TOKEN", "set" if token else
-                                       "not set: FLUX.1-dev is gated", token))
+    if (spec.provider.type in ("vast", "ssh") and spec.base_model == "flux-dev"
+            and spec.training.trainer == "ai-toolkit"):
+        token = bool(env.get("HF_TOKEN"))
+        checks.append(MachineCheck("HF_TOKEN", "set" if token else
+                                   "not set: FLUX.1-dev is gated (export HF_TOKEN=hf_... of an "
+                                   "account that accepted its license)", token))
     if spec.wandb.enabled:
         mode = env.get("WANDB_MODE", "online")
         checks.append(MachineCheck("WANDB_API_KEY", "set" if env.get("WANDB_API_KEY") else
@@ -68,6 +71,43 @@ def machine_checks(spec: "RunSpec", *, env: Optional[Mapping[str, str]] = None,
     if spec.publish.hf_repo:
         token = bool(env.get("HF_TOKEN"))
         checks.append(MachineCheck("HF_TOKEN (publish)", "set" if token else "not set", token))
+    return checks
+
+
+def preflight(spec: "RunSpec", *, env: Optional[Mapping[str, str]] = None,
+              which: Callable[[str], Optional[str]] = shutil.which,
+              passed: Optional[set[str]] = None) -> list[MachineCheck]:
+    """Refuse, before anything is rented or shipped, what would only fail on the instance.
+
+    For ``vast`` and ``ssh``: a failing machine check (no rsync, no Vast key, no HF_TOKEN for
+    the gated FLUX.1-dev) and a dataset that fails the spec's quality gate here are SpecErrors
+    (exit 2, nothing rented). The gate runs on the instance again (on the ingested copy); this
+    run costs seconds on the laptop and saves renting a GPU to learn the same thing. ``local``
+    skips it: its agent says the same at no cost. ``passed`` remembers the dataset checks that
+    passed (a batch's runs often share one). Returns the checks for display.
+    """
+    checks = machine_checks(spec, env=env, which=which)
+    if spec.provider.type == "local":
+        return checks
+    failed = [f"{check.name}: {check.result}" for check in checks if not check.ok]
+    if failed:
+        raise SpecError(failed, hint="nothing was rented; fix these and launch again")
+    if spec.quality_gate.enabled:
+        from controller.dataset_check import check_arguments, run_check
+
+        arguments = check_arguments(spec)
+        key = json.dumps(arguments, sort_keys=True, default=str)
+        if passed is not None and key in passed:
+            return checks
+        report = run_check(arguments)
+        if report["passed"] and passed is not None:
+            passed.add(key)
+        if not report["passed"]:
+            reasons = "; ".join(report["gate"].get("reasons") or []) or "see the report"
+            raise SpecError(
+                f"{spec.dataset.path}: the dataset fails the quality gate ({reasons}), so the "
+                "run would fail on the instance; nothing was rented",
+                hint="`flux-remote check-dataset run.yaml` lists every image and why")
     return checks
 
 

@@ -139,9 +139,10 @@ def launch(
         _launch_batch(loaded, file, yes=yes, detach=detach, out=out, dry_run=dry_run,
                       poll_interval=poll_interval, as_json=as_json)
         return
-    from controller.launch import plan_run
+    from controller.launch import plan_run, preflight
 
     spec = loaded.runs[0]
+    preflight(spec)
     journal = _journal()
     view = _view(as_json)
     orch, estimate = plan_run(spec, journal, reporter=view)
@@ -178,6 +179,11 @@ def _launch_batch(loaded: Any, file: Path, *, yes: bool, detach: bool, out: Opti
         raise SpecError("--detach does not apply to a batch: this process schedules its runs "
                         "(Ctrl-C leaves the started runs going; `flux-remote resume BATCH` "
                         "carries on)")
+    from controller.launch import preflight
+
+    passed: set[str] = set()
+    for spec in loaded.runs:
+        preflight(spec, passed=passed)
     journal = _journal()
     rows = plan_batch(loaded, lambda name: provider_named(name, journal=journal))
     batch = loaded.batch

@@ -20,7 +20,6 @@ price, so the on-instance cost guard stops at ``max_usd`` assuming that worst-ca
 from __future__ import annotations
 
 import math
-import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.spec import RunSpec
+from controller.state import write_text_atomic
 
 CLUSTER_ROOT = "~/flux-remote"
 AGENT_DEPS = ("pyyaml", "pillow", "numpy", "safetensors")
@@ -268,11 +268,5 @@ def export_skypilot(spec_path: Path, out_path: Path | None = None) -> ExportResu
     task_path.parent.mkdir(parents=True, exist_ok=True)
     task = skypilot_task(spec, spec_path=Path(spec_path), plan_path=plan_path)
     write_json_atomic(plan_path, build_plan(spec))
-    _write_text_atomic(task_path, dump_task(task))
+    write_text_atomic(task_path, dump_task(task), mode=0o644)
     return ExportResult(task_path=task_path, plan_path=plan_path, task=task)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

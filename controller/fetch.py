@@ -12,7 +12,6 @@ agent's ``receipt.json`` and ``SHA256SUMS`` are left exactly as the agent signed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from controller.errors import RunError, TransportError
 from controller.follow import RunPaths
+from remote.publish.bundle import sha256_file
 
 if TYPE_CHECKING:
     from controller.hosts.base import Host
@@ -50,12 +50,10 @@ def parse_sums(text: str) -> list[tuple[str, str]]:
     return entries
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def is_inside(name: str) -> bool:
+    """Whether a SHA256SUMS entry is a relative path that stays in its bundle (as written)."""
+    rel = PurePosixPath(name)
+    return not rel.is_absolute() and ".." not in rel.parts and "\\" not in name
 
 
 def verify_sums(bundle: Path) -> int:
@@ -70,9 +68,8 @@ def verify_sums(bundle: Path) -> int:
     problems = []
     root = bundle.resolve()
     for digest, name in entries:
-        rel = PurePosixPath(name)
-        target = (bundle / rel).resolve()
-        if rel.is_absolute() or ".." in rel.parts or root not in (target, *target.parents):
+        target = (bundle / name).resolve()
+        if not is_inside(name) or root not in (target, *target.parents):
             problems.append(f"{name}: outside the bundle")
         elif not target.is_file():
             problems.append(f"{name}: missing")

@@ -23,11 +23,10 @@ updated to match) before the upload, so the receipt at home and on the Hub both 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from controller.errors import CredentialsError, ProviderError, RunError
@@ -61,21 +60,19 @@ def resolve_token(token: str | None) -> str:
 
 
 def read_sums(bundle_dir: Path) -> dict[str, str]:
-    """Parse ``SHA256SUMS`` (``<hex>  <path>`` per line, sha256sum's format) into path -> hex."""
+    """``SHA256SUMS`` (sha256sum's ``<hex>  <path>`` lines) as path -> hex."""
+    from controller.fetch import is_inside, parse_sums
+
     sums_path = bundle_dir / SUMS
     try:
         text = sums_path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise RunError(f"{bundle_dir}: no {SUMS}; this is not a fetched bundle") from exc
-    sums: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        digest, sep, name = line.partition(" ")
-        name = name[1:] if name[:1] in (" ", "*") else name
-        if not sep or len(digest) != 64 or not name or not _is_safe_relative(name):
-            raise RunError(f"{sums_path}:{number}: not a '<sha256>  <relative path>' line")
-        sums[name] = digest.lower()
+    sums = {}
+    for number, (digest, name) in enumerate(parse_sums(text), start=1):
+        if not is_inside(name):
+            raise RunError(f"{sums_path}: entry {number} names a path outside the bundle: {name!r}")
+        sums[name] = digest
     return sums
 
 
@@ -84,13 +81,13 @@ def verify_bundle(bundle_dir: Path) -> BundleFiles:
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise RunError(f"{bundle_dir}: no such bundle folder")
+    from controller.fetch import verify_sums
+
     sums = read_sums(bundle_dir)
-    bad = [name for name, digest in sums.items() if _sha256(bundle_dir / name) != digest]
-    if bad:
-        raise RunError(
-            f"{bundle_dir}: {len(bad)} file(s) do not match {SUMS}: {', '.join(sorted(bad)[:5])}",
-            hint="fetch the bundle again before publishing",
-        )
+    try:
+        verify_sums(bundle_dir)  # every listed file matches, none points outside the bundle
+    except RunError as exc:
+        raise RunError(str(exc.message), hint="fetch the bundle again before publishing") from exc
     if not (bundle_dir / CARD).is_file():
         raise RunError(f"{bundle_dir}: the bundle has no model card ({CARD})")
     rest = sorted(name for name in sums if name not in (CARD, SUMS))
@@ -104,7 +101,9 @@ def record_repo_url(bundle_dir: Path, url: str) -> bool:
     Returns whether anything changed (a re-run with the same URL changes nothing, so the Hub sees
     identical files). Both files are replaced atomically.
     """
+    from controller.state import write_text_atomic
     from remote.plan import write_json_atomic
+    from remote.publish.bundle import sha256_file
 
     receipt_path = bundle_dir / RECEIPT
     if not receipt_path.is_file():
@@ -119,9 +118,9 @@ def record_repo_url(bundle_dir: Path, url: str) -> bool:
     write_json_atomic(receipt_path, receipt)
     sums = read_sums(bundle_dir)
     if RECEIPT in sums:
-        sums[RECEIPT] = _sha256(receipt_path)
+        sums[RECEIPT] = sha256_file(receipt_path)
         body = "".join(f"{digest}  {name}\n" for name, digest in sums.items())
-        _write_text_atomic(bundle_dir / SUMS, body)
+        write_text_atomic(bundle_dir / SUMS, body, mode=0o644)
     return True
 
 
@@ -220,28 +219,3 @@ def _translate(exc: Exception, repo_id: str, token: str) -> Exception:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _is_safe_relative(name: str) -> bool:
-    path = PurePosixPath(name)
-    return not path.is_absolute() and ".." not in path.parts and "\\" not in name
-
-
-def _sha256(path: Path) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    except (FileNotFoundError, IsADirectoryError):
-        return None
-    return digest.hexdigest()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -150,3 +150,23 @@ def release_own_machine(journal: "Journal", run_id: str) -> None:
     if current is not None:
         journal.destroy_intent(int(current["id"]))
         journal.instance_destroyed(int(current["id"]))
+
+
+class OwnMachineProvider:
+    """What ``local`` and ``ssh`` share: hardware the user owns is never rented or destroyed,
+    has no provider-side state to reconcile, and can leave no orphan behind."""
+
+    def release(self, run_id: str, journal: "Journal", *, keep_data: bool = False) -> None:
+        release_own_machine(journal, run_id)
+
+    def health(self, run_id: str, journal: "Journal") -> str | None:
+        return None
+
+    def reconcile(self, journal: "Journal") -> list[str]:
+        return []
+
+    def orphans(self, journal: "Journal") -> list[dict[str, Any]]:
+        return []
+
+    def destroy_orphan(self, instance: dict[str, Any], journal: "Journal") -> None:
+        return None

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
-from controller.providers.base import (Estimate, Machine, Notify, claim_own_machine,
-                                       own_machine_estimate, own_machine_row,
-                                       release_own_machine)
+from controller.providers.base import (Estimate, Machine, Notify, OwnMachineProvider,
+                                       claim_own_machine, own_machine_estimate,
+                                       own_machine_row)
 
 if TYPE_CHECKING:
     from controller.journal import Journal
@@ -38,7 +38,7 @@ def local_python(spec: "RunSpec") -> str:
     return sys.executable
 
 
-class LocalProvider:
+class LocalProvider(OwnMachineProvider):
     name = "local"
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
@@ -63,18 +63,3 @@ class LocalProvider:
 
     def reattach(self, run_id: str, spec: "RunSpec", journal: "Journal") -> Machine:
         return self._machine(spec, *own_machine_row(journal, run_id))
-
-    def release(self, run_id: str, journal: "Journal", *, keep_data: bool = False) -> None:
-        release_own_machine(journal, run_id)
-
-    def health(self, run_id: str, journal: "Journal") -> str | None:
-        return None
-
-    def reconcile(self, journal: "Journal") -> list[str]:
-        return []
-
-    def orphans(self, journal: "Journal") -> list[dict[str, Any]]:
-        return []
-
-    def destroy_orphan(self, instance: dict[str, Any], journal: "Journal") -> None:
-        return None

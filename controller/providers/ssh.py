@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from controller.errors import TransportError
-from controller.providers.base import (Estimate, Machine, Notify, claim_own_machine,
-                                       own_machine_estimate, own_machine_row,
-                                       release_own_machine)
+from controller.providers.base import (Estimate, Machine, Notify, OwnMachineProvider,
+                                       claim_own_machine, own_machine_estimate,
+                                       own_machine_row)
 
 if TYPE_CHECKING:
     from controller.hosts.base import Host
@@ -30,7 +30,7 @@ def default_key_path() -> Path | None:
     return None
 
 
-class SshProvider:
+class SshProvider(OwnMachineProvider):
     name = "ssh"
 
     def __init__(self, *, known_hosts_path: Path | None = None,
@@ -75,18 +75,3 @@ class SshProvider:
     def reattach(self, run_id: str, spec: "RunSpec", journal: "Journal") -> Machine:
         row, started = own_machine_row(journal, run_id)
         return self._machine(spec, self.connect(spec), row, started)
-
-    def release(self, run_id: str, journal: "Journal", *, keep_data: bool = False) -> None:
-        release_own_machine(journal, run_id)
-
-    def health(self, run_id: str, journal: "Journal") -> str | None:
-        return None
-
-    def reconcile(self, journal: "Journal") -> list[str]:
-        return []
-
-    def orphans(self, journal: "Journal") -> list[dict[str, Any]]:
-        return []
-
-    def destroy_orphan(self, instance: dict[str, Any], journal: "Journal") -> None:
-        return None

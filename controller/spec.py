@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Defined once, in the config generator that also runs on the instance; re-exported here.
-from remote.aitk_config import BASE_MODELS, SCHNELL_ADAPTER
+from remote.aitk_config import BASE_MODELS, SCHNELL_ADAPTER  # noqa: F401 (re-exported)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 

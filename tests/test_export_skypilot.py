@@ -29,7 +29,7 @@ from controller.export_skypilot import (
 )
 from controller.spec import RunSpec
 from remote.plan import load_plan
-from tests.fakehub import FAKE_TOKEN, FakeHub, fake_hub  # noqa: F401 - the fixture
+from tests.fakehub import FAKE_TOKEN, FakeHub
 
 CANARIES = {"HF_TOKEN": "hf_canary_secret_0123456789", "WANDB_API_KEY": "wandb_canary_secret_0123456789"}
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from controller.cli import export_cmds
 from controller.errors import CredentialsError, ProviderError, RunError
 from controller.hf_publish import publish_bundle, publish_target, read_sums, verify_bundle
-from tests.fakehub import FAKE_TOKEN, FakeHub, fake_hub  # noqa: F401 - the fixture
+from tests.fakehub import FAKE_TOKEN, FakeHub
 
 TOKEN = FAKE_TOKEN
 CARD = "---\nlicense: other\nbase_model: black-forest-labs/FLUX.1-dev\ntags: [flux, lora]\n---\n# demo\n"

@@ -279,6 +279,7 @@ class BatchScheduler:
         self._ended: "queue.Queue[tuple[int, str, BaseException | None]]" = queue.Queue()
         self._threads: dict[int, threading.Thread] = {}
         self._waiting: set[int] = set()  # slots that did not fit: tried again once a run ends
+        self._stops_sent: set[str] = set()  # runs this process wrote a deferred STOP for
 
     def _default_factory(self, name: str, claims: OfferClaims) -> "Provider":
         from controller.providers import provider_named
@@ -302,6 +303,7 @@ class BatchScheduler:
             while True:
                 self._collect()
                 self._meter()
+                self._deferred_stops()
                 self._start_what_fits()
                 if self.on_tick is not None:
                     self.on_tick(self)
@@ -374,6 +376,24 @@ class BatchScheduler:
             if slot["state"] == ACTIVE and slot["run_id"]:
                 run = self.journal.get_run(slot["run_id"]) or {}
                 self.ledger.meter(slot["run_id"], float(run.get("spend_usd") or 0.0))
+
+    def _deferred_stops(self) -> None:
+        """``stop BATCH`` from another process could not stop a run whose agent had not started
+        yet (this process drives it): write its STOP here once it runs."""
+        for slot in self.slots():
+            run_id = slot["run_id"]
+            if slot["state"] != ACTIVE or not run_id or run_id in self._stops_sent:
+                continue
+            run = self.journal.get_run(run_id) or {}
+            if run.get("state") != R.RUNNING or not self.journal.events(run_id, "stop_deferred"):
+                continue
+            self._stops_sent.add(run_id)
+            provider = self.provider_factory(run.get("provider") or "local", self.claims)
+            try:
+                Orchestrator(self.journal, provider, env=self.env, clock=self.clock,
+                             sleep=self.sleep).request_stop(run_id)
+            except FluxRemoteError as exc:
+                self.board.note(slot["name"], f"could not write its STOP: {exc}")
 
     def _start_what_fits(self) -> None:
         for slot in self._pending():

@@ -7,7 +7,9 @@ from the moment billing started: ``dph_total x wall time + bandwidth``.
 
 Controller-side cap: when the metered spend plus what the next poll interval and the finish
 (checkpoint, publish, fetch, destroy: ``finish_allowance_s``) would cost reaches the budget, the
-follower writes ``STOP`` once: the agent checkpoints, publishes what exists and ends.
+follower writes ``STOP`` once, as JSON ``{"kind": ..., "reason": ...}``: ``graceful`` (the agent
+checkpoints, publishes what exists and ends) or, with ``budget.on_cap: hard_stop``, ``hard`` (the
+agent stops its trainer at once, as its own cost guard does; see ``remote.stop_request``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from controller.errors import RunError, TransportError
+from remote.stop_request import GRACEFUL, HARD, StopRequest
 
 if TYPE_CHECKING:
     from controller.hosts.base import Host
@@ -168,8 +171,21 @@ def log_lines(chunk: bytes) -> list[str]:
     return lines
 
 
-def request_stop(host: "Host", paths: RunPaths, reason: str) -> None:
-    host.write_bytes(paths.stop, (reason + "\n").encode("utf-8"))
+def request_stop(host: "Host", paths: RunPaths, reason: str, *, hard: bool = False) -> None:
+    """Write ``STOP`` (atomically): graceful by default, ``hard`` to stop the trainer at once.
+    Any STOP stops an agent; an agent that predates the JSON form reads it as graceful."""
+    request = StopRequest(HARD if hard else GRACEFUL, reason)
+    host.write_bytes(paths.stop, (request.to_json() + "\n").encode("utf-8"))
+
+
+def on_cap_of(run: dict[str, Any]) -> str:
+    """The run's ``budget.on_cap`` from its journaled spec ("graceful_stop" when unknown)."""
+    try:
+        spec = json.loads(run.get("spec_json") or "{}")
+    except ValueError:
+        spec = {}
+    budget = spec.get("budget") if isinstance(spec, dict) else None
+    return str((budget or {}).get("on_cap") or "graceful_stop")
 
 
 class Follower:
@@ -180,7 +196,7 @@ class Follower:
                  max_hours: float | None = None, bandwidth_usd: float = 0.0,
                  poll_interval: float = 2.0, finish_allowance_s: float = FINISH_ALLOWANCE_S,
                  lost_contact_s: float = LOST_CONTACT_S, reporter: Reporter | None = None,
-                 health: Callable[[], str | None] | None = None,
+                 health: Callable[[], str | None] | None = None, on_cap: str | None = None,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.host = host
@@ -200,6 +216,8 @@ class Follower:
         self.clock = clock
         self.sleep = sleep
         run = journal.get_run(run_id) or {}
+        # "hard_stop": the cap's STOP stops the trainer at once; None: the run's journaled spec
+        self.hard_cap = (on_cap or on_cap_of(run)) == "hard_stop"
         self.offset = int(run.get("log_offset") or 0)
         self.stop_requested = bool(run.get("stop_requested"))
         self._last_sample: float | None = None
@@ -248,12 +266,14 @@ class Follower:
         if not self.stop_requested and not snap.finished:
             reason = self._cap_reached(spend, now)
             if reason:
-                request_stop(self.host, self.paths, reason)
+                kind = HARD if self.hard_cap else GRACEFUL
+                request_stop(self.host, self.paths, reason, hard=self.hard_cap)
                 self.stop_requested = snap.stop_requested = True
                 self.journal.update_run(self.run_id, stop_requested=1)
-                self.journal.add_event(self.run_id, "cap_stop", {"reason": reason,
+                self.journal.add_event(self.run_id, "cap_stop", {"reason": reason, "kind": kind,
                                                                  "spend_usd": spend})
-                self.reporter.note(f"{reason}: asked the agent to stop gracefully")
+                how = "at once (on_cap: hard_stop)" if self.hard_cap else "gracefully"
+                self.reporter.note(f"{reason}: asked the agent to stop {how}")
         self.journal.update_run(self.run_id, log_offset=self.offset, stage=snap.stage,
                                 step=snap.step, total=snap.total, loss=snap.loss,
                                 spend_usd=spend)

@@ -33,11 +33,20 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class MachineCheck:
     """One line of the "this machine" table: what was checked, what was found, and whether the
-    run can go ahead with it (``ok`` False: it will fail; warnings stay ok)."""
+    run can go ahead with it (``ok`` False: it will fail; warnings stay ok). ``brief`` is the
+    word for one-line displays (``launch``'s ``checks:`` line) where ``result`` is long."""
 
     name: str
     result: str
     ok: bool = True
+    brief: Optional[str] = None
+
+    @property
+    def short(self) -> str:
+        return self.brief or self.result
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "result": self.result, "ok": self.ok}
 
 
 def machine_checks(spec: "RunSpec", *, env: Optional[Mapping[str, str]] = None,
@@ -49,21 +58,23 @@ def machine_checks(spec: "RunSpec", *, env: Optional[Mapping[str, str]] = None,
     if spec.provider.type in ("vast", "ssh"):
         for tool in ("ssh", "rsync"):
             found = which(tool)
-            checks.append(MachineCheck(tool, found or "missing: install it", found is not None))
+            checks.append(MachineCheck(tool, found or "missing: install it", found is not None,
+                                       brief="ok" if found else "missing"))
     if spec.provider.type == "vast":
         from controller.vast.client import find_api_key
 
         try:
             find_api_key()
-            checks.append(MachineCheck("Vast.ai key", "found"))
+            checks.append(MachineCheck("Vast.ai key", "found", brief="ok"))
         except FluxRemoteError as exc:
-            checks.append(MachineCheck("Vast.ai key", str(exc), False))
+            checks.append(MachineCheck("Vast.ai key", str(exc), False, brief="missing"))
     if (spec.provider.type in ("vast", "ssh") and spec.base_model == "flux-dev"
             and spec.training.trainer == "ai-toolkit"):
         token = bool(env.get("HF_TOKEN"))
         checks.append(MachineCheck("HF_TOKEN", "set" if token else
                                    "not set: FLUX.1-dev is gated (export HF_TOKEN=hf_... of an "
-                                   "account that accepted its license)", token))
+                                   "account that accepted its license)", token,
+                                   brief=None if token else "not set"))
     if spec.wandb.enabled:
         mode = env.get("WANDB_MODE", "online")
         checks.append(MachineCheck("WANDB_API_KEY", "set" if env.get("WANDB_API_KEY") else

@@ -19,7 +19,10 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from controller.follow import Snapshot
+    from controller.launch import MachineCheck
     from controller.orchestrator import Outcome
     from controller.providers.base import Estimate
 
@@ -64,6 +67,18 @@ def plan_table(estimate: "Estimate", *, budget_usd: float, top: int = 5) -> Tabl
         table.add_row(mark, str(offer.offer_id), f"{offer.num_gpus}x {offer.gpu_name}",
                       f"${offer.dph_total:.3f}", f"{offer.est_hours:.2f}", money(offer.est_usd))
     return table
+
+
+def checks_line(checks: "Sequence[MachineCheck]") -> Text:
+    """The machine checks a launch passed, on one line: ``checks: python 3.11.7 · ssh ok · ...``
+    (a failed check is red, a warning such as a missing WANDB_API_KEY yellow)."""
+    line = Text("checks: ", style="dim")
+    for i, check in enumerate(checks):
+        if i:
+            line.append(" · ", style="dim")
+        style = "red" if not check.ok else "yellow" if check.short.startswith("not set") else ""
+        line.append(f"{check.name} {check.short}", style=style)
+    return line
 
 
 def status_panel(snap: "Snapshot", *, title: str | None = None) -> Panel:

@@ -9,9 +9,14 @@ that already finished only reports so. One agent per run dir: an ``fcntl`` lock 
 
 A ``STOP`` file in the run dir, the cost guard, or the watchdog ask training to stop gracefully
 (with ``budget.on_cap: hard_stop`` the cost guard and the watchdog's cap stop it at once, see
-:mod:`remote.train`); the run then validates and publishes what exists and ends ``stopped``.
+:mod:`remote.train`, and so does a ``STOP`` of kind hard, see :mod:`remote.stop_request`); the
+run then validates and publishes what exists and ends ``stopped``.
 ``training.resume_from_checkpoint`` ``none`` or a path is applied once per run before the trainer
 starts (:mod:`remote.resume`); a path is validated in the checks stage already.
+
+The stage bodies live in :mod:`remote.stages` (one module per concern); this module drives them.
+A trainer left behind by a killed agent is ended when the next agent starts
+(:mod:`remote.stages.orphans`).
 
 Exit codes: 0 done or stopped with a bundle, 1 failed (or another agent holds the run), 2 bad plan.
 """
@@ -19,30 +24,38 @@ Exit codes: 0 done or stopped with a bundle, 1 failed (or another agent holds th
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from remote.checks import Probes
 from remote.costguard import CostGuard
-from remote.plan import PlanError, load_plan, write_json_atomic
+from remote.plan import PlanError, load_plan
 from remote.secrets import load_secrets, redactor_for
+from remote.stages import dataset, finish, prepare, training
+from remote.stages.orphans import trainer_pids
+from remote.stages.training import STATUS_MIN_INTERVAL_S
 from remote.status import FINISHED_STATES, STAGES, AgentLog, RunRecorder, StageFailed
+from remote.stop_request import read_stop
 from remote.watchdog import Watchdog
 
-if TYPE_CHECKING:
-    from remote.resume import ResumePolicy
+__all__ = ["EXIT_BAD_PLAN", "EXIT_DONE", "EXIT_FAILED", "STAGE_BODIES", "STATUS_MIN_INTERVAL_S",
+           "RunLock", "Runner", "hand_over_watch", "run_plan", "trainer_pids"]
 
 DATASET_STAGES = ("ingest", "caption", "quality_gate")
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-STATUS_MIN_INTERVAL_S = 0.5  # progress redraws update status.json at most this often
+StageBody = Callable[["Runner"], "tuple[str, dict[str, Any]]"]
+STAGE_BODIES: dict[str, StageBody] = {  # what each of remote.status.STAGES runs
+    "checks": prepare.checks, "bootstrap": prepare.bootstrap,
+    "ingest": dataset.ingest, "caption": dataset.caption, "quality_gate": dataset.quality_gate,
+    "config": training.config, "train": training.train,
+    "validate": finish.validate, "publish": finish.publish,
+}
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_PLAN = 0, 1, 2
 
 
@@ -74,47 +87,6 @@ class RunLock:
             self._fd = None
 
 
-def _newest_lora(output_dir: Path, name: str) -> Path | None:
-    """The final ``<name>.safetensors``, else the checkpoint with the highest step."""
-    final = output_dir / f"{name}.safetensors"
-    if final.is_file():
-        return final
-    steps = []
-    for path in output_dir.glob(f"{name}_*.safetensors"):
-        tail = path.stem[len(name) + 1:]
-        if tail.isdigit():
-            steps.append((int(tail), path))
-    return max(steps)[1] if steps else None
-
-
-def trainer_pids(config_path: Path, proc_root: Path = Path("/proc")) -> list[int]:
-    """Processes whose command line names ``config_path``: a trainer a killed agent left behind."""
-    pids = []
-    for entry in proc_root.iterdir() if proc_root.is_dir() else []:
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(config_path).encode() in argv:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited; only its parent's wait is missing
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 class Runner:
     """One agent run of one plan. Construct, then :meth:`run`."""
 
@@ -143,10 +115,7 @@ class Runner:
         self.stop_reason: str | None = None
         self._hard_stop = False  # budget.on_cap hard_stop and the cap was hit: stop the trainer now
         self._stop_lock = threading.Lock()
-        self._ingest_result: Any = None
-        self._last_status_write = 0.0
-        self._last_loss_step: int | None = None
-        self._saves_ahead = 1
+        self.ingest_result: Any = None  # ingest's result, for caption and quality_gate
         self.watchdog = Watchdog(
             self.run_dir, grace_s=float(plan.get("heartbeat_grace_s") or 900), env=self.env,
             event=self.recorder.event, is_finished=self._finished,
@@ -175,16 +144,27 @@ class Runner:
 
     def stop_now(self) -> bool:
         """For the supervisor: True once a hard stop is due (the cap reached counts even while
-        the trainer prints no progress, e.g. while it loads the model)."""
+        the trainer prints no progress, e.g. while it loads the model; a hard STOP counts too)."""
+        self.stop_requested()
         if self.guard.hard and not self._hard_stop and self.guard.cap_reached():
             self.recorder.event("costguard", reason="cap reached", spend_usd=self.guard.spend(),
                                 hard=True)
             self.cap_stop("cost guard: cap reached")
         return self._hard_stop
 
+    @property
+    def hard_stopped(self) -> bool:
+        """A hard stop was decided (``budget.on_cap: hard_stop``)."""
+        return self._hard_stop
+
     def stop_requested(self) -> bool:
-        if self.stop_reason is None and (self.run_dir / "STOP").exists():
-            self.request_stop("STOP file in the run dir")
+        # STOP (remote.stop_request) is re-read until a hard stop: one may follow a graceful one
+        stop = None if self._hard_stop else read_stop(self.run_dir)
+        if stop is not None and (stop.hard or self.stop_reason is None):
+            if stop.hard and self.stop_reason is not None:
+                self.log.agent(f"hard stop requested: {stop.reason}")
+            self._hard_stop = stop.hard  # kind hard (the controller's cap): stop_now turns true
+            self.request_stop(f"hard stop: {stop.reason}" if stop.hard else stop.reason)
         return self.stop_reason is not None
 
     def _finished(self) -> bool:
@@ -202,12 +182,12 @@ class Runner:
         env.update(wandb_env(self.spec, self.plan["run_id"], self.output, env))
         return env
 
-    def _wandb_enabled(self) -> bool:
+    def wandb_enabled(self) -> bool:
         return bool((self.spec.get("wandb") or {}).get("enabled"))
 
-    def _record_wandb_url(self) -> None:
+    def record_wandb_url(self) -> None:
         """Put the W&B run URL into status.json once it is known (the controller shows it)."""
-        if (not self._wandb_enabled() or self.recorder.status.get("wandb_url")
+        if (not self.wandb_enabled() or self.recorder.status.get("wandb_url")
                 or self.trainer_env().get("WANDB_MODE") in ("offline", "disabled", "dryrun")):
             return  # offline runs have no URL
         from remote.wandb_log import find_run_url
@@ -235,6 +215,9 @@ class Runner:
                 self.recorder.stage(stage)["state"] = "pending"
         self.watchdog.start()
         try:
+            if not self.recorder.stage_done("train"):  # a trainer a killed agent left running
+                config_path = self.detail("config").get("config_path")
+                training.reap_orphans(self, Path(config_path) if config_path else None)
             return self._run_stages()
         finally:
             self.watchdog.halt()
@@ -258,7 +241,7 @@ class Runner:
             self.log.agent(f"stage {stage}: started")
             begun = self.clock()
             try:
-                outcome, detail = getattr(self, f"_stage_{stage}")()
+                outcome, detail = STAGE_BODIES[stage](self)
             except StageFailed as exc:
                 return self._fail(stage, str(exc), cause=exc.cause)
             except Exception as exc:  # a bug: keep the traceback in agent.log, fail the run
@@ -281,342 +264,6 @@ class Runner:
         self.recorder.update(state=state, error=message, cause=cause, spend_usd=self.guard.spend())
         self.recorder.event("run_end", state=state, error=message, cause=cause)
         return EXIT_FAILED
-
-    # -- stages ------------------------------------------------------------------------------
-    def _stage_checks(self) -> tuple[str, dict[str, Any]]:
-        from remote.checks import run_checks
-
-        report = run_checks(self.spec, self.plan, probes=self.probes)
-        for check in report.checks:
-            self.log.agent(f"check {check.name}: {check.status} (value {check.value}, "
-                           f"threshold {check.threshold}) {check.detail}".rstrip())
-            if check.status == "warn":
-                self.recorder.event("warning", check=check.name, message=check.detail,
-                                    value=check.value, threshold=check.threshold)
-        self.recorder.event("mount_choice", **report.mount_choice)
-        if report.failed:
-            names = ", ".join(f"{c.name} ({c.value} vs {c.threshold}: {c.detail})"
-                              for c in report.failed)
-            raise StageFailed(f"runtime checks failed: {names}", cause="checks")
-        self._check_resume_source()
-        detail = report.to_dict()
-        detail["outputs"] = self._place_outputs(report.mount_choice)
-        return "done", detail
-
-    def _place_outputs(self, choice: dict[str, Any]) -> str:
-        """With a chosen volume other than the run's own, ``output/`` becomes a link onto it, so
-        checkpoints land on the large disk too (the run dir keeps its layout)."""
-        if self.output.exists() or self.output.is_symlink():
-            return str(self.output.resolve())
-        volume = choice.get("volume")
-        if choice.get("origin") in (None, "remote_root") or not volume:
-            return str(self.output)
-        same_device = (self.probes or Probes()).same_device
-        if same_device(str(volume), str(self.run_dir)):
-            return str(self.output)
-        target = Path(choice["chosen"]) / "outputs" / self.plan["run_id"]
-        target.mkdir(parents=True, exist_ok=True)
-        self.output.symlink_to(target, target_is_directory=True)
-        self.log.agent(f"outputs go to {target} (the largest volume), linked as {self.output}")
-        return str(target)
-
-    def _stage_bootstrap(self) -> tuple[str, dict[str, Any]]:
-        from remote.aitk_config import base_model_path
-        from remote.bootstrap import IMAGE_CHECKOUTS, bootstrap
-
-        checks = self.detail("checks")
-        cache_root = Path(checks.get("cache_root") or self.run_dir.parent / "cache")
-        result = bootstrap(self.spec, cache_root=cache_root,
-                           env=self.trainer_env(), log=self.log.agent,
-                           driver=(checks.get("gpu") or {}).get("driver"),
-                           base_model=base_model_path(self.spec),
-                           image_checkouts=self.image_checkouts if self.image_checkouts is not None
-                           else IMAGE_CHECKOUTS)
-        self.log.agent(f"bootstrap: {result.source}, hf access {result.hf_access}")
-        return "done", result.to_dict()
-
-    def _dataset_spec(self) -> dict[str, Any]:
-        return self.spec.get("dataset") or {}
-
-    def _stage_ingest(self) -> tuple[str, dict[str, Any]]:
-        from remote.dataset.ingest import ingest
-
-        dataset = self._dataset_spec()
-        try:
-            result = ingest(Path(self.plan["dataset_dir"]), self.work,
-                            caption_ext=dataset.get("caption_ext", "txt"),
-                            max_side=int(dataset.get("max_side", 2048)))
-        except (OSError, ValueError) as exc:
-            raise StageFailed(f"cannot ingest the dataset: {exc}", cause="dataset") from exc
-        self._ingest_result = result
-        totals = result.to_dict()["totals"]
-        self.log.agent(f"ingest: {totals}")
-        return "done", {"dataset_dir": str(result.dataset_dir),
-                        "manifest": str(result.manifest_path), "totals": totals}
-
-    def _stage_caption(self) -> tuple[str, dict[str, Any]]:
-        from remote.dataset.caption import caption
-
-        captioning = self.spec.get("captioning") or {}
-        try:
-            report = caption(self._ingest_result, mode=captioning.get("mode", "template"),
-                             template=captioning.get("template", "a photo of [trigger]"),
-                             trigger=self.spec.get("trigger_word"),
-                             caption_ext=self._dataset_spec().get("caption_ext", "txt"),
-                             model=captioning.get("model"),
-                             insert_trigger=captioning.get("insert_trigger", True),
-                             batch_size=int(captioning.get("batch_size", 8)))
-        except (OSError, ValueError, ImportError) as exc:
-            raise StageFailed(f"captioning failed: {exc}", cause="caption") from exc
-        full = report.to_dict()
-        write_json_atomic(self.work / "caption_report.json", full)
-        summary = {k: v for k, v in full.items() if k != "entries"}
-        self.recorder.event("captions", **summary)
-        return "done", summary
-
-    def _stage_quality_gate(self) -> tuple[str, dict[str, Any]]:
-        from remote.dataset.quality import run_gate, write_report
-
-        caption_ext = self._dataset_spec().get("caption_ext", "txt")
-        try:
-            report = run_gate(self._ingest_result, self.spec.get("quality_gate") or {},
-                              caption_ext=caption_ext)
-        except ValueError as exc:
-            raise StageFailed(f"bad quality_gate settings: {exc}", cause="quality_gate") from exc
-        write_report(report, self.work / "quality_report.json")
-        self._write_excluded(report.to_dict())
-        summary = report.summary()
-        self.log.agent(summary)
-        self.recorder.event("quality_gate", passed=report.passed, reasons=report.reasons,
-                            warnings=report.warnings, usable=len(report.usable),
-                            excluded=report.excluded)
-        if not report.passed:
-            raise StageFailed(summary, cause="quality_gate")
-        return "done", {"passed": True, "usable": len(report.usable),
-                        "excluded": len(report.excluded), "warnings": report.warnings,
-                        "report": str(self.work / "quality_report.json")}
-
-    def _write_excluded(self, gate: dict[str, Any]) -> None:
-        """Thumbnails of the excluded originals, for report.html (made now, while they exist)."""
-        from remote.publish.report_html import thumbnail_data_uri
-
-        source_root = Path(self.plan["dataset_dir"])
-        items = [{"source": entry["source"], "categories": entry.get("categories"),
-                  "details": entry.get("details"),
-                  "thumb": thumbnail_data_uri(source_root / entry["source"], size=160)}
-                 for entry in gate.get("images") or [] if entry.get("excluded")]
-        write_json_atomic(self.work / "excluded.json", items)
-
-    def _stage_config(self) -> tuple[str, dict[str, Any]]:
-        from remote.aitk_config import build_aitk_config, dump_yaml
-
-        has_gpu = bool((self.detail("checks").get("gpu") or {}).get("devices"))
-        config = build_aitk_config(self.spec, dataset_dir=self.detail("ingest")["dataset_dir"],
-                                   training_folder=str(self.output),
-                                   device="cuda:0" if has_gpu else "cpu")
-        path = self.work / "config.yaml"
-        tmp = path.with_name(".config.yaml.tmp")
-        tmp.write_text(dump_yaml(config), encoding="utf-8")
-        os.replace(tmp, path)
-        process = config["config"]["process"][0]
-        return "done", {"config_path": str(path), "steps": process["train"]["steps"],
-                        "save_every": process["save"]["save_every"],
-                        "rank": process["network"]["linear"],
-                        "prompts": process.get("sample", {}).get("prompts", [])}
-
-    def _stage_train(self) -> tuple[str, dict[str, Any]]:
-        from remote.train import TrainContext, default_stop_policy, run_training, trainer_command
-
-        config = self.detail("config")
-        config_path = Path(config["config_path"])
-        aitk_dir = self.detail("bootstrap").get("aitk_dir")
-        command = trainer_command(self.spec, config_path, Path(aitk_dir) if aitk_dir else None)
-        # a trainer that saves on SIGTERM stops at once; ai-toolkit only after its next save
-        self._saves_ahead = 1 if default_stop_policy(command) == "sigterm" else 2
-        self._reap_orphans(config_path)
-        self._apply_resume(int(config["steps"]))
-        self.recorder.update(total=config["steps"])
-        self.recorder.event("train_start", command=[Path(a).name if i == 0 else a
-                                                    for i, a in enumerate(command)])
-        context = TrainContext(
-            config_path=config_path, output_dir=self.output / self.name, name=self.name,
-            command=command, log=self.log.trainer, env=self.trainer_env(),
-            stop_requested=self.stop_requested, on_progress=self._on_progress,
-            on_checkpoint=self._on_checkpoint,
-            max_retries=int((self.spec.get("training") or {}).get("max_retries", 1)),
-            total_steps=int(config["steps"]), cwd=Path(aitk_dir) if aitk_dir else self.run_dir,
-            stop_now=self.stop_now)
-        result = run_training(context)
-        self.log.flush()
-        self._record_wandb_url()
-        detail = {"state": result.state, "step": result.step, "s_per_step": result.s_per_step,
-                  "final_lora": str(result.final_lora) if result.final_lora else None,
-                  "last_checkpoint": (str(result.last_checkpoint) if result.last_checkpoint
-                                      else None),
-                  "stop_reason": self.stop_reason}
-        self.recorder.update(step=result.step, spend_usd=self.guard.spend())
-        if result.state == "failed":
-            self.recorder.event("train_failed", error=result.error, cause=result.cause,
-                                log_tail=result.log_tail)
-            tail = "\n".join(result.log_tail[-50:])
-            raise StageFailed(f"training failed ({result.cause or 'unknown cause'}): "
-                              f"{result.error}\n{tail}", cause=result.cause or "trainer")
-        if result.state == "stopped" and result.last_checkpoint is None:  # a hard stop, early
-            raise StageFailed(f"training stopped at step {result.step} ({self.stop_reason}) "
-                              "before its first checkpoint: nothing to publish", cause="stopped")
-        return ("stopped" if result.state == "stopped" else "done"), detail
-
-    def _resume_policy(self) -> "ResumePolicy":
-        from remote.resume import ResumePolicy, run_rank, setting_of
-
-        rank = self.detail("config").get("rank") or run_rank(self.spec)
-        return ResumePolicy(setting_of(self.spec), run_dir=self.run_dir,
-                            run_id=self.plan["run_id"], dataset_dir=Path(self.plan["dataset_dir"]),
-                            output_dir=self.output / self.name, name=self.name, rank=int(rank),
-                            clock=self.clock)
-
-    def _check_resume_source(self) -> None:
-        """A resume_from_checkpoint LoRA that cannot be used fails before the bootstrap is paid."""
-        from remote.resume import ResumeError
-
-        try:
-            source = self._resume_policy().check()
-        except ResumeError as exc:
-            raise StageFailed(str(exc), cause="resume") from exc
-        if source is not None:
-            self.log.agent(f"resume_from_checkpoint: {source.path} is usable (step {source.step}, "
-                           f"{source.pairs} LoRA pairs)")
-
-    def _apply_resume(self, total: int) -> None:
-        """``none`` or a path, once per run: set earlier files aside, place the LoRA to start at."""
-        from remote.resume import ResumeError
-
-        try:
-            record = self._resume_policy().apply()
-        except ResumeError as exc:
-            raise StageFailed(str(exc), cause="resume") from exc
-        if record is None:
-            return
-        self.recorder.event("resume", **record)
-        if record["set_aside"]:
-            self.log.agent(f"resume_from_checkpoint {record['setting']}: moved "
-                           f"{len(record['moved'])} earlier file(s) to {record['set_aside']} "
-                           "(nothing deleted)")
-        if record["checkpoint"]:
-            self.log.agent(f"resume_from_checkpoint: training starts from {record['source']} at "
-                           f"step {record['step']} (optimizer state fresh)")
-            if record["step"] >= total:
-                self.warn(f"the resume checkpoint is at step {record['step']}, the run has {total}"
-                          " steps: training only saves it as the final LoRA")
-        else:
-            self.log.agent("resume_from_checkpoint none: training starts at step 0")
-
-    def _reap_orphans(self, config_path: Path, *, wait_s: float = 30.0) -> None:
-        """A trainer left by a killed agent must not train next to the new one.
-
-        Its output pipe is gone, so it dies at its next write; give it ``wait_s`` to do so (it may
-        be in the middle of a save), then SIGTERM, then SIGKILL.
-        """
-        pids = trainer_pids(config_path)
-        if not pids:
-            return
-        self.recorder.event("orphan_trainer", pids=pids)
-        self.log.agent(f"a previous trainer is still running (pid {pids}); waiting for it to end")
-        for sig, patience in ((None, wait_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            living = [pid for pid in pids if _alive(pid)]
-            if not living:
-                return
-            for pid in living if sig else []:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + patience
-            while time.monotonic() < deadline and any(_alive(pid) for pid in living):
-                time.sleep(0.2)
-
-    def _on_progress(self, progress: Any) -> None:
-        now = self.clock()
-        if progress.loss is not None and progress.step != self._last_loss_step:
-            self._last_loss_step = progress.step
-            with open(self.work / "loss.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": progress.step, "loss": progress.loss,
-                                     "lr": progress.lr, "t": now}) + "\n")
-        reason = self.guard.check(step=progress.step, s_per_step=progress.s_per_step,
-                                  save_every=self.detail("config").get("save_every"),
-                                  saves_ahead=self._saves_ahead)
-        # a hard cap also cuts short a graceful stop (STOP file) that is still waiting for a save
-        if reason and not self._hard_stop and (self.stop_reason is None or self.guard.hard):
-            self.recorder.event("costguard", reason=reason, spend_usd=self.guard.spend(),
-                                step=progress.step, hard=self.guard.hard)
-            self.cap_stop(f"cost guard: {reason}")
-        due = now - self._last_status_write >= STATUS_MIN_INTERVAL_S
-        if due or progress.step >= progress.total:
-            self._last_status_write = now
-            self.recorder.update(step=progress.step, total=progress.total, loss=progress.loss,
-                                 lr=progress.lr, s_per_step=progress.s_per_step,
-                                 eta_s=progress.eta_s, spend_usd=self.guard.spend())
-
-    def _on_checkpoint(self, path: Path, step: int) -> None:
-        self.recorder.update(last_checkpoint=str(path), step=step, spend_usd=self.guard.spend())
-        self._record_wandb_url()
-        self.recorder.event("checkpoint", path=str(path), step=step, spend_usd=self.guard.spend())
-
-    def _lora_path(self) -> Path | None:
-        train = self.detail("train")
-        for key in ("final_lora", "last_checkpoint"):
-            if train.get(key) and Path(train[key]).is_file():
-                return Path(train[key])
-        return _newest_lora(self.output / self.name, self.name)
-
-    def _stage_validate(self) -> tuple[str, dict[str, Any]]:
-        from remote.validate import validate_lora, validate_samples
-
-        lora = self._lora_path()
-        if lora is None:
-            raise StageFailed(f"training left no LoRA file in {self.output / self.name}",
-                              cause="validate")
-        lora_report = validate_lora(lora, rank=self.detail("config").get("rank"))
-        sampling = ((self.spec.get("training") or {}).get("sample") or {}).get("enabled", True)
-        samples = validate_samples(self.output / self.name / "samples", expected=sampling)
-        for problem in samples["problems"]:
-            self.warn(f"samples: {problem}")
-        detail = {"ok": lora_report["ok"], "lora": lora_report,
-                  "samples": {k: v for k, v in samples.items() if k != "files"}}
-        self.recorder.event("validation", ok=lora_report["ok"], problems=lora_report["problems"],
-                            samples=samples["count"])
-        if not lora_report["ok"]:
-            raise StageFailed(f"{lora.name} failed validation: "
-                              + "; ".join(lora_report["problems"][:10]), cause="validate")
-        return "done", detail
-
-    def _stage_publish(self) -> tuple[str, dict[str, Any]]:
-        from remote.publish.bundle import pack_run
-
-        lora = self._lora_path()
-        if lora is None:
-            raise StageFailed("nothing to publish: no LoRA file", cause="publish")
-        config = self.detail("config")
-        state = "stopped" if self.recorder.stage("train")["state"] == "stopped" else "done"
-        dataset_dir = self.detail("ingest").get("dataset_dir")
-        files = pack_run(
-            plan=self.plan, status=self.recorder.status, lora=lora,
-            config_path=Path(config["config_path"]),
-            dataset_dir=Path(dataset_dir) if dataset_dir else None,
-            prompts=config.get("prompts") or [], hardware=self.detail("checks").get("gpu") or {},
-            train=self.detail("train"), validation=self.detail("validate"),
-            spend_usd=self.guard.spend(), hours=self.guard.hours(), state=state,
-            ended_at=self.clock())
-        self.recorder.event("published", files=len(files), state=state)
-        if self._wandb_enabled():  # the receipt exists only now: add it to the W&B run's summary
-            from remote.wandb_log import summarize_run
-
-            summarize_run(python=self.detail("bootstrap").get("python") or sys.executable,
-                          output_dir=self.output / self.name, env=self.trainer_env(),
-                          files=[self.run_dir / "publish" / "receipt.json",
-                                 self.work / "quality_report.json"], log=self.log.agent)
-        return "done", {"files": len(files), "publish_dir": str(self.run_dir / "publish")}
-
 
 def _plan_problem(plan: dict[str, Any]) -> str | None:
     spec = plan.get("spec")

@@ -24,6 +24,10 @@ Crashes. A non-zero exit that was not asked for is a crash: the cause is recogni
 (:func:`remote.progress.recognise_error`) and the trainer is launched again up to
 ``max_retries`` times (both trainers resume from the newest checkpoint by themselves), except for
 causes a retry cannot fix (HF auth, import errors, a full disk).
+
+Leftovers. While a trainer runs, ``ctx.pid_file`` (``work/trainer.pid``) holds its pid, process
+group and config path; it is removed when the trainer has ended. A file that is still there names a
+trainer whose agent was killed: the next agent ends that group (:mod:`remote.stages.orphans`).
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class TrainContext:
     clock: Callable[[], float] = time.monotonic
     # a stop that must not wait for the next save (implies stop_requested); None: never
     stop_now: Callable[[], bool] | None = None
+    pid_file: Path | None = None  # holds the running trainer's pid and group; None: not recorded
 
     def hard_stop(self) -> bool:
         return self.stop_now is not None and self.stop_now()
@@ -138,6 +143,24 @@ def trainer_command(spec: dict[str, Any], config_path: Path, aitk_dir: Path | No
                                      aitk_dir / ".venv" / "bin" / "python") if p.exists()),
                   sys.executable)
     return [python, "run.py", str(config_path)]
+
+
+def write_pid_file(path: Path, pid: int, pgid: int, config_path: Path) -> None:
+    """Record a started trainer (atomically: the next agent may read it at any moment)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"pid": pid, "pgid": pgid, "config": str(config_path)}),
+                   encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_pid_file(path: Path) -> dict[str, Any] | None:
+    """The record :func:`write_pid_file` left, or None when there is none or it is unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {"pid": int(data["pid"]), "pgid": int(data["pgid"]), "config": str(data["config"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def default_stop_policy(command: list[str]) -> str:
@@ -258,6 +281,8 @@ class _Supervisor:
             message = f"cannot start the trainer {ctx.command[0]!r}: {exc.strerror or exc}"
             self.note(message)
             return _Attempt(127, False, False, LogWatcher(), [message], start_error=message)
+        if ctx.pid_file is not None:  # its own session: the group id is its pid
+            write_pid_file(ctx.pid_file, proc.pid, proc.pid, ctx.config_path)
         pipe = _Pipe(proc.stdout.fileno(), self)
         saves_at_stop: int | None = None
         term_at: float | None = None
@@ -292,6 +317,8 @@ class _Supervisor:
                 self._signal(proc, signal.SIGKILL)
                 proc.wait()
             proc.stdout.close()
+            if ctx.pid_file is not None:
+                ctx.pid_file.unlink(missing_ok=True)
         pipe.finish()
         return _Attempt(proc.returncode, saves_at_stop is not None, term_at is not None,
                         pipe.watcher, render_tail(bytes(pipe.tail)))

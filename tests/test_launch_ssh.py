@@ -29,6 +29,8 @@ def test_ssh_launch_end_to_end(tmp_path: Path, sshd, monkeypatch: pytest.MonkeyP
     outcome = json.loads(result.output)
     assert outcome["state"] == "done" and outcome["bundle"] == str(out)
     assert 0 < outcome["spend_usd"] < 0.5
+    assert [c["name"] for c in outcome["checks"]][:3] == ["python", "ssh", "rsync"]
+    assert all(c["ok"] for c in outcome["checks"])  # the machine checks preflight passed
     assert verify_sums(out) >= 3
     run_id = outcome["run_id"]
     assert (root / run_id / "remote" / "__main__.py").exists()

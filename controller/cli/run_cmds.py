@@ -101,11 +101,11 @@ def _drive_interactive(orch: "Orchestrator", run_id: str, options: "Options", *,
                              ask_stop=None if yes else _ask_stop)
 
 
-def _finish(outcome: "Outcome", as_json: bool) -> None:
+def _finish(outcome: "Outcome", as_json: bool, *, extra: Optional[dict[str, Any]] = None) -> None:
     from controller.ui import render_summary
 
     if as_json:
-        emit_json(outcome.to_dict())
+        emit_json({**outcome.to_dict(), **(extra or {})})
     else:
         render_summary(console(), outcome)
     if not outcome.ok:
@@ -128,7 +128,7 @@ def launch(
     Example: flux-remote launch configs/demo-local.yaml --yes
     """
     from controller.orchestrator import Options
-    from controller.ui import plan_table
+    from controller.ui import checks_line, plan_table
 
     if as_json and not (yes or dry_run):
         raise SpecError("--json needs --yes or --dry-run (there is no prompt on a JSON stream)")
@@ -142,18 +142,21 @@ def launch(
     from controller.launch import plan_run, preflight
 
     spec = loaded.runs[0]
-    preflight(spec)
+    checks = preflight(spec)
+    if spec.provider.type == "local":
+        checks = []  # not enforced for local (its agent says the same at no cost): not shown
+    if checks and not as_json:
+        console().print(checks_line(checks))
     journal = _journal()
     view = _view(as_json)
     orch, estimate = plan_run(spec, journal, reporter=view)
-    if dry_run:
-        if as_json:
-            emit_json({"ok": True, "dry_run": True, **estimate.to_dict()})
-        else:
-            console().print(plan_table(estimate, budget_usd=spec.budget.max_usd))
-        return
     if not as_json:
         console().print(plan_table(estimate, budget_usd=spec.budget.max_usd))
+    if dry_run:
+        if as_json:
+            emit_json({"ok": True, "dry_run": True, **estimate.to_dict(),
+                       "checks": [check.to_dict() for check in checks]})
+        return
     if not yes and not typer.confirm("start this run?", default=True):
         console().print("nothing rented.")
         return
@@ -165,7 +168,7 @@ def launch(
         outcome = _drive_interactive(orch, run_id, options, yes=yes, estimate=estimate)
     finally:
         _close(view)
-    _finish(outcome, as_json)
+    _finish(outcome, as_json, extra={"checks": [check.to_dict() for check in checks]})
 
 
 def _launch_batch(loaded: Any, file: Path, *, yes: bool, detach: bool, out: Optional[Path],
@@ -294,8 +297,10 @@ def _stop_batch(journal: "Journal", batch_id: str, *, poll_interval: float,
         elif row["state"] != R.FETCHING:
             try:
                 orch.down(row["run_id"], force=True)  # no agent yet: nothing to save
-            except RunLockedError:
-                continue  # its controller sees the batch stopping
+            except RunLockedError:  # the controller running the batch holds it: that one
+                # writes its STOP once its agent runs (``BatchScheduler._deferred_stops``)
+                journal.add_event(row["run_id"], "stop_deferred",
+                                  {"reason": "stop requested by the user"})
     try:
         _run_batch(journal, batch_id, poll_interval=poll_interval, as_json=as_json)
     except RunLockedError:

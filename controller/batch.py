@@ -309,10 +309,11 @@ class BatchScheduler:
                     self.on_tick(self)
                 if not self._threads and not self._pending():
                     break
-                try:
-                    self._ended.put(self._ended.get(timeout=self.options.tick_s))
+                try:  # sleep until a run ends or the next tick, whichever comes first
+                    ended = self._ended.get(timeout=self.options.tick_s)
                 except queue.Empty:
-                    pass
+                    continue
+                self._ended.put(ended)  # collected at the top of the next round
             return self._finish()
 
     def slots(self) -> list[dict[str, Any]]:

@@ -86,23 +86,25 @@ class RunRecorder:
     def stage_done(self, name: str) -> bool:
         return self.stage(name)["state"] == "done"
 
+    # Events are appended before status.json is rewritten: a reader who sees a fact in the status
+    # (a stage ended, a checkpoint saved) always finds its event, even if the agent dies between.
     def start_stage(self, name: str) -> None:
+        self.event("stage_start", stage=name)
         with self._lock:
             entry = self.status["stages"][name]
             entry.update(state="running", started_at=self.clock(), ended_at=None)
             self.status["stage"] = name
             self._write()
-        self.event("stage_start", stage=name)
 
     def end_stage(self, name: str, outcome: str, detail: Any = None) -> None:
         """``outcome``: done | failed | stopped | skipped."""
         if detail is not None:
             detail = json.loads(self.redact(json.dumps(detail, default=str)))
+        self.event("stage_end", stage=name, outcome=outcome, detail=detail)
         with self._lock:
             entry = self.status["stages"][name]
             entry.update(state=outcome, ended_at=self.clock(), detail=detail)
             self._write()
-        self.event("stage_end", stage=name, outcome=outcome, detail=detail)
 
     # -- events.jsonl ------------------------------------------------------------------------
     def event(self, kind: str, **data: Any) -> None:

@@ -75,9 +75,10 @@ class TrainingMonitor:
 
     def on_checkpoint(self, path: Path, step: int) -> None:
         run = self.run
+        # the event first: whoever reads a checkpoint in status.json finds it in events.jsonl too
+        run.recorder.event("checkpoint", path=str(path), step=step, spend_usd=run.guard.spend())
         run.recorder.update(last_checkpoint=str(path), step=step, spend_usd=run.guard.spend())
         run.record_wandb_url()
-        run.recorder.event("checkpoint", path=str(path), step=step, spend_usd=run.guard.spend())
 
 
 def train(run: "Runner") -> tuple[str, dict[str, Any]]:

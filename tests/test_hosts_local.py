@@ -50,7 +50,7 @@ def test_run_output_exit_stdin_and_timeout(host: LocalHost) -> None:
     started = time.monotonic()
     with pytest.raises(TransportError, match="timed out"):
         host.run("sleep 5; echo never", timeout=0.2)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 4.5  # killed, not waited for (it sleeps 5 s)
 
 
 def test_read_bytes_offsets_and_missing(host: LocalHost, tmp_path: Path) -> None:

@@ -311,7 +311,7 @@ def test_none_after_an_earlier_run_then_a_restart_continues(tmp_path: Path,
     earlier = {p.name for p in out.iterdir()} - {"config.yaml"}
     assert f"{NAME}.safetensors" in earlier and "optimizer.pt" in earlier
 
-    spec = tiny_spec(small_dataset, steps=16, save_every=4, resume_from_checkpoint="none")
+    spec = tiny_spec(small_dataset, steps=40, save_every=4, resume_from_checkpoint="none")
     second = plan_for(run_dir, "r2", spec, small_dataset)
     proc = agent(second, {"FLUX_REMOTE_TINY_STEP_DELAY": "0.15"})
 
@@ -327,7 +327,7 @@ def test_none_after_an_earlier_run_then_a_restart_continues(tmp_path: Path,
         for pid in trainer_pids(run_dir / "work" / "config.yaml"):  # and its trainer (own session)
             os.kill(pid, signal.SIGKILL)
     newest = ck.newest_checkpoint(out, NAME)
-    assert newest is not None and 4 <= newest[1] < 16
+    assert newest is not None and 4 <= newest[1] < 40
     resumes = [e for e in read_events(run_dir) if e["event"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["run_id"] == "r2"
     aside = Path(resumes[0]["set_aside"])
@@ -345,8 +345,8 @@ def test_none_after_an_earlier_run_then_a_restart_continues(tmp_path: Path,
     assert f"Found step {newest[1]} in metadata" in restarted
     assert {p.name for p in aside.iterdir()} == earlier  # still there, untouched
     status = read_status(run_dir)
-    assert status["state"] == "done" and status["step"] == 16
-    assert ck.read_step(run_dir / "publish" / f"{NAME}.safetensors") == 16
+    assert status["state"] == "done" and status["step"] == 40
+    assert ck.read_step(run_dir / "publish" / f"{NAME}.safetensors") == 40
 
 
 def test_a_path_in_the_dataset_folder_resumes_from_its_step(tmp_path: Path,
@@ -376,13 +376,11 @@ def test_a_rank_mismatch_fails_before_training(tmp_path: Path, small_dataset: Pa
     spec = tiny_spec(small_dataset, steps=8, resume_from_checkpoint=str(lora))
     plan = plan_for(tmp_path / "runs" / "r1", "r1", spec, small_dataset)
     run_dir = plan.parent
-    began = time.monotonic()
     runner = Runner(load_plan(plan), env={})
     try:
         assert runner.run() == 1
     finally:
         runner.log.close()
-    assert time.monotonic() - began < 20
     status = read_status(run_dir)
     assert status["state"] == "failed" and status["cause"] == "resume"
     assert status["stage"] == "checks" and status["stages"]["train"]["state"] == "pending"
@@ -405,7 +403,7 @@ for step in range(1, total + 1):
     sys.stderr.write(f"\\rdemo_lora: {step * 100 // total:3d}%|#         | {step}/{total} "
                      f"[00:{step % 60:02d}<00:10,  2.00s/it, lr: 1.0e-04 loss: 4.0e-01]")
     sys.stderr.flush()
-    if step % 10 == 0:
+    if step == 10 or step % 200 == 0:  # a graceful stop would wait for step 200's save
         print(f"Saving at step {step}", flush=True)
         path = out / f"demo_lora_{step:09d}.safetensors"
         copy_with_step(lora, path, step)
@@ -439,8 +437,8 @@ def test_the_agent_hard_stops_an_ai_toolkit_like_trainer_and_publishes(
     status = read_status(run_dir)
     assert status["state"] == "stopped"
     train = status["stages"]["train"]["detail"]
-    assert train["last_checkpoint"] == str(first_save) and 10 <= train["step"] < 20
-    assert not (out / f"{NAME}_000000020.safetensors").exists()  # no waiting for the next save
+    assert train["last_checkpoint"] == str(first_save) and 10 <= train["step"] < 200
+    assert not (out / f"{NAME}_000000200.safetensors").exists()  # no waiting for the next save
     assert any(e["event"] == "costguard" and e["hard"] for e in read_events(run_dir))
     assert "hard stop" in (run_dir / "agent.log").read_text()
     receipt = json.loads((run_dir / "publish" / "receipt.json").read_text())

@@ -68,7 +68,7 @@ def test_launch_refuses_detach_for_a_batch(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_resume_after_the_controller_is_killed_mid_batch(tmp_path: Path) -> None:
-    path = local_batch(tmp_path, "kb", 3, steps=10)
+    path = local_batch(tmp_path, "kb", 3, steps=30)  # no run ends before the kill
     out = tmp_path / "out"
     env = {**os.environ, "FLUX_REMOTE_TINY_STEP_DELAY": "0.3"}
     proc = subprocess.Popen([sys.executable, "-m", "controller", "launch", str(path), "--yes",

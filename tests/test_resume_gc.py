@@ -332,7 +332,7 @@ def test_resume_after_sigkill_mid_training(tmp_path: Path, fake_vast: Any, sshd:
     shutil.copy(sshd.key_path, home / "ssh" / "id_ed25519")
     shutil.copy(f"{sshd.key_path}.pub", home / "ssh" / "id_ed25519.pub")
     os.chmod(home / "ssh" / "id_ed25519", 0o600)
-    spec = vast_spec(tmp_path, name="k1", steps=16)
+    spec = vast_spec(tmp_path, name="k1", steps=24)
     out = tmp_path / "bundle"
     env = {**os.environ, "FLUX_REMOTE_TINY_STEP_DELAY": "0.3"}
     proc = subprocess.Popen([sys.executable, "-m", "controller", "launch", str(spec), "--yes",

@@ -10,6 +10,9 @@ Controller-side cap: when the metered spend plus what the next poll interval and
 follower writes ``STOP`` once, as JSON ``{"kind": ..., "reason": ...}``: ``graceful`` (the agent
 checkpoints, publishes what exists and ends) or, with ``budget.on_cap: hard_stop``, ``hard`` (the
 agent stops its trainer at once, as its own cost guard does; see ``remote.stop_request``).
+A hard stop needs no checkpoint, so its finish is only publish, fetch and destroy: the cap then
+reserves ``HARD_FINISH_ALLOWANCE_S`` (or a smaller ``finish_allowance_s``), and training runs
+that much longer.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from controller.errors import RunError, TransportError
+from controller.hosts.ssh import Unreachable
 from remote.stop_request import GRACEFUL, HARD, StopRequest
 
 if TYPE_CHECKING:
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 
 AGENT_TERMINAL = ("done", "failed", "stopped")
 FINISH_ALLOWANCE_S = 600.0  # time the agent needs after STOP, plus fetch and destroy
+HARD_FINISH_ALLOWANCE_S = 180.0  # after a hard STOP: publish what exists, fetch, destroy
 LOST_CONTACT_S = 600.0  # give up following after this long without one good poll
 SPEND_SAMPLE_S = 30.0  # a spend sample is journaled at most this often (the total every poll)
 
@@ -209,7 +214,6 @@ class Follower:
         self.max_hours = max_hours
         self.bandwidth_usd = bandwidth_usd
         self.poll_interval = poll_interval
-        self.finish_allowance_s = finish_allowance_s
         self.lost_contact_s = lost_contact_s
         self.reporter = reporter or NullReporter()
         self.health = health
@@ -218,6 +222,8 @@ class Follower:
         run = journal.get_run(run_id) or {}
         # "hard_stop": the cap's STOP stops the trainer at once; None: the run's journaled spec
         self.hard_cap = (on_cap or on_cap_of(run)) == "hard_stop"
+        self.finish_allowance_s = (min(finish_allowance_s, HARD_FINISH_ALLOWANCE_S)
+                                   if self.hard_cap else finish_allowance_s)
         self.offset = int(run.get("log_offset") or 0)
         self.stop_requested = bool(run.get("stop_requested"))
         self._last_sample: float | None = None
@@ -286,6 +292,13 @@ class Follower:
         self.reporter.update(snap)
         return snap
 
+    def _problem(self, exc: TransportError) -> str | None:
+        """Why the machine is lost: what the SSH reconnect loop already heard from its ``give_up``
+        hook (the provider's health, wired by the orchestrator), else the provider, asked now."""
+        if isinstance(exc, Unreachable) and exc.problem:
+            return exc.problem
+        return self.health() if self.health is not None else None
+
     def follow(self) -> Snapshot:
         """Poll until the agent has ended. A dropped connection asks the provider first (``health``:
         a machine that is gone raises ``MachineLost`` at once); otherwise it is retried until
@@ -295,7 +308,7 @@ class Follower:
             try:
                 snap = self.poll()
             except TransportError as exc:
-                problem = self.health() if self.health is not None else None
+                problem = self._problem(exc)
                 if problem:
                     self.journal.add_event(self.run_id, "machine_lost", {"problem": problem})
                     raise MachineLost(f"the machine of run {self.run_id} is lost: {problem}") \

@@ -28,8 +28,9 @@ from controller.errors import (FluxRemoteError, HostKeyError, ProviderError, Run
 from controller.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_receipt,
                               fetch_bundle, fetch_extras, has_bundle)
 from controller.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
-                               NullReporter, Reporter, RunPaths, meter, read_int, read_json,
-                               request_stop)
+                               NullReporter, Reporter, RunPaths, Snapshot, meter, read_int,
+                               read_json, request_stop)
+from controller.hosts.ssh import SshHost
 from controller.runs import run_lock
 from controller.ship import (remove_secrets, secrets_path, secrets_payload, start_agent,
                              upload_run, write_plan)
@@ -305,7 +306,7 @@ class Orchestrator:
                     if problem is None:
                         raise  # the run stays `running`: `resume` tries again later
                     raise MachineLost(f"{exc} ({problem})") from exc
-                snap = follower.follow()
+                snap = self._follow_watching(follower)
             except MachineLost as exc:
                 # Whatever is on its disk cannot be reached: keep it (stopped) when it still
                 # exists, so a later fetch can try; nothing keeps billing for compute.
@@ -321,6 +322,21 @@ class Orchestrator:
                                "(it resumes from its last finished stage)")
             self._start_agent(run_id, self.machine(run_id), self.paths(run))
         self._set(run_id, R.FETCHING)
+
+    @staticmethod
+    def _follow_watching(follower: Follower) -> Snapshot:
+        """``follower.follow()`` with the provider's health as the SSH host's ``give_up`` hook:
+        a dead Vast host (outbid, offline) ends a reconnect at once instead of after its whole
+        window. Other hosts (LocalHost) have no reconnect loop to cut short."""
+        host = follower.host
+        if not isinstance(host, SshHost) or follower.health is None:
+            return follower.follow()
+        previous = host.give_up
+        host.give_up = follower.health
+        try:
+            return follower.follow()
+        finally:
+            host.give_up = previous
 
     def request_stop(self, run_id: str, reason: str = "stop requested by the user") -> None:
         """Write STOP (the agent checkpoints, publishes what exists and ends)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from controller.errors import TransportError
+from controller.errors import ProviderError, TransportError
 from controller.hosts import rsync
 from controller.hosts.base import CommandFailed, CommandResult
 from controller.hosts.known_hosts import forget_host_key, host_key_name, pin_host_key, pinned_keys
@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+GIVE_UP_EVERY_S = 15.0  # the reconnect loop asks its give_up hook at most this often
 
 
 class ConnectionLost(TransportError):
@@ -63,7 +64,14 @@ class CommandTimeout(TransportError):
 
 
 class Unreachable(TransportError):
-    """No connection could be made within the reconnect window."""
+    """No connection could be made within the reconnect window, or the ``give_up`` hook said the
+    machine is gone (then ``problem`` holds what it said; None when the window ran out)."""
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, problem: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,11 @@ class SshHost:
 
     ``sleep`` and ``clock`` drive the reconnect backoff and rsync retries (tests inject them);
     ``reconnect_window_s`` bounds how long a dead host is retried before Unreachable.
+    ``give_up`` (settable after construction; the orchestrator sets the provider's health while it
+    follows a run) is asked between failed attempts, at most every ``GIVE_UP_EVERY_S``: a message
+    (the instance is gone, outbid, offline) ends the loop at once with ``Unreachable.problem`` set,
+    instead of retrying a dead host for the whole window; None or a ProviderError (the provider is
+    unsure) keeps reconnecting. It must not use this host (it runs under its lock).
     ``io_timeout_s`` bounds the file and process calls (read_bytes, write_bytes, is_alive): a
     half-open connection (laptop asleep, NAT dropped) makes them time out, reconnect and retry
     once instead of hanging until TCP gives up; keepalives alone do not detect it.
@@ -133,6 +146,7 @@ class SshHost:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rsync_args: Sequence[str] = (),
+        give_up: Callable[[], str | None] | None = None,
     ) -> None:
         self.target = target
         self.where = target.where
@@ -143,6 +157,7 @@ class SshHost:
         self._sleep = sleep
         self._clock = clock
         self._rsync_args = tuple(rsync_args)
+        self.give_up = give_up
         self._transport: paramiko.Transport | None = None
         self._lock = threading.RLock()
         self.connects = 0  # how many connections were made (tests and the UI read it)
@@ -171,6 +186,7 @@ class SshHost:
                 return self._transport
             self.close()
             started = self._clock()
+            asked: float | None = None  # when give_up was last asked in this loop
             attempt = 0
             while True:
                 try:
@@ -178,7 +194,11 @@ class SshHost:
                     self.connects += 1
                     return self._transport
                 except (OSError, EOFError, _retryable_ssh_errors()) as exc:
-                    waited = self._clock() - started
+                    now = self._clock()
+                    if asked is None or now - asked >= GIVE_UP_EVERY_S:
+                        asked = now
+                        self._check_give_up(exc)
+                    waited = now - started
                     if waited >= self._window_s:
                         raise Unreachable(
                             f"cannot reach {self.where} (tried for {waited:.0f} s): {exc}",
@@ -187,6 +207,21 @@ class SshHost:
                     delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
                     attempt += 1
                     self._sleep(min(delay, max(0.0, self._window_s - waited)))
+
+    def _check_give_up(self, exc: BaseException) -> None:
+        """Ask the ``give_up`` hook once; raise Unreachable with its message if it has one."""
+        if self.give_up is None:
+            return
+        try:
+            problem = self.give_up()
+        except ProviderError:
+            return  # the provider cannot tell right now: keep reconnecting
+        if problem:
+            raise Unreachable(
+                f"cannot reach {self.where}, and the machine is lost: {problem}",
+                hint="the provider reports the machine gone; reconnecting cannot help",
+                problem=problem,
+            ) from exc
 
     def _open(self) -> paramiko.Transport:
         """One connection: TCP, key exchange, host-key check (pin on first use), key auth."""

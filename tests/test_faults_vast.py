@@ -2,7 +2,8 @@
 stuck loading, an instance lost mid-run, a stopped instance fetched later.
 
 FakeVast answers the API (``fail_next``, ``drop_create_response``, ``offer_gone_ids``,
-``interrupt``); a real sshd is the instance where one must answer. Each test checks the end
+``interrupt``, a wrapped ``_list`` for an instance Vast lists late); a real sshd is the instance
+where one must answer. Each test checks the end
 state, that the journal has no intent without a result, and that no second instance exists.
 """
 
@@ -17,9 +18,10 @@ import pytest
 from controller.errors import ProviderError
 from controller.journal import open_journal
 from controller.orchestrator import Options, Orchestrator
-from controller.providers.vast import ONSTART
+from controller.providers.vast import ONSTART, VastProvider
+from controller.runs import instance_label
 from controller.spec_loader import load_spec
-from controller.vast.client import VastClient
+from controller.vast.client import CREATE_READ_BACK_S, VastClient
 from controller.vast.readiness import Deadlines
 from tests.faults import live_instances, record
 from tests.test_launch_vast_e2e import NO_WAIT, Recorder, vast_provider, vast_spec
@@ -110,6 +112,96 @@ def test_a_create_that_never_answers_and_never_happened_is_sent_once_more(
     orch.down(run_id, force=True)
     _consistent(orch, fake_vast)
     record("vast:create-5xx", orphans=len(fake_vast.instances))
+
+
+def _hide_from_listings(fake: Any, hidden: set[int]) -> None:
+    """Vast lists some instances late: ``GET /api/v1/instances/`` leaves out ids in ``hidden``
+    (the test empties the set when they "appear")."""
+    real_list = fake._list
+
+    def late_list(query: dict[str, list[str]]) -> tuple[int, Any]:
+        status, body = real_list(query)
+        return status, {**body, "instances": [i for i in body["instances"]
+                                              if i["id"] not in hidden]}
+
+    fake._list = late_list
+
+
+def test_a_lost_create_listed_after_the_window_is_destroyed_on_release(
+        tmp_path: Path, fake_vast: Any, sshd: Any) -> None:
+    _twin_offers(fake_vast)  # the lost create took the first offer: the resend needs a next one
+    fake_vast.drop_create_response = True  # made on Vast, answer lost, and not listed in time
+    hidden: set[int] = set()
+    real_create = fake_vast._create
+
+    def create(offer_id: int, body: dict[str, Any]) -> Any:
+        before = set(fake_vast.instances)
+        answer = real_create(offer_id, body)
+        if answer is None:
+            hidden.update(set(fake_vast.instances) - before)
+        return answer
+
+    fake_vast._create = create  # type: ignore[method-assign]
+    _hide_from_listings(fake_vast, hidden)
+    orch, run_id, estimate = _detached_run(tmp_path, fake_vast, sshd, "late")
+    assert orch.drive(run_id, Options(detach=True), estimate).detached
+    [late] = hidden
+    assert len(fake_vast.calls("GET", "/api/v1/instances/")) == len(CREATE_READ_BACK_S)
+    assert len(fake_vast.instances) == 2  # the read-back gave up: a second one was rented
+    hidden.clear()  # ... and now Vast lists the first one too
+    orch.down(run_id, force=True)
+    assert fake_vast.instances == {}
+    events = [e for e in orch.journal.events(run_id) if e["kind"].startswith("gc_destroy")]
+    assert [(e["kind"], e["detail"]["instance_id"]) for e in events] == [
+        ("gc_destroy_intent", str(late)), ("gc_destroy_result", str(late))]
+    _consistent(orch, fake_vast)
+    record("vast:lost-create-listed-late", orphans=len(fake_vast.instances))
+
+
+def _released_run(fake: Any, run_id: str, **client_kw: Any) -> tuple[VastProvider, Any, int, int]:
+    """A run with a live instance in the journal and a late duplicate under its label."""
+    client = VastClient(base_url=fake.url, api_key=fake.api_key, min_intervals=NO_WAIT,
+                        sleep=lambda s: None, **client_kw)
+    journal = open_journal()
+    journal.create_run(run_id=run_id, name=run_id, provider="vast", state="fetching", spec={},
+                       out_dir="/nonexistent", budget_usd=1)
+    offers = [int(o["id"]) for o in fake.offers]
+    label = instance_label(run_id)
+    current = client.create_instance(offers[0], image="img", disk_gb=10, label=label)
+    row = journal.instance_intent(run_id, provider="vast", label=label)
+    journal.instance_created(row, current)
+    duplicate = client.create_instance(offers[1], image="img", disk_gb=10, label=label)
+    return VastProvider(client, sleep=lambda s: None), journal, current, duplicate
+
+
+def test_keep_data_does_not_sweep_and_a_later_release_does(fake_vast: Any) -> None:
+    provider, journal, current, duplicate = _released_run(fake_vast, "keep")
+    neighbour = VastClient(base_url=fake_vast.url, api_key=fake_vast.api_key,
+                           min_intervals=NO_WAIT, sleep=lambda s: None).create_instance(
+        int(fake_vast.offers[0]["id"]), image="img", disk_gb=10, label="flux-remote:keep2")
+    lists = len(fake_vast.calls("GET", "/api/v1/instances/"))
+    provider.release("keep", journal, keep_data=True)
+    assert fake_vast.instances[current]["actual_status"] == "stopped"
+    assert fake_vast.instances[duplicate]["intended_status"] == "running"  # untouched
+    assert len(fake_vast.calls("GET", "/api/v1/instances/")) == lists  # no sweep at all
+    provider.release("keep", journal)  # `down` later: destroys, then sweeps the label
+    assert set(fake_vast.instances) == {neighbour}  # only the exact label is swept
+    assert [e["kind"] for e in journal.events("keep") if e["kind"].startswith("gc_destroy")] \
+        == ["gc_destroy_intent", "gc_destroy_result"]
+    assert journal.pending_intents() == []
+    record("vast:label-sweep-keep-data", orphans=len(set(fake_vast.instances) - {neighbour}))
+
+
+def test_a_failing_sweep_listing_does_not_fail_the_release(fake_vast: Any) -> None:
+    provider, journal, current, duplicate = _released_run(fake_vast, "sweepfail", max_attempts=2)
+    fake_vast.fail_next("GET", "/api/v1/instances/", 500, "oops", times=2)
+    provider.release("sweepfail", journal)  # does not raise
+    assert current not in fake_vast.instances
+    assert journal.current_instance("sweepfail") is None
+    [event] = journal.events("sweepfail", kind="label_sweep_failed")
+    assert event["detail"]["label"] == "flux-remote:sweepfail"
+    assert [o["instance_id"] for o in provider.orphans(journal)] == [duplicate]  # gc's to find
+    record("vast:label-sweep-list-fails", faults=2, orphans=0)
 
 
 def test_every_offer_gone_fails_the_run_and_rents_nothing(tmp_path: Path, fake_vast: Any,

@@ -10,7 +10,7 @@ import responses
 from responses import matchers
 
 from controller.errors import CredentialsError, OfferGoneError, ProviderError, QuotaError
-from controller.vast.client import VastClient, find_api_key
+from controller.vast.client import CREATE_READ_BACK_S, VastClient, find_api_key
 from tests.fakevast import FakeVast, reference
 
 URL = "https://vast.test"
@@ -183,12 +183,30 @@ def test_read_back_ignores_known_and_stopped_instances(client: VastClient, rsps)
                                   known_ids=[80]) == 82
 
 
-def test_lost_create_with_nothing_created_is_sent_again(client: VastClient, rsps) -> None:
+def test_lost_create_with_nothing_created_is_sent_again_after_the_window(
+        client: VastClient, clock: FakeClock, rsps) -> None:
     rsps.add(responses.PUT, f"{URL}/api/v0/asks/9/", status=500, body="oops")
     rsps.add(responses.GET, f"{URL}/api/v1/instances/", json={"instances": []})
     rsps.add(responses.PUT, f"{URL}/api/v0/asks/9/", json={"success": True, "new_contract": 72})
     assert client.create_instance(9, image="i", disk_gb=40, label="flux-remote:r1") == 72
-    assert [c.request.method for c in rsps.calls] == ["PUT", "GET", "PUT"]
+    looks = len(CREATE_READ_BACK_S)
+    assert [c.request.method for c in rsps.calls] == ["PUT"] + ["GET"] * looks + ["PUT"]
+    assert clock.sleeps[:looks] == list(CREATE_READ_BACK_S)  # the whole window, then resent
+    assert sum(CREATE_READ_BACK_S) >= 30.0
+
+
+@pytest.mark.parametrize("shows_on_look", [2, 3])
+def test_lost_create_listed_late_is_found_not_sent_again(
+        client: VastClient, clock: FakeClock, rsps, shows_on_look: int) -> None:
+    rsps.add(responses.PUT, f"{URL}/api/v0/asks/9/", body=requests.ReadTimeout("slow"))
+    for _ in range(shows_on_look - 1):  # Vast does not list the new instance yet
+        rsps.add(responses.GET, f"{URL}/api/v1/instances/", json={"instances": [
+            {"id": 70, "label": "flux-remote:other"}]})
+    rsps.add(responses.GET, f"{URL}/api/v1/instances/", json={"instances": [
+        {"id": 70, "label": "flux-remote:other"}, {"id": 73, "label": "flux-remote:r1"}]})
+    assert client.create_instance(9, image="i", disk_gb=40, label="flux-remote:r1") == 73
+    assert [c.request.method for c in rsps.calls] == ["PUT"] + ["GET"] * shows_on_look
+    assert clock.sleeps == list(CREATE_READ_BACK_S[:shows_on_look])  # injected: no real wait
 
 
 def test_list_follows_pages_and_filters_by_label(client: VastClient, rsps) -> None:
@@ -319,6 +337,25 @@ def test_fakevast_dropped_create_yields_one_instance(fake_vast: FakeVast) -> Non
     iid = client.create_instance(38450985, image="img", disk_gb=40, label="flux-remote:r2")
     assert list(fake_vast.instances) == [iid]
     assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 1
+
+
+def test_fakevast_create_listed_late_yields_one_instance(fake_vast: FakeVast) -> None:
+    """The dropped create's instance is missing from the first two listings: still one PUT."""
+    fake_vast.drop_create_response = True
+    real_list = fake_vast._list
+    lists = {"n": 0}
+
+    def slow_list(query):
+        lists["n"] += 1
+        status, body = real_list(query)
+        return status, (body if lists["n"] > 2 else {**body, "instances": []})
+
+    fake_vast._list = slow_list  # type: ignore[method-assign]
+    client = _fake_client(fake_vast)
+    iid = client.create_instance(38450985, image="img", disk_gb=40, label="flux-remote:r3")
+    assert list(fake_vast.instances) == [iid]
+    assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 1
+    assert len(fake_vast.calls("GET", "/api/v1/instances/")) == 3
 
 
 def test_fakevast_faults(fake_vast: FakeVast) -> None:

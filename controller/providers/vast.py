@@ -1,10 +1,11 @@
 """``vast``: rent the cheapest Vast.ai offer that finishes the run within budget, then destroy it.
 
 Every instance is labelled ``flux-remote:<run_id>`` so that it can always be found again, and
-every create and destroy is journaled before and after the call. An offer that is gone when we try
-to rent it, or an instance that misses a readiness deadline (destroyed first), moves on to the
-next offer in the plan. The controller's own SSH key (``controller.hosts.keys``) is attached to
-the instance; the account key never leaves the laptop.
+every create and destroy is journaled before and after the call. Releasing a run destroys any
+other instance still carrying its label (a late duplicate of a create whose answer was lost). An
+offer that is gone when we try to rent it, or an instance that misses a readiness deadline
+(destroyed first), moves on to the next offer in the plan. The controller's own SSH key
+(``controller.hosts.keys``) is attached to the instance; the account key never leaves the laptop.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from controller.errors import (BudgetError, HostKeyError, OfferGoneError, ProviderError,
                                RunError, TransportError)
 from controller.hosts.known_hosts import forget_host_key
-from controller.journal import (INSTANCE_CREATING, INSTANCE_DESTROYING, INSTANCE_LIVE,
-                                INSTANCE_STOPPED)
+from controller.journal import (INSTANCE_CREATING, INSTANCE_DESTROYED, INSTANCE_DESTROYING,
+                                INSTANCE_LIVE, INSTANCE_STOPPED)
 from controller.providers.base import Estimate, Machine, Notify
 from controller.runs import ACTIVE_STATES, instance_label
 
@@ -344,6 +345,31 @@ class VastProvider:
                 journal.instance_stopped(int(row["id"]))
             return
         self._destroy_row(journal, int(row["id"]))
+        self._sweep_label(run_id, journal)
+
+    def _sweep_label(self, run_id: str, journal: "Journal") -> None:
+        """Destroy every other instance carrying exactly this run's label (journaled).
+
+        A safety net for a create whose lost answer was read back in vain, then sent again: the
+        first instance may have appeared after all. The run itself is over by now, so a failure
+        here is only journaled (``label_sweep_failed``); ``flux-remote gc`` finds what is left.
+        """
+        label = instance_label(run_id)
+        destroyed = {str(r["instance_id"]) for r in journal.instances()
+                     if r.get("instance_id") and r["state"] == INSTANCE_DESTROYED}
+        try:
+            late = [i for i in self.client.list_instances(label)
+                    if i.get("label") == label and str(i.get("id")) not in destroyed]
+        except ProviderError as exc:
+            journal.add_event(run_id, "label_sweep_failed", {"label": label, "error": str(exc)})
+            return
+        for inst in late:
+            try:
+                self.destroy_orphan({"instance_id": inst["id"], "run_id": run_id}, journal)
+            except ProviderError as exc:
+                journal.add_event(run_id, "label_sweep_failed",
+                                  {"label": label, "instance_id": str(inst["id"]),
+                                   "error": str(exc)})
 
     # ---- reconciliation and gc -------------------------------------------------------------
 

@@ -5,7 +5,8 @@ Contract of every method:
     * idempotent calls (search, show, list, stop, destroy, attach key, balance) are retried on
       429, 5xx and network errors with capped exponential backoff and jitter;
     * create is not idempotent: a lost answer is resolved by reading back our labelled
-      instances before anything is created again (never two paid instances for one intent);
+      instances, patiently (``CREATE_READ_BACK_S``: Vast can list a new instance late), before
+      anything is created again (never two paid instances for one intent);
     * calls to one endpoint are spaced by Vast's documented minimum interval (``MIN_INTERVALS``);
     * failures are ``controller.errors`` classes (see :mod:`controller.vast.errors`) whose
       messages never contain the key.
@@ -43,6 +44,10 @@ BACKOFF_CAP_S = 60.0
 MAX_ATTEMPTS = 6
 DESTROY_CONFIRM_S = 120.0  # how long a destroyed instance may still show before we complain
 MAX_LIST_PAGES = 50
+# After a lost create answer: seconds to wait before each look for the labelled instance (one
+# list call each, about 35 s in all). Vast may list a new instance only some seconds after it
+# made it; sending the create again before the last look could rent a second paid instance.
+CREATE_READ_BACK_S: tuple[float, ...] = (4.5, 10.0, 20.0)
 
 
 class _Missing(Exception):
@@ -127,10 +132,10 @@ class VastClient:
         """Rent ``offer_id``; returns the new instance id. ``price`` only for interruptible (bid).
 
         Raises OfferGoneError when the offer was taken. A timeout, dropped connection or 5xx
-        after sending is resolved by listing instances labelled ``label``: if one exists that
-        is not in ``known_ids`` (instances the caller already had under that label) and is
-        meant to run, it is ours and its id is returned; only when none exists is the create
-        sent again.
+        after sending is resolved by listing instances labelled ``label`` on the
+        ``CREATE_READ_BACK_S`` schedule: as soon as one exists that is not in ``known_ids``
+        (instances the caller already had under that label) and is meant to run, it is ours and
+        its id is returned; only when none has shown by the last look is the create sent again.
         """
         body: dict[str, Any] = {
             "client_id": "me",
@@ -155,9 +160,7 @@ class VastClient:
             except TransientError as exc:
                 last = exc
                 if exc.sent:
-                    # Give Vast a moment to list what it may have just created, then look.
-                    self._sleep(self.min_intervals["create"])
-                    found = self._find_labelled(label, exclude={int(i) for i in known_ids})
+                    found = self._read_back(label, exclude={int(i) for i in known_ids})
                     if found is not None:
                         return found
                 continue
@@ -244,6 +247,16 @@ class VastClient:
 
     def _redact(self, text: str) -> str:
         return redact(text, [self._api_key or ""])
+
+    def _read_back(self, label: str, exclude: set[int]) -> int | None:
+        """Look for the instance a lost create may have made, once per ``CREATE_READ_BACK_S``
+        delay; the id as soon as it shows, None when it never did."""
+        for delay in CREATE_READ_BACK_S:
+            self._sleep(delay)
+            found = self._find_labelled(label, exclude)
+            if found is not None:
+                return found
+        return None
 
     def _find_labelled(self, label: str, exclude: set[int]) -> int | None:
         """The newest instance carrying exactly ``label`` that is meant to run (a fresh create

@@ -195,6 +195,20 @@ def test_lost_create_with_nothing_created_is_sent_again_after_the_window(
     assert sum(CREATE_READ_BACK_S) >= 30.0
 
 
+def test_a_refused_create_is_retried_without_reading_back(clock: FakeClock) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on: the connection is refused
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    client = VastClient(KEY, url, sleep=clock.sleep, clock=clock, rng=lambda: 0.5)
+    with responses.RequestsMock(passthru_prefixes=(url,)) as rsps:
+        with pytest.raises(ProviderError, match="could not connect"):
+            client.create_instance(9, image="i", disk_gb=40, label="flux-remote:r1")
+        assert not rsps.calls  # nothing was sent, so no listing by label
+    assert not set(clock.sleeps) & set(CREATE_READ_BACK_S)  # only the backoff between tries
+
+
 @pytest.mark.parametrize("shows_on_look", [2, 3])
 def test_lost_create_listed_late_is_found_not_sent_again(
         client: VastClient, clock: FakeClock, rsps, shows_on_look: int) -> None:

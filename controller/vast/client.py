@@ -58,6 +58,15 @@ def _is_auth_error(body: Any) -> bool:
     return isinstance(body, dict) and body.get("error") == "auth_error"
 
 
+def _never_connected(exc: Exception) -> bool:
+    """True when the connection itself failed (refused, name not resolved): nothing was sent,
+    so a create can be sent again at once, without reading back by label."""
+    from urllib3.exceptions import NewConnectionError
+
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, NewConnectionError)
+
+
 def key_paths() -> list[Path]:
     """Where the vastai CLI keeps the key, in the order it looks."""
     home = Path.home()
@@ -329,6 +338,12 @@ class VastClient:
                                          params=params, headers=headers, timeout=self.timeout)
         except requests.ConnectTimeout as exc:
             raise TransientError(self._redact(f"{what}: could not connect ({exc})"),
+                                 sent=False) from None
+        except requests.ConnectionError as exc:
+            if not _never_connected(exc):
+                raise TransientError(self._redact(f"{what}: no answer ({type(exc).__name__})"),
+                                     sent=True) from None
+            raise TransientError(self._redact(f"{what}: could not connect (refused or unresolved)"),
                                  sent=False) from None
         except (requests.Timeout, requests.ConnectionError) as exc:
             raise TransientError(self._redact(f"{what}: no answer ({type(exc).__name__})"),

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "reliability.md"
 FAULT_TESTS = ["tests/test_faults_controller.py", "tests/test_faults_ssh.py",
                "tests/test_faults_vast.py", "tests/test_faults_agent.py",
+               "tests/test_faults_disk.py",
                "tests/test_security.py"]
 BEGIN, END = "<!-- tally:begin -->", "<!-- tally:end -->"
 

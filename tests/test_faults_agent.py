@@ -5,6 +5,7 @@ checkpoint (tests/test_train_supervision.py::test_crash_is_retried_from_the_chec
 tests/test_runner.py::test_killed_mid_training_resumes_from_its_checkpoint), STOP during a save
 lets the save finish (test_train_supervision.py::test_stop_during_a_save_never_interrupts_it),
 the agent's own cost guard (test_runner.py::test_cost_guard_stops_training_and_packs).
+A full disk on the real agent: tests/test_faults_disk.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 
 from controller.errors import RunError
 from controller.orchestrator import Options
+from remote.dataset.ingest import FAULT_ENV, ingest
 from tests.faults import record
 from tests.test_resume_gc import ScriptedHost, ScriptedProvider, _orchestrate
 
@@ -77,3 +79,22 @@ def test_an_unverifiable_bundle_is_kept_on_a_stopped_instance(tmp_path: Path) ->
         orch.drive(run_id, Options(poll_interval=0))
     assert provider.released == [True]  # stopped, data kept: the artifact is not lost
     record("agent:corrupt-bundle-kept", lost=0)
+
+
+def test_an_ingest_worker_that_dies_costs_only_its_own_file(
+        tmp_path: Path, small_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the first file kills whichever pool worker picks it up: the pool breaks while most of the
+    # other eleven are still queued, and each of them must be ingested all the same
+    monkeypatch.setenv(FAULT_ENV, "exit:img_00.jpg")
+    result = ingest(small_dataset, tmp_path / "work", workers=2)
+    records = {record.source: record for record in result.images}
+    dead = records.pop("img_00.jpg")
+    assert dead.path is None and dead.caption_path is None
+    assert dead.issues and dead.issues[0].startswith("corrupt: the decoder process died")
+    assert len(records) == 11 and all(r.usable and not r.issues for r in records.values())
+    produced = sorted(p.name for p in result.dataset_dir.glob("*.jpg"))
+    assert produced == sorted(r.path.name for r in records.values() if r.path)
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["totals"] == {"files": 12, "ingested": 11, "unusable": 1, "skipped": 0,
+                                  "orphan_captions": 0}
+    record("agent:ingest-worker-died", lost=0)

@@ -6,6 +6,14 @@ caption sidecar, something else); images are decoded once each in a process pool
 sanitised, unique name; each caption sidecar is copied byte for byte next to its image's new
 name. Symlinks that lead outside the folder are reported and never opened. File names are data:
 nothing here goes through a shell.
+
+A worker that dies (the OOM killer, a decoder that segfaults on a hostile file) breaks the whole
+pool: every file it had not finished is ingested again, one at a time, each in a worker of its
+own (:func:`_retry_alone`), and only a file whose lone worker dies too is reported as corrupt.
+
+Test hook: ``FLUX_REMOTE_INGEST_FAULT=exit:<file name>`` makes a pool worker that picks up a file
+of that name exit at once (``os._exit(1)``), as a killed worker would. The agent's own process
+never reads it (``workers=1`` decodes inline without the hook).
 """
 
 from __future__ import annotations
@@ -21,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remote.dataset.imageops import ImageTask, process_image
+from remote.dataset.imageops import ImageTask, _remove_partial_output, process_image
 from remote.plan import write_json_atomic
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_STEM = 80
+FAULT_ENV = "FLUX_REMOTE_INGEST_FAULT"
 
 
 @dataclass
@@ -233,13 +242,24 @@ def _unique_stems(images: list[str]) -> list[str]:
 
 
 def _run(tasks: list[ImageTask], workers: int | None) -> list[dict[str, Any]]:
+    """One outcome per task, in order: decoded in a pool, inline when one worker is enough."""
     workers = workers or usable_cpus()
     workers = max(1, min(workers, len(tasks)))
     if workers == 1:
         return [process_image(task) for task in tasks]
+    futures: list[Future] = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures: list[Future] = [pool.submit(process_image, task) for task in tasks]
-        return [_collect(future) for future in futures]
+        try:
+            for task in tasks:
+                futures.append(pool.submit(_decode, task))
+        except BrokenProcessPool:
+            pass  # a worker died before every file was queued: the rest are retried below
+        outcomes = [_collect(future) for future in futures]
+    outcomes += [None] * (len(tasks) - len(outcomes))
+    lost = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    for i, outcome in zip(lost, _retry_alone([tasks[i] for i in lost])):
+        outcomes[i] = outcome
+    return outcomes
 
 
 def usable_cpus() -> int:
@@ -250,15 +270,55 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _collect(future: Future) -> dict[str, Any]:
+def _decode(task: ImageTask) -> dict[str, Any]:
+    """A pool worker's job: :func:`process_image` behind the test hook (see the module doc)."""
+    if os.environ.get(FAULT_ENV) == f"exit:{os.path.basename(task.source)}":
+        os._exit(1)
+    return process_image(task)
+
+
+def _collect(future: Future) -> dict[str, Any] | None:
+    """The worker's outcome, or None when the pool broke before it finished this file."""
     try:
         return future.result()
     except BrokenProcessPool:
-        # A decoder that kills its process (a segfault on a hostile file) takes the pool down;
-        # the files it had not finished are reported rather than retried blind.
-        return {"output": None, "format": None, "source_size": None, "size": None,
-                "decisions": [], "issues": ["corrupt: the decoder process died on this batch"],
-                "phash": None, "blur": None}
+        return None
+
+
+def _retry_alone(tasks: list[ImageTask]) -> list[dict[str, Any]]:
+    """The files a dead worker took down with it, again, one at a time in a single worker.
+
+    A worker killed from outside (the OOM killer) costs nothing: its files are ingested now. A
+    file whose lone worker dies as well is what kills it; it is reported as corrupt and a fresh
+    worker takes the rest. Never decoded in the agent's own process, which such a file would kill.
+    """
+    outcomes: list[dict[str, Any]] = []
+    pool: ProcessPoolExecutor | None = None
+    try:
+        for task in tasks:
+            if pool is None:
+                pool = ProcessPoolExecutor(max_workers=1)
+            try:
+                outcome = _collect(pool.submit(_decode, task))
+            except BrokenProcessPool:
+                outcome = None
+            if outcome is None:
+                pool.shutdown(wait=True)
+                pool = None
+                _remove_partial_output(task)
+                outcome = _decoder_died()
+            outcomes.append(outcome)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    return outcomes
+
+
+def _decoder_died() -> dict[str, Any]:
+    return {"output": None, "format": None, "source_size": None, "size": None,
+            "decisions": [], "issues": ["corrupt: the decoder process died on this file, "
+                                        "twice (once in the pool, once on its own)"],
+            "phash": None, "blur": None}
 
 
 def _record(rel: str, outcome: dict[str, Any], captions: dict[str, str], root: Path,

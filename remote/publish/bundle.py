@@ -2,7 +2,8 @@
 
 The bundle is built in a sibling folder and moved into place whole, with ``SHA256SUMS`` (sha256sum
 format: ``<hex>  <relative path>``) written last, so a reader never sees a half-packed bundle whose
-checksums verify.
+checksums verify. A pack that fails (a full disk) removes its staging folder before the error
+goes on: the space it held is what the agent needs to report the failure in ``status.json``.
 """
 
 from __future__ import annotations
@@ -81,6 +82,24 @@ def assemble_bundle(publish_dir: Path, *, name: str, lora: Path, samples: Iterab
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+    try:
+        _fill(staging, name=name, lora=lora, samples=samples, config_path=config_path,
+              run_yaml=run_yaml, quality_report=quality_report, captions=captions,
+              model_card=model_card, receipt=receipt, report_html=report_html,
+              loss_history=loss_history)
+        write_sha256sums(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if publish_dir.exists():
+        shutil.rmtree(publish_dir)
+    os.replace(staging, publish_dir)
+    return bundle_files(publish_dir)
+
+
+def _fill(staging: Path, *, name: str, lora: Path, samples: Iterable[Path], config_path: Path,
+          run_yaml: str, quality_report: Path | None, captions: Iterable[Path], model_card: str,
+          receipt: dict[str, Any], report_html: str, loss_history: Path | None) -> None:
     _copy(lora, staging / f"{name}.safetensors")
     for sample in samples:
         _copy(sample, staging / "samples" / sample.name)
@@ -96,11 +115,6 @@ def assemble_bundle(publish_dir: Path, *, name: str, lora: Path, samples: Iterab
     (staging / "receipt.json").write_text(json.dumps(receipt, indent=2, default=str) + "\n",
                                           encoding="utf-8")
     (staging / "report.html").write_text(report_html, encoding="utf-8")
-    write_sha256sums(staging)
-    if publish_dir.exists():
-        shutil.rmtree(publish_dir)
-    os.replace(staging, publish_dir)
-    return bundle_files(publish_dir)
 
 
 # -- gathering a run's outputs -----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,8 @@ from remote.status import StageFailed
 
 if TYPE_CHECKING:
     from remote.runner import Runner
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or the user's quota on it
 
 
 def newest_lora(output_dir: Path, name: str) -> Path | None:
@@ -65,14 +68,21 @@ def publish(run: "Runner") -> tuple[str, dict[str, Any]]:
     config = run.detail("config")
     state = "stopped" if run.recorder.stage("train")["state"] == "stopped" else "done"
     dataset_dir = run.detail("ingest").get("dataset_dir")
-    files = pack_run(
-        plan=run.plan, status=run.recorder.status, lora=lora,
-        config_path=Path(config["config_path"]),
-        dataset_dir=Path(dataset_dir) if dataset_dir else None,
-        prompts=config.get("prompts") or [], hardware=run.detail("checks").get("gpu") or {},
-        train=run.detail("train"), validation=run.detail("validate"),
-        spend_usd=run.guard.spend(), hours=run.guard.hours(), state=state,
-        ended_at=run.clock())
+    publish_dir = run.run_dir / "publish"
+    try:
+        files = pack_run(
+            plan=run.plan, status=run.recorder.status, lora=lora,
+            config_path=Path(config["config_path"]),
+            dataset_dir=Path(dataset_dir) if dataset_dir else None,
+            prompts=config.get("prompts") or [], hardware=run.detail("checks").get("gpu") or {},
+            train=run.detail("train"), validation=run.detail("validate"),
+            spend_usd=run.guard.spend(), hours=run.guard.hours(), state=state,
+            ended_at=run.clock())
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise StageFailed(f"no space left on the instance's disk while packing the bundle into "
+                          f"{publish_dir} ({exc})", cause="disk_full") from exc
     run.recorder.event("published", files=len(files), state=state)
     if run.wandb_enabled():  # the receipt exists only now: add it to the W&B run's summary
         from remote.wandb_log import summarize_run
@@ -81,4 +91,4 @@ def publish(run: "Runner") -> tuple[str, dict[str, Any]]:
                       output_dir=run.output / run.name, env=run.trainer_env(),
                       files=[run.run_dir / "publish" / "receipt.json",
                              run.work / "quality_report.json"], log=run.log.agent)
-    return "done", {"files": len(files), "publish_dir": str(run.run_dir / "publish")}
+    return "done", {"files": len(files), "publish_dir": str(publish_dir)}

@@ -4,10 +4,16 @@
 ``<name>.safetensors`` (final) and ``optimizer.pt`` (one file, overwritten at each save). A file
 is written to a hidden temp name in the same folder and moved into place with ``os.replace``, so
 a reader (or a resume after a kill) never sees half of one.
+
+Files are serialised in memory (the tiny trainer's are small) and written with Python's own file
+I/O: a full disk then fails with ``OSError`` ENOSPC naming the file, which the supervisor
+recognises as ``disk_full`` (``torch.save`` to a path reports only a C++ iostream error), and a
+failed write removes its temp file instead of leaving it to fill the disk further.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -16,7 +22,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 
 def _tmp(path: Path) -> Path:
@@ -31,21 +37,24 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
 
 
 def save_lora_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = _tmp(path)
-    save_file(tensors, str(tmp), metadata=metadata)
-    _fsync_replace(tmp, path)
+    write_bytes_atomic(path, save(tensors, metadata=metadata))
 
 
 def torch_save_atomic(path: Path, obj: Any) -> None:
-    tmp = _tmp(path)
-    torch.save(obj, tmp)
-    _fsync_replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getbuffer())
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` whole or not at all; an ``OSError`` names ``path``."""
     tmp = _tmp(path)
-    tmp.write_bytes(data)
-    _fsync_replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        _fsync_replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def step_path(output_dir: Path, name: str, step: int) -> Path:

@@ -331,11 +331,14 @@ class FakeVast:
 
     def _list(self, query: dict[str, list[str]]) -> tuple[int, Any]:
         ordered = [copy.deepcopy(self.instances[i]) for i in sorted(self.instances)]
-        start = int((query.get("next_token") or ["0"])[0])
-        page = ordered[start:start + self.list_page_size]
-        body: dict[str, Any] = {"instances": page}
-        if start + self.list_page_size < len(ordered):
-            body["next_token"] = str(start + self.list_page_size)
+        # Vast's cursor: the answer's next_token comes back as after_token (as the vastai CLI
+        # sends it); any other parameter is ignored, so a client that misnames it sees page one.
+        start = int((query.get("after_token") or ["0"])[0])
+        size = min(self.list_page_size, int((query.get("limit") or [self.list_page_size])[0]))
+        page = ordered[start:start + size]
+        body: dict[str, Any] = {"instances": page, "next_token": None}
+        if start + size < len(ordered):
+            body["next_token"] = str(start + size)
         return 200, body
 
     def _attach(self, iid: int, body: dict[str, Any]) -> tuple[int, Any]:

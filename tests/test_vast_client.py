@@ -224,10 +224,12 @@ def test_lost_create_listed_late_is_found_not_sent_again(
 
 
 def test_list_follows_pages_and_filters_by_label(client: VastClient, rsps) -> None:
-    page2 = [matchers.query_param_matcher({"next_token": "p2"})]
+    first = {"order_by": '[{"col": "id", "dir": "asc"}]', "limit": "25"}
+    page2 = [matchers.query_param_matcher({**first, "after_token": "p2"})]
     rsps.add(responses.GET, f"{URL}/api/v1/instances/", match=page2,
-             json={"instances": [{"id": 2, "label": "other"}, {"id": 3, "label": None}]})
-    rsps.add(responses.GET, f"{URL}/api/v1/instances/", match=[matchers.query_param_matcher({})],
+             json={"instances": [{"id": 2, "label": "other"}, {"id": 3, "label": None}],
+                   "next_token": None})
+    rsps.add(responses.GET, f"{URL}/api/v1/instances/", match=[matchers.query_param_matcher(first)],
              json={"instances": [{"id": 1, "label": "flux-remote:a"}], "next_token": "p2"})
     assert [i["id"] for i in client.list_instances()] == [1, 2, 3]
     assert [i["id"] for i in client.list_instances("flux-remote:")] == [1]

@@ -16,6 +16,8 @@ Clock and sleep are injected so tests never wait for real.
 
 from __future__ import annotations
 
+import json
+
 import os
 import random
 import threading
@@ -44,6 +46,7 @@ BACKOFF_CAP_S = 60.0
 MAX_ATTEMPTS = 6
 DESTROY_CONFIRM_S = 120.0  # how long a destroyed instance may still show before we complain
 MAX_LIST_PAGES = 50
+LIST_PAGE_SIZE = 25  # the page size the vastai CLI asks for
 # After a lost create answer: seconds to wait before each look for the labelled instance (one
 # list call each, about 35 s in all). Vast may list a new instance only some seconds after it
 # made it; sending the create again before the last look could rent a second paid instance.
@@ -192,17 +195,20 @@ class VastClient:
     def list_instances(self, label_prefix: str | None = None) -> list[dict[str, Any]]:
         """``GET /api/v1/instances/`` (all pages): our instances, optionally by label prefix."""
         found: list[dict[str, Any]] = []
-        params: dict[str, Any] = {}
+        # As the vastai CLI pages it: by id, a page at a time, the answer's ``next_token`` sent
+        # back as ``after_token`` (an unknown parameter would be ignored: page one, forever).
+        params: dict[str, Any] = {"order_by": json.dumps([{"col": "id", "dir": "asc"}]),
+                                  "limit": LIST_PAGE_SIZE}
         seen_tokens: set[str] = set()
         for _ in range(MAX_LIST_PAGES):
-            data = self._call("list", "GET", "/api/v1/instances/", params=params or None,
+            data = self._call("list", "GET", "/api/v1/instances/", params=params,
                               what="list instances")
             found.extend(i for i in (data.get("instances") or []) if isinstance(i, dict))
-            token = data.get("next_token") or data.get("next_page_token")
+            token = data.get("next_token")
             if not token or str(token) in seen_tokens:
                 break
             seen_tokens.add(str(token))
-            params = {"next_token": token}
+            params = {**params, "after_token": token}
         if label_prefix is None:
             return found
         return [i for i in found if str(i.get("label") or "").startswith(label_prefix)]

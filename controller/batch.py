@@ -19,6 +19,12 @@ controller killed mid-batch is followed by ``resume BATCH``: running runs are re
 rented again), the ledger is rebuilt from the journal, and the remaining slots are started.
 
 Slot states: ``pending -> active -> done | failed | stopped``, or ``skipped``.
+
+``stop``/``down BATCH`` (another process, any time) first journal the batch's stop request
+(:func:`stop_reason` reads it), then cancel the pending slots. The scheduler re-reads that request
+after it has claimed a slot (the slot is ``active`` and its run exists, so a stop from then on sees
+the run) and again right before the run's machine is rented, under the run's lock: a run never
+rents once its batch was asked to stop.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ if TYPE_CHECKING:
 PENDING, ACTIVE, SKIPPED = "pending", "active", "skipped"
 SLOT_TERMINAL = (R.DONE, R.FAILED, R.STOPPED, SKIPPED)
 BATCH_RUNNING, BATCH_DONE, BATCH_PARTIAL = "running", "done", "partial"
+BATCH_STOP = "batch_stop"  # the event ``stop``/``down BATCH`` journal before anything else
 # Agent causes that say the host, not the run, was at fault (``remote.runner``): retried.
 INFRA_CAUSES = ("checks", "bootstrap_command", "disk_full")
 INFRA_ERRORS = (ProviderError, TransportError, MachineLost)
@@ -162,6 +169,50 @@ def classify_failure(run: dict[str, Any] | None, exc: BaseException | None) -> s
     if "gone without an exit code" in error or "machine is gone" in error:
         return "infra"
     return "run"
+
+
+class StoppedBeforeStart(RunError):
+    """The batch was asked to stop after this run was claimed but before it rented a machine."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"not started: the batch was asked to stop before it rented a machine "
+                         f"({reason})")
+
+
+def stop_reason(journal: "Journal", batch_id: str, run_id: str | None = None) -> str | None:
+    """Why the batch (or, with ``run_id``, that run of it) was asked to stop; None if it was not.
+
+    The stop is read from the journal each time (never cached): ``stop BATCH`` runs in another
+    process while this one schedules."""
+    for event in journal.events(None, BATCH_STOP):
+        if event["detail"].get("batch_id") == batch_id:
+            return str(event["detail"].get("note") or "the batch was asked to stop")
+    if run_id is not None:
+        for event in journal.events(run_id, "stop_deferred"):
+            return str(event["detail"].get("reason") or "the run was asked to stop")
+    return None
+
+
+class StopGate:
+    """The provider a batch's run is driven with: ``acquire`` first re-reads the stop request.
+
+    The orchestrator calls ``acquire`` holding the run's lock, so this check is the last moment
+    before money is spent; a stop landing after it finds the lock held and is deferred
+    (``stop_deferred``: the scheduler writes the STOP once the agent runs)."""
+
+    def __init__(self, inner: "Provider", batch_id: str) -> None:
+        self._inner = inner
+        self._batch_id = batch_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def acquire(self, run_id: str, spec: Any, estimate: "Estimate", journal: "Journal",
+                notify: Callable[[str, str], None]) -> Any:
+        reason = stop_reason(journal, self._batch_id, run_id)
+        if reason is not None:
+            raise StoppedBeforeStart(reason)
+        return self._inner.acquire(run_id, spec, estimate, journal, notify)
 
 
 # ---- the live board -------------------------------------------------------------------------
@@ -406,6 +457,11 @@ class BatchScheduler:
     def _try_start(self, slot: dict[str, Any]) -> None:
         from controller.spec import RunSpec
 
+        reason = stop_reason(self.journal, self.batch_id)
+        if reason is not None:  # e.g. a retry set pending after the stop
+            self.journal.update_batch_run(self.batch_id, slot["idx"], state=R.STOPPED,
+                                          note=reason)
+            return
         spec = RunSpec.model_validate(json.loads(slot["spec_json"]))
         provider = self.provider_factory(spec.provider.type, self.claims)
         try:
@@ -453,7 +509,21 @@ class BatchScheduler:
         attempts = int(slot["attempts"]) + 1
         self.journal.update_batch_run(self.batch_id, slot["idx"], state=ACTIVE, run_id=run_id,
                                       attempts=attempts)
+        # Claimed: a stop from now on sees the run. One that came since the slot was read as
+        # pending (its cancel was just overwritten, or is about to be) is honoured here.
+        reason = stop_reason(self.journal, self.batch_id)
+        if reason is not None:
+            self._not_started(slot, run_id, reason)
+            return
         self._spawn({**slot, "attempts": attempts}, run_id, estimate, provider)
+
+    def _not_started(self, slot: dict[str, Any], run_id: str, reason: str) -> None:
+        """A claimed slot whose batch was asked to stop before its run was spawned."""
+        message = str(StoppedBeforeStart(reason))
+        self.journal.update_run(run_id, state=R.STOPPED, error=message, ended_at=self.clock())
+        self.ledger.close(run_id, 0.0)
+        self.board.note(slot["name"], message)
+        self.journal.update_batch_run(self.batch_id, slot["idx"], state=R.STOPPED, note=message)
 
     def _skip(self, slot: dict[str, Any], note: str) -> None:
         self.board.note(slot["name"], note)
@@ -463,7 +533,7 @@ class BatchScheduler:
                provider: "Provider | None" = None) -> None:
         run = self.journal.get_run(run_id) or {}
         provider = provider or self.provider_factory(run.get("provider") or "local", self.claims)
-        orch = Orchestrator(self.journal, provider,
+        orch = Orchestrator(self.journal, StopGate(provider, self.batch_id),
                             reporter=self.board.reporter(run_id, slot["name"]), env=self.env,
                             clock=self.clock, sleep=self.sleep)
         thread = threading.Thread(target=self._drive, args=(orch, slot["idx"], run_id, estimate),
@@ -477,6 +547,9 @@ class BatchScheduler:
         error: BaseException | None = None
         try:
             orch.drive(run_id, self.options.run_options(), estimate)
+        except StoppedBeforeStart as exc:  # the orchestrator marked it failed; nothing rented
+            error = exc
+            self.journal.update_run(run_id, state=R.STOPPED, error=str(exc))
         except FluxRemoteError as exc:
             error = exc
         except Exception as exc:  # noqa: BLE001 - a bug in one run must not end the batch
@@ -518,7 +591,12 @@ def batch_result(journal: "Journal", batch_id: str) -> BatchResult:
 # ---- commands on a whole batch --------------------------------------------------------------
 
 def cancel_pending(journal: "Journal", batch_id: str, note: str) -> int:
-    """Slots not started yet never will be (``stop`` / ``down`` of a batch); returns how many."""
+    """Slots not started yet never will be (``stop`` / ``down`` of a batch); returns how many.
+
+    The stop request is journaled first: a scheduler that read a slot as pending just before
+    this marks it re-reads the request once it has claimed the slot (``stop_reason``)."""
+    if stop_reason(journal, batch_id) is None:
+        journal.add_event(None, BATCH_STOP, {"batch_id": batch_id, "note": note})
     count = 0
     for slot in journal.batch_runs(batch_id):
         if slot["state"] == PENDING:

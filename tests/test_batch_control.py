@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from controller.batch import BatchScheduler, create_batch
+from controller.batch import BatchScheduler, cancel_pending, create_batch
+from controller.errors import RunError
 from controller.fetch import verify_sums
 from controller.journal import open_journal
 from controller.providers.local import LocalProvider
@@ -103,13 +104,16 @@ def test_stop_a_batch_while_its_runs_train(tmp_path: Path) -> None:
 
 
 class GatedLocal(LocalProvider):
-    """The local provider, except that handing over a machine waits for ``gate``."""
+    """The local provider, except that handing over a machine waits for ``gate`` (``entered``
+    is set once the batch let it begin: the stop request was re-read before)."""
 
-    def __init__(self, gate: threading.Event) -> None:
+    def __init__(self, gate: threading.Event, entered: threading.Event) -> None:
         super().__init__()
         self.gate = gate
+        self.entered = entered
 
     def acquire(self, run_id: str, spec: Any, estimate: Any, journal: Any, notify: Any) -> Any:
+        self.entered.set()
         assert self.gate.wait(WAIT_S), "the test never opened the gate"
         return super().acquire(run_id, spec, estimate, journal, notify)
 
@@ -121,19 +125,17 @@ def test_stop_a_batch_whose_run_has_no_agent_yet_stops_it_once_it_runs(tmp_path:
     batch_id = create_batch(journal, load_file(local_batch(tmp_path, "sd", 2, steps=40,
                                                            max_parallel=1)),
                             out_dir=tmp_path / "out")
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     said: list[Any] = []
 
     def tick(sched: BatchScheduler) -> None:
-        slot = sched.slots()[0]
-        run = journal.get_run(slot["run_id"]) if slot["run_id"] else None
-        if not said and run is not None and run["state"] != "planned":
+        if not said and entered.is_set():  # renting: past the batch's last look at a stop
             said.append(invoke("stop", batch_id, "--json"))  # as from another terminal
             gate.set()
 
     env = {**os.environ, "FLUX_REMOTE_TINY_STEP_DELAY": "0.2"}
     result = BatchScheduler(journal, batch_id, options=FAST, env=env, on_tick=tick,
-                            provider_factory=lambda name, claims: GatedLocal(gate)).run()
+                            provider_factory=lambda name, claims: GatedLocal(gate, entered)).run()
 
     assert said and said[0].exit_code == 0, said[0].output if said else "stop never ran"
     assert "STOP written" in said[0].output
@@ -149,6 +151,90 @@ def test_stop_a_batch_whose_run_has_no_agent_yet_stops_it_once_it_runs(tmp_path:
         assert run["state"] == "stopped" and verify_sums(Path(run["bundle_path"])) >= 3
     assert journal.events(run["run_id"], "stop_deferred")
     assert [i["state"] for i in journal.instances(run["run_id"])] == ["destroyed"]
+
+
+class StopLands(LocalProvider):
+    """The local provider that runs ``stop BATCH`` (as from another terminal) once, from inside
+    ``where``, and records every machine asked for (handing none over).
+
+    ``estimate``: the scheduler has read the slot as pending and is pricing it; nothing is
+    claimed yet. ``reconcile``: the run's drive holds its lock and rents next."""
+
+    def __init__(self, batch_id: str, where: str, said: list[Any],
+                 acquired: list[str]) -> None:
+        super().__init__()
+        self.batch_id, self.where, self.said, self.acquired = batch_id, where, said, acquired
+
+    def _land(self, where: str) -> None:
+        if where == self.where and not self.said:
+            self.said.append(invoke("stop", self.batch_id, "--json"))
+
+    def estimate(self, spec: Any) -> Any:
+        self._land("estimate")
+        return super().estimate(spec)
+
+    def reconcile(self, journal: Any) -> list[str]:
+        self._land("reconcile")
+        return super().reconcile(journal)
+
+    def acquire(self, run_id: str, spec: Any, estimate: Any, journal: Any, notify: Any) -> Any:
+        self.acquired.append(run_id)
+        raise RunError("the test's provider hands over no machine")
+
+
+@pytest.mark.parametrize("where", ["estimate", "reconcile"])
+def test_stop_a_batch_between_picking_a_slot_and_renting_rents_nothing(tmp_path: Path,
+                                                                        where: str) -> None:
+    """The race ``stop BATCH`` had: a slot read as pending just before the stop cancelled it
+    was still claimed and rented for. Whether the stop lands before the slot is claimed or
+    while the run's drive is about to rent, nothing is rented."""
+    journal = open_journal()
+    batch_id = create_batch(journal, load_file(local_batch(tmp_path, "sr", 2, max_parallel=1)),
+                            out_dir=tmp_path / "out")
+    said: list[Any] = []
+    acquired: list[str] = []
+    result = BatchScheduler(journal, batch_id, options=FAST, provider_factory=lambda name, c:
+                            StopLands(batch_id, where, said, acquired)).run()
+
+    assert said, f"the stop never landed in {where}"
+    assert said[0].exit_code == 0 and "STOP written" in said[0].output, said[0].output
+    assert acquired == []
+    first, second = result.rows
+    assert first["slot_state"] == "stopped" and second["slot_state"] == "stopped"
+    assert "not started: the batch was asked to stop before it rented a machine" in first["note"]
+    assert not second["run_id"]  # cancelled while pending: never claimed
+    [run] = journal.runs_of_batch(batch_id)
+    assert run["run_id"] == first["run_id"] and run["state"] == "stopped"
+    assert run["error"].startswith("not started: the batch was asked to stop"), run["error"]
+    assert journal.instances(run["run_id"]) == []
+    states = [e["detail"]["state"] for e in journal.events(run["run_id"], "state")]
+    if where == "estimate":  # seen when the slot was claimed: its drive never even began
+        assert states == ["planned", "stopped"]
+    else:
+        assert states[-1] == "stopped", states
+    assert result.state == "partial" and result.ledger["committed_usd"] == 0
+
+
+def test_a_slot_pending_again_after_stop_batch_is_not_started(tmp_path: Path) -> None:
+    """A slot set pending after the stop (an infrastructure failure's retry) starts nothing:
+    the scheduler reads the stop before it even prices the slot."""
+    journal = open_journal()
+    batch_id = create_batch(journal, load_file(local_batch(tmp_path, "sp", 2, max_parallel=1)),
+                            out_dir=tmp_path / "out")
+    assert cancel_pending(journal, batch_id, "stopped by the user before it started") == 2
+    journal.update_batch_run(batch_id, 0, state="pending", note="retry after: host lost")
+    said: list[Any] = []
+    acquired: list[str] = []
+    provider = StopLands(batch_id, "nowhere", said, acquired)
+    priced: list[Any] = []
+    provider.estimate = lambda spec: priced.append(spec)  # type: ignore[method-assign]
+
+    result = BatchScheduler(journal, batch_id, options=FAST,
+                            provider_factory=lambda name, claims: provider).run()
+
+    assert priced == [] and acquired == [] and journal.runs_of_batch(batch_id) == []
+    assert [r["slot_state"] for r in result.rows] == ["stopped", "stopped"]
+    assert result.rows[0]["note"] == "stopped by the user before it started"
 
 
 @pytest.mark.slow
@@ -191,7 +277,8 @@ def test_a_vast_host_that_dies_mid_run_is_stopped_and_the_run_retried_elsewhere(
     fake_vast.ssh_endpoint = (sshd.host, sshd.port)
     fake_vast.loading_polls = 0
     add_twin_offers(fake_vast, 2)
-    path = batch_file(vast_spec(tmp_path, name="rt", steps=10), {
+    # 30 steps of 0.2 s: a tick delayed on a loaded machine still finds the run mid-training
+    path = batch_file(vast_spec(tmp_path, name="rt", steps=30), {
         "max_usd": 20, "max_parallel": 1, "retries": 1, "runs": [{"name": "rt-a"}]})
     journal = open_journal()
     batch_id = create_batch(journal, load_file(path), out_dir=tmp_path / "out")
@@ -224,7 +311,7 @@ def test_a_vast_host_that_dies_mid_run_is_stopped_and_the_run_retried_elsewhere(
         assert row["attempts"] == 2 and row["slot_state"] == "done"
         first, second = journal.runs_of_batch(batch_id)
         assert first["run_id"] == died["run_id"] and first["state"] == "failed"
-        assert (first["step"] or 0) < 10  # it died mid-training
+        assert (first["step"] or 0) < 30  # it died mid-training
         assert "exited" in first["error"]
         assert second["state"] == "done" and verify_sums(Path(second["bundle_path"])) >= 3
         [again] = journal.instances(second["run_id"])

@@ -71,7 +71,8 @@ def test_a_sweep_of_four_runs_two_instances_at_a_time(tmp_path: Path, fake_vast:
 
     assert result.state == "done", json.dumps(result.rows, indent=1, default=str)
     runs = journal.runs_of_batch(batch_id)
-    assert len(runs) == 4 and all(r["state"] == "done" for r in runs)
+    assert len(runs) == 4 and all(r["state"] == "done" for r in runs), json.dumps(
+        [{k: r.get(k) for k in ("name", "state", "error")} for r in runs], indent=1)
     for run in runs:
         assert verify_sums(Path(run["bundle_path"])) >= 3
         assert Path(run["bundle_path"]).parent == tmp_path / "out"

@@ -12,6 +12,7 @@ agent's ``receipt.json`` and ``SHA256SUMS`` are left exactly as the agent signed
 
 from __future__ import annotations
 
+import glob
 import json
 import posixpath
 from dataclasses import dataclass
@@ -102,7 +103,25 @@ def fetch_bundle(host: "Host", paths: RunPaths, out_dir: Path) -> FetchResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = host.download(paths.publish, out_dir)
     count = verify_sums(out_dir)
+    remove_transfer_leftovers(out_dir)
     return FetchResult(path=out_dir, files_verified=count, stats=stats)
+
+
+def remove_transfer_leftovers(bundle: Path) -> list[Path]:
+    """Delete the temp files a killed rsync left beside a verified bundle's files.
+
+    rsync writes ``dir/.<name>.XXXXXX`` and renames it into place; a SIGKILL (the controller's
+    whole process group killed) leaves it behind, and the next fetch sends ``<name>`` anew. Once
+    ``<name>`` itself has verified, the leftover is a partial copy of a whole file that would only
+    fill the user's disk. Only names of that shape beside a listed file are touched."""
+    removed = []
+    for _, name in parse_sums((bundle / SUMS_NAME).read_text(encoding="utf-8")):
+        target = bundle / name
+        for leftover in target.parent.glob(f".{glob.escape(target.name)}.??????"):
+            if leftover.is_file() and not leftover.is_symlink():
+                leftover.unlink()
+                removed.append(leftover)
+    return removed
 
 
 def fetch_extras(host: "Host", paths: RunPaths, out_dir: Path, *,

@@ -155,7 +155,8 @@ def test_sigkill_in_the_middle_of_the_bundle_download_then_resume(
     brings it home whole and destroys the instance once.
 
     ``group``: the controller with its rsync and ssh (a kill of the terminal's job): the
-    rsync's temp file is left behind and the next fetch starts that file over. ``controller``:
+    rsync's temp file is left behind, the next fetch starts that file over and, once the bundle
+    verifies, deletes the leftover. ``controller``:
     the controller alone (the OOM killer): its rsync lives on as an orphan and finishes the
     download by itself, while the next ``resume`` fetches beside it into the same folder."""
     fake_vast.ssh_endpoint = (sshd.host, sshd.port)
@@ -202,6 +203,8 @@ def test_sigkill_in_the_middle_of_the_bundle_download_then_resume(
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
     assert json.loads(final.stdout)["state"] == "done"
     assert verify_sums(out) >= 4 and (out / BIG).stat().st_size == BIG_BYTES
+    if victim == "group":  # the killed rsync's temp file went once the bundle verified
+        assert not list(out.glob(f".{BIG}.*"))
     creates = fake_vast.calls("PUT", "/api/v0/asks/")
     [row] = journal.instances(run_id)
     assert len(creates) == 1 and row["state"] == "destroyed"

@@ -18,6 +18,9 @@ fires) is a stop request that does not wait for the next save: SIGTERM at once, 
 policy, unless a save is running, in which case right after it. ai-toolkit loses the steps since
 its last save; the tiny trainer saves on SIGTERM anyway.
 
+A save is "running" between ``Saving at step`` and ``Saved checkpoint``, and also from the last
+step until the final LoRA is reported saved: ai-toolkit announces its final save with no line.
+
 Either way, SIGKILL follows if the trainer has not exited ``grace_s`` after SIGTERM.
 
 Crashes. A non-zero exit that was not asked for is a crash: the cause is recognised from the log
@@ -46,7 +49,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remote.progress import NON_RETRYABLE_CAUSES, LogEvent, LogWatcher, Progress
+from remote.progress import (NON_RETRYABLE_CAUSES, LogEvent, LogWatcher, Progress,
+                             checkpoint_step)
 
 TAIL_LINES = 50
 _TAIL_BYTES = 256 * 1024
@@ -240,6 +244,7 @@ class _Supervisor:
         self.step = 0
         self.s_per_step: float | None = None
         self.last_checkpoint: Path | None = None
+        self.final_saved = False  # the final <name>.safetensors was reported saved
         self._at_line_start = True
         self._hard = False
 
@@ -265,6 +270,7 @@ class _Supervisor:
                 self.ctx.on_progress(event.progress)
             elif event.kind == "checkpoint" and event.path is not None:
                 path = self._resolve(event.path)
+                self.final_saved = self.final_saved or checkpoint_step(event.path) is None
                 step = event.step if event.step is not None else self.step
                 self.step = max(self.step, step)
                 self.last_checkpoint = path
@@ -304,8 +310,9 @@ class _Supervisor:
                     while pipe.pump(0):  # lines already written must count before deciding
                         pass
                     watcher = pipe.watcher
-                    if not watcher.saving and (self.policy == "sigterm" or self._now(waiting=True)
-                                               or watcher.saves > saves_at_stop):
+                    if not watcher.saving and not self.final_save_due() and (
+                            self.policy == "sigterm" or self._now(waiting=True)
+                            or watcher.saves > saves_at_stop):
                         self._signal(proc, signal.SIGTERM)
                         term_at = ctx.clock()
                 elif term_at is not None and ctx.clock() - term_at > ctx.grace_s:
@@ -322,6 +329,15 @@ class _Supervisor:
         pipe.finish()
         return _Attempt(proc.returncode, saves_at_stop is not None, term_at is not None,
                         pipe.watcher, render_tail(bytes(pipe.tail)))
+
+    def final_save_due(self) -> bool:
+        """Past the last step, until the final LoRA is reported saved: a save may be running.
+
+        ai-toolkit writes its final ``<name>.safetensors`` right after the last step without a
+        ``Saving at step`` line (``BaseSDTrainProcess.run``: ``self.save()`` after the loop), so
+        ``watcher.saving`` cannot see it; a SIGTERM then would cut the finished LoRA in half."""
+        total = self.ctx.total_steps
+        return bool(total) and self.step >= total and not self.final_saved
 
     def _stop_plan(self) -> str:
         if self._now(waiting=False):

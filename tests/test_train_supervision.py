@@ -31,8 +31,9 @@ FAKE_AITK = textwrap.dedent('''\
         print("Error running job: failed", flush=True)
         sys.exit(1)
 
-    def save(path):
-        print(f"Saving at step {step}", flush=True)
+    def save(path, announce=True):
+        if announce:  # ai-toolkit announces its step saves only, not the final one
+            print(f"Saving at step {step}", flush=True)
         path.write_text("partial")
         time.sleep(save_delay)
         path.write_text("complete")
@@ -47,7 +48,8 @@ FAKE_AITK = textwrap.dedent('''\
         sys.stderr.flush()
         if step % every == 0 and step < total:
             save(out / f"fake_{step:09d}.safetensors")
-    save(out / "fake.safetensors")
+    sys.stderr.write("\\n")
+    save(out / "fake.safetensors", announce=False)
 ''')
 
 
@@ -203,6 +205,21 @@ def test_stop_during_a_save_never_interrupts_it(tmp_path: Path, policy: str) -> 
     assert ckpt.read_text() == "complete"
     assert result.last_checkpoint == ckpt and result.step >= 5
     assert not (tmp_path / "output" / "fake" / "fake_000000010.safetensors").exists()
+
+
+@pytest.mark.parametrize("policy", ["after_next_save", "sigterm"])
+def test_a_hard_stop_after_the_last_step_lets_the_final_save_finish(tmp_path: Path,
+                                                                   policy: str) -> None:
+    """ai-toolkit saves its final LoRA after the last step with no "Saving at step" line; a hard
+    stop that lands then must not cut that file in half."""
+    final = tmp_path / "output" / "fake" / "fake.safetensors"
+    rec = Recorder()
+    ctx = fake_ctx(rec, tmp_path, {"FAKE_STEPS": "20", "FAKE_SAVE_EVERY": "1000",
+                                   "FAKE_SAVE_DELAY": "1.0"}, total=20, stop_policy=policy,
+                   stop_now=lambda: final.is_file())  # the final save has begun
+    result = run_training(ctx)
+    assert final.read_text() == "complete"
+    assert result.final_lora == final and result.step == 20, result.log_tail
 
 
 def test_sigkill_after_the_grace_period(tmp_path: Path) -> None:

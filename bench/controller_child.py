@@ -120,7 +120,8 @@ class RssSampler:
 
 def child_batch(cfg: dict[str, Any]) -> dict[str, Any]:
     """``launch batch.yaml`` through the Python API (controller.batch): RSS and follow windows."""
-    from controller.batch import BatchOptions, BatchScheduler, create_batch
+    from controller.batch import BatchOptions, BatchScheduler
+    from controller.batch_setup import create_batch
     from controller.journal import open_journal
     from controller.spec_loader import load_file
 

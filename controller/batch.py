@@ -1,6 +1,6 @@
 """Batches: many runs under one total budget, up to ``max_parallel`` machines at once.
 
-``create_batch`` journals a batch file's expanded runs as *slots* (``pending``). The
+The batch's slots are journaled by :func:`~controller.batch_setup.create_batch`. The
 :class:`BatchScheduler` then loops: collect runs that ended, meter the spend of those running,
 start what fits. Starting a slot means: estimate it (Vast: plan the offers nobody in the batch has
 taken; measured s/step from runs already finished feed that plan), reserve the estimate plus its
@@ -18,13 +18,10 @@ Everything is journaled (``batches`` and ``batch_runs``, plus the runs themselve
 controller killed mid-batch is followed by ``resume BATCH``: running runs are reattached (never
 rented again), the ledger is rebuilt from the journal, and the remaining slots are started.
 
-Slot states: ``pending -> active -> done | failed | stopped``, or ``skipped``.
-
-``stop``/``down BATCH`` (another process, any time) first journal the batch's stop request
-(:func:`stop_reason` reads it), then cancel the pending slots. The scheduler re-reads that request
-after it has claimed a slot (the slot is ``active`` and its run exists, so a stop from then on sees
-the run) and again right before the run's machine is rented, under the run's lock: a run never
-rents once its batch was asked to stop.
+Slot states: ``pending -> active -> done | failed | stopped``, or ``skipped``
+(:mod:`controller.batch_setup`). A stop of the batch (:mod:`controller.batch_stop`) is re-read
+after a slot is claimed and again right before its run's machine is rented. The live view reads
+the :class:`~controller.batch_board.BatchBoard`.
 """
 
 from __future__ import annotations
@@ -39,10 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from controller import runs as R
+from controller.batch_board import BatchBoard
+from controller.batch_setup import ACTIVE, PENDING, SKIPPED, batch_ledger, batch_rows
+from controller.batch_stop import StopGate, StoppedBeforeStart, stop_reason
 from controller.errors import (BudgetError, FluxRemoteError, ProviderError, RunError,
                                SpecError, TransportError)
-from controller.follow import MachineLost, Snapshot
-from controller.ledger import Ledger, reservation_for
+from controller.follow import MachineLost
+from controller.ledger import reservation_for
 from controller.orchestrator import Options, Orchestrator
 from controller.providers.vast import OfferClaims
 from controller.runs import run_lock
@@ -51,110 +51,13 @@ if TYPE_CHECKING:
     from controller.vast.client import VastClient
     from controller.journal import Journal
     from controller.providers.base import Estimate, Provider
-    from controller.spec_loader import LoadedFile
 
-PENDING, ACTIVE, SKIPPED = "pending", "active", "skipped"
-SLOT_TERMINAL = (R.DONE, R.FAILED, R.STOPPED, SKIPPED)
 BATCH_RUNNING, BATCH_DONE, BATCH_PARTIAL = "running", "done", "partial"
-BATCH_STOP = "batch_stop"  # the event ``stop``/``down BATCH`` journal before anything else
 # Agent causes that say the host, not the run, was at fault (``remote.runner``): retried.
 INFRA_CAUSES = ("checks", "bootstrap_command", "disk_full")
 INFRA_ERRORS = (ProviderError, TransportError, MachineLost)
 
 ProviderFactory = Callable[[str, OfferClaims], "Provider"]
-
-
-# ---- creating a batch ------------------------------------------------------------------------
-
-def batch_name(loaded: "LoadedFile") -> str:
-    """The base spec's ``name`` (the runs' names start with it)."""
-    import yaml
-
-    try:
-        name = (yaml.safe_load(Path(loaded.path).read_text(encoding="utf-8")) or {}).get("name")
-    except (OSError, yaml.YAMLError):
-        name = None
-    return str(name or (loaded.runs[0].name if loaded.runs else "batch"))
-
-
-def _dig(data: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(data, dict):
-            return None
-        data = data.get(part)
-    return data
-
-
-def varied_params(loaded: "LoadedFile") -> tuple[list[str], list[dict[str, Any]]]:
-    """The dotted keys a sweep (or the runs' overrides) vary, and each run's values of them."""
-    batch = loaded.batch
-    keys: list[str] = []
-    if batch is not None and batch.sweep:
-        keys = list(batch.sweep)
-    elif batch is not None and batch.runs:
-        for override in batch.runs:
-            for key in override or {}:
-                if key != "name" and key not in keys:
-                    keys.append(key)
-    dumps = [spec.model_dump(mode="json") for spec in loaded.runs]
-    return keys, [{key: _dig(data, key) for key in keys} for data in dumps]
-
-
-def create_batch(journal: "Journal", loaded: "LoadedFile", *, out_dir: Path | None = None,
-                 spec_path: Path | None = None, clock: Callable[[], float] = time.time) -> str:
-    """Journal a batch file's runs as pending slots; returns the batch id."""
-    if loaded.batch is None:
-        raise SpecError(f"{loaded.path} has no batch: section")
-    name = batch_name(loaded)
-    batch_id = R.new_run_id(f"{name}-batch", now=clock())
-    root = Path(out_dir or Path("runs") / name).expanduser().resolve()
-    keys, params = varied_params(loaded)
-    items = []
-    for idx, (spec, label, values) in enumerate(zip(loaded.runs, loaded.labels, params)):
-        data = spec.model_dump(mode="json")
-        data["dataset"]["path"] = str(Path(spec.dataset.path).expanduser().resolve())
-        items.append({"idx": idx, "name": spec.name, "label": label, "params": values,
-                      "spec": data})
-    journal.create_batch(batch_id=batch_id, name=name,
-                         spec_path=str(spec_path) if spec_path else None, out_dir=str(root),
-                         max_usd=loaded.batch.max_usd, max_parallel=loaded.batch.max_parallel,
-                         retries=loaded.batch.retries, margin=0.0, varied=keys, items=items)
-    return batch_id
-
-
-def find_batch(journal: "Journal", ref: str | None) -> dict[str, Any] | None:
-    """The batch ``ref`` names (id or unique id prefix), or None when it names no batch."""
-    if not ref:
-        return None
-    found = journal.find_batches(ref)
-    return found[0] if len(found) == 1 else None
-
-
-def batch_ledger(journal: "Journal", batch: dict[str, Any]) -> Ledger:
-    """The batch's ledger as the journal has it (what ``resume`` starts from)."""
-    runs = journal.runs_of_batch(batch["batch_id"])
-    reservations = {event["run_id"]: float(event["detail"]["reserved_usd"])
-                    for run in runs for event in journal.events(run["run_id"], "ledger_reserve")}
-    return Ledger.from_runs(batch["max_usd"], runs, active_states=R.ACTIVE_STATES,
-                            reservations=reservations)
-
-
-def batch_rows(journal: "Journal", batch_id: str) -> list[dict[str, Any]]:
-    """One row per slot for views: the slot joined with its current run's live numbers."""
-    rows = []
-    for slot in journal.batch_runs(batch_id):
-        run = journal.get_run(slot["run_id"]) if slot["run_id"] else None
-        run = run or {}
-        rows.append({"idx": slot["idx"], "name": slot["name"], "label": slot["label"],
-                     "params": json.loads(slot["params_json"] or "{}"), "slot_state": slot["state"],
-                     "note": slot["note"], "attempts": slot["attempts"], "run_id": slot["run_id"],
-                     "state": run.get("state") or slot["state"], "stage": run.get("stage"),
-                     "step": run.get("step"), "total": run.get("total"), "loss": run.get("loss"),
-                     "spend_usd": float(run.get("spend_usd") or 0.0),
-                     "budget_usd": run.get("budget_usd"), "est_usd": run.get("est_usd"),
-                     "out_dir": run.get("out_dir"), "bundle_path": run.get("bundle_path"),
-                     "error": run.get("error"), "provider": run.get("provider")})
-    return rows
 
 
 def classify_failure(run: dict[str, Any] | None, exc: BaseException | None) -> str:
@@ -169,100 +72,6 @@ def classify_failure(run: dict[str, Any] | None, exc: BaseException | None) -> s
     if "gone without an exit code" in error or "machine is gone" in error:
         return "infra"
     return "run"
-
-
-class StoppedBeforeStart(RunError):
-    """The batch was asked to stop after this run was claimed but before it rented a machine."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"not started: the batch was asked to stop before it rented a machine "
-                         f"({reason})")
-
-
-def stop_reason(journal: "Journal", batch_id: str, run_id: str | None = None) -> str | None:
-    """Why the batch (or, with ``run_id``, that run of it) was asked to stop; None if it was not.
-
-    The stop is read from the journal each time (never cached): ``stop BATCH`` runs in another
-    process while this one schedules."""
-    for event in journal.events(None, BATCH_STOP):
-        if event["detail"].get("batch_id") == batch_id:
-            return str(event["detail"].get("note") or "the batch was asked to stop")
-    if run_id is not None:
-        for event in journal.events(run_id, "stop_deferred"):
-            return str(event["detail"].get("reason") or "the run was asked to stop")
-    return None
-
-
-class StopGate:
-    """The provider a batch's run is driven with: ``acquire`` first re-reads the stop request.
-
-    The orchestrator calls ``acquire`` holding the run's lock, so this check is the last moment
-    before money is spent; a stop landing after it finds the lock held and is deferred
-    (``stop_deferred``: the scheduler writes the STOP once the agent runs)."""
-
-    def __init__(self, inner: "Provider", batch_id: str) -> None:
-        self._inner = inner
-        self._batch_id = batch_id
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def acquire(self, run_id: str, spec: Any, estimate: "Estimate", journal: "Journal",
-                notify: Callable[[str, str], None]) -> Any:
-        reason = stop_reason(journal, self._batch_id, run_id)
-        if reason is not None:
-            raise StoppedBeforeStart(reason)
-        return self._inner.acquire(run_id, spec, estimate, journal, notify)
-
-
-# ---- the live board -------------------------------------------------------------------------
-
-class BatchBoard:
-    """What the runs report, for the live view: the newest snapshot and notes per run."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.snaps: dict[str, Snapshot] = {}
-        self.notes: list[tuple[str, str]] = []
-
-    def reporter(self, run_id: str, name: str) -> "SlotReporter":
-        return SlotReporter(self, run_id, name)
-
-    def put(self, snap: Snapshot) -> None:
-        with self._lock:
-            self.snaps[snap.run_id] = snap
-
-    def note(self, name: str, text: str) -> None:
-        with self._lock:
-            self.notes.append((name, text))
-
-    def take_notes(self) -> list[tuple[str, str]]:
-        with self._lock:
-            notes, self.notes = self.notes, []
-            return notes
-
-    def snap(self, run_id: str | None) -> Snapshot | None:
-        with self._lock:
-            return self.snaps.get(run_id) if run_id else None
-
-
-@dataclass
-class SlotReporter:
-    """One run's orchestrator reporter: everything goes to the board (log lines are dropped:
-    each run's log is fetched into its out dir)."""
-
-    board: BatchBoard
-    run_id: str
-    name: str
-
-    def note(self, text: str) -> None:
-        self.board.note(self.name, text)
-
-    def update(self, snap: Snapshot) -> None:
-        self.board.put(snap)
-
-    def log(self, lines: list[str]) -> None:
-        return None
 
 
 # ---- the scheduler --------------------------------------------------------------------------
@@ -587,42 +396,3 @@ def batch_result(journal: "Journal", batch_id: str) -> BatchResult:
     return BatchResult(batch_id, batch["state"], batch_rows(journal, batch_id),
                        batch_ledger(journal, batch).to_dict())
 
-
-# ---- commands on a whole batch --------------------------------------------------------------
-
-def cancel_pending(journal: "Journal", batch_id: str, note: str) -> int:
-    """Slots not started yet never will be (``stop`` / ``down`` of a batch); returns how many.
-
-    The stop request is journaled first: a scheduler that read a slot as pending just before
-    this marks it re-reads the request once it has claimed the slot (``stop_reason``)."""
-    if stop_reason(journal, batch_id) is None:
-        journal.add_event(None, BATCH_STOP, {"batch_id": batch_id, "note": note})
-    count = 0
-    for slot in journal.batch_runs(batch_id):
-        if slot["state"] == PENDING:
-            journal.update_batch_run(batch_id, slot["idx"], state=R.STOPPED, note=note)
-            count += 1
-    return count
-
-
-def active_runs(journal: "Journal", batch_id: str) -> list[dict[str, Any]]:
-    """The batch's runs that have not ended (each attempt)."""
-    return [r for r in journal.runs_of_batch(batch_id) if r["state"] in R.ACTIVE_STATES]
-
-
-def plan_batch(loaded: "LoadedFile",
-               provider_for: Callable[[str], "Provider"]) -> list[dict[str, Any]]:
-    """What each run is expected to cost and would reserve (``launch --dry-run`` of a batch)."""
-    rows = []
-    for spec in loaded.runs:
-        try:
-            estimate = provider_for(spec.provider.type).estimate(spec)
-        except BudgetError as exc:
-            rows.append({"name": spec.name, "est_usd": None, "reserve_usd": None,
-                         "note": str(exc)})
-            continue
-        rows.append({"name": spec.name, "est_usd": estimate.est_usd, "gpu": estimate.gpu_name,
-                     "reserve_usd": reservation_for(estimate.est_usd, spec.budget.max_usd,
-                                                    margin=spec.budget.safety_margin),
-                     "note": ""})
-    return rows

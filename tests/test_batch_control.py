@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from controller.batch import BatchScheduler, cancel_pending, create_batch
+from controller.batch import BatchScheduler
+from controller.batch_setup import create_batch
+from controller.batch_stop import cancel_pending
 from controller.errors import RunError
 from controller.fetch import verify_sums
 from controller.journal import open_journal

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.batch import BatchOptions, BatchScheduler, create_batch
+from controller.batch import BatchOptions, BatchScheduler
+from controller.batch_setup import create_batch
 from controller.errors import ProviderError
 from controller.fetch import verify_sums
 from controller.journal import open_journal

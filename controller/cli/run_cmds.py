@@ -174,7 +174,7 @@ def launch(
 def _launch_batch(loaded: Any, file: Path, *, yes: bool, detach: bool, out: Optional[Path],
                   dry_run: bool, poll_interval: float, as_json: bool) -> None:
     """``launch`` of a batch file: the plan of every run, then the scheduler (controller.batch)."""
-    from controller.batch import create_batch, plan_batch
+    from controller.batch_setup import create_batch, plan_batch
     from controller.providers import provider_named
     from controller.ui import batch_plan_table
 
@@ -210,7 +210,8 @@ def _launch_batch(loaded: Any, file: Path, *, yes: bool, detach: bool, out: Opti
 def _run_batch(journal: "Journal", batch_id: str, *, poll_interval: float,
                as_json: bool) -> None:
     """Schedule the batch's runs to their end (or carry on after a crash), then summarise."""
-    from controller.batch import BatchOptions, BatchScheduler, batch_rows
+    from controller.batch import BatchOptions, BatchScheduler
+    from controller.batch_setup import batch_rows
     from controller.ui import BatchView, batch_table
 
     view = None if as_json else BatchView(console(), title=f"batch {batch_id}")
@@ -245,7 +246,7 @@ def _run_batch(journal: "Journal", batch_id: str, *, poll_interval: float,
 
 
 def _batch_of(journal: "Journal", ref: Optional[str]) -> Optional[dict[str, Any]]:
-    from controller.batch import find_batch
+    from controller.batch_setup import find_batch
 
     return find_batch(journal, ref)
 
@@ -286,7 +287,7 @@ def _stop_batch(journal: "Journal", batch_id: str, *, poll_interval: float,
     """``stop BATCH``: start nothing more, ask every running run to finish, then carry the
     batch to its end here (or leave that to the controller already running it)."""
     from controller import runs as R
-    from controller.batch import active_runs, cancel_pending
+    from controller.batch_stop import active_runs, cancel_pending
     from controller.runs import RunLockedError
 
     cancel_pending(journal, batch_id, "stopped by the user before it started")
@@ -362,7 +363,7 @@ def down(
     batch = _batch_of(journal, run)
     if batch is not None:
         from controller import runs as R
-        from controller.batch import cancel_pending
+        from controller.batch_stop import cancel_pending
         from controller.batch_report import write_report
 
         cancel_pending(journal, batch["batch_id"], "taken down by the user before it started")

@@ -18,6 +18,8 @@ import time
 from http.server import HTTPServer
 from pathlib import Path
 
+import pytest
+
 from controller.spec import RunSpec
 from remote.checks import Probes
 from remote.plan import load_plan, make_plan, write_json_atomic
@@ -427,3 +429,14 @@ def test_outputs_follow_the_chosen_volume(tmp_path: Path, small_dataset: Path) -
     checks = read_status(plan.parent)["stages"]["checks"]["detail"]
     assert checks["outputs"] == str(target) and checks["mount_choice"]["origin"] == "mount"
     assert verify_sha256sums(plan.parent / "publish") == []
+
+
+def test_a_failed_status_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "status.json"
+    write_json_atomic(target, {"state": "running"})
+    loop: dict = {}
+    loop["self"] = loop  # json.dump fails half-way through, as a full disk would
+    with pytest.raises(ValueError):
+        write_json_atomic(target, {"state": "done", "loop": loop})
+    assert json.loads(target.read_text()) == {"state": "running"}
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]

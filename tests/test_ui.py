@@ -91,3 +91,41 @@ def test_tables() -> None:
     assert "total" in costs and "$1.50" in costs
     assert "123" in render(orphans_table([{"instance_id": 123, "label": "flux-remote:x"}]))
     assert duration(None) == "-" and duration(5) == "5s"
+
+
+def terminal() -> Console:
+    """A console that believes it is a terminal (what a user's shell gives rich)."""
+    return Console(file=io.StringIO(), width=100, force_terminal=True, color_system="standard")
+
+
+def test_live_view_on_a_terminal_redraws_one_panel_and_scrolls_notes_above_it() -> None:
+    console = terminal()
+    view = LiveView(console)
+    view.note("renting offer 1")
+    for step in (1, 2):
+        view.update(Snapshot(run_id="r", agent_state="running", stage="train", step=step,
+                             total=2, loss=0.5, spend_usd=0.1 * step, budget_usd=5))
+        view.log([f"[agent] line {step}"])
+    assert view._live is not None and view._live.is_started  # one live region, redrawn
+    view.close()
+    text = console.file.getvalue()
+    assert "\x1b[" in text  # drawn with terminal control codes, not printed as lines
+    assert "- renting offer 1" in text and "[agent] line 2" in text
+    assert "2/2" in text and "$0.20 of $5.00" in text
+    assert view._live is None
+
+
+def test_batch_view_on_a_terminal_draws_the_table() -> None:
+    from controller.ui import BatchView
+
+    console = terminal()
+    view = BatchView(console, title="batch sw")
+    rows = [{"name": "a", "run_id": "a-1", "slot_state": "active", "state": "running",
+             "stage": "train", "step": 3, "total": 8, "loss": 0.5, "spend_usd": 0.1,
+             "note": None}]
+    view.show(rows, {"spent_usd": 0.1, "committed_usd": 1.1, "total_usd": 3.0},
+              notes=[("a", "renting offer 7")])
+    view.close()
+    text = console.file.getvalue()
+    assert "\x1b[" in text and "batch sw" in text and "3/8" in text
+    assert "- a: renting offer 7" in text

@@ -61,3 +61,22 @@ def wait_for(predicate: Any, *, timeout: float = 60.0, interval: float = 0.1) ->
             return True
         time.sleep(interval)
     return False
+
+
+class FakeClock:
+    """A monotonic clock that only moves when something sleeps; records every sleep."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    @property
+    def slept(self) -> float:
+        return sum(self.sleeps)

@@ -27,6 +27,7 @@ from controller.journal import Journal, open_journal
 from controller.orchestrator import Options, Orchestrator
 from controller.spec_loader import load_spec
 from remote.stop_request import parse_stop
+from tests.faults import FakeClock
 from tests.test_launch_local import write_spec
 from tests.test_resume_gc import ScriptedHost, ScriptedProvider
 
@@ -34,30 +35,11 @@ WINDOW_S = 120.0
 LOST = "instance 7 is 'offline' (host down)"
 
 
-class FakeTime:
-    """A clock that only moves when slept on; records every sleep."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-    @property
-    def slept(self) -> float:
-        return sum(self.sleeps)
-
-
 class Hook:
     """A give_up hook playing back ``answers`` (the last one repeats); records when it was asked.
     An answer that is an exception is raised."""
 
-    def __init__(self, fake: FakeTime, *answers: str | None | Exception) -> None:
+    def __init__(self, fake: FakeClock, *answers: str | None | Exception) -> None:
         self.fake = fake
         self.answers = list(answers)
         self.asked_at: list[float] = []
@@ -87,16 +69,16 @@ def dead_port() -> Iterator[int]:
 
 
 @pytest.fixture
-def fake() -> FakeTime:
-    return FakeTime()
+def fake() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
 def dead_host(tmp_path: Path, client_key: Path, dead_port: int,
-              fake: FakeTime) -> Iterator[SshHost]:
+              fake: FakeClock) -> Iterator[SshHost]:
     target = SshTarget("127.0.0.1", dead_port, "nobody", client_key, tmp_path / "known_hosts")
     with SshHost(target, connect_timeout=5.0, reconnect_window_s=WINDOW_S, sleep=fake.sleep,
-                 clock=fake.clock) as host:
+                 clock=fake) as host:
         yield host
 
 
@@ -107,7 +89,7 @@ def assert_spaced(asked_at: list[float]) -> None:
 
 # -- the reconnect loop ----------------------------------------------------------------------------
 def test_a_hook_that_reports_the_machine_lost_ends_the_reconnect_well_before_the_window(
-        dead_host: SshHost, fake: FakeTime) -> None:
+        dead_host: SshHost, fake: FakeClock) -> None:
     hook = Hook(fake, None, None, LOST)
     dead_host.give_up = hook  # settable after construction
     with pytest.raises(Unreachable) as info:
@@ -121,7 +103,7 @@ def test_a_hook_that_reports_the_machine_lost_ends_the_reconnect_well_before_the
 
 
 def test_a_hook_returning_none_keeps_reconnecting_until_the_window(
-        dead_host: SshHost, fake: FakeTime) -> None:
+        dead_host: SshHost, fake: FakeClock) -> None:
     hook = Hook(fake, None)
     dead_host.give_up = hook
     with pytest.raises(Unreachable) as info:
@@ -133,7 +115,7 @@ def test_a_hook_returning_none_keeps_reconnecting_until_the_window(
 
 
 def test_a_hook_raising_provider_error_is_unsure_and_keeps_reconnecting(
-        dead_host: SshHost, fake: FakeTime) -> None:
+        dead_host: SshHost, fake: FakeClock) -> None:
     dead_host.give_up = Hook(fake, ProviderError("Vast API: 502"))
     with pytest.raises(Unreachable) as info:
         dead_host.connect()
@@ -150,10 +132,10 @@ def test_a_hook_raising_provider_error_is_unsure_and_keeps_reconnecting(
 
 
 def test_the_hook_can_be_given_at_construction(tmp_path: Path, client_key: Path, dead_port: int,
-                                               fake: FakeTime) -> None:
+                                               fake: FakeClock) -> None:
     target = SshTarget("127.0.0.1", dead_port, "nobody", client_key, tmp_path / "known_hosts")
     hook = Hook(fake, LOST)
-    with SshHost(target, reconnect_window_s=WINDOW_S, sleep=fake.sleep, clock=fake.clock,
+    with SshHost(target, reconnect_window_s=WINDOW_S, sleep=fake.sleep, clock=fake,
                  give_up=hook) as host, pytest.raises(Unreachable) as info:
         host.connect()
     assert info.value.problem == LOST and hook.asked_at == [1000.0] and fake.slept == 0
@@ -167,7 +149,7 @@ def running_run(journal: Journal, tmp_path: Path, run_id: str = "r1", **spec: An
 
 
 def test_the_follower_turns_a_lost_machine_from_the_reconnect_into_machine_lost(
-        tmp_path: Path, dead_host: SshHost, fake: FakeTime) -> None:
+        tmp_path: Path, dead_host: SshHost, fake: FakeClock) -> None:
     journal = open_journal()
     run_id = running_run(journal, tmp_path)
     health = Hook(fake, LOST)
@@ -183,7 +165,7 @@ def test_the_follower_turns_a_lost_machine_from_the_reconnect_into_machine_lost(
 
 
 def test_the_orchestrator_wires_the_provider_health_into_the_ssh_reconnect(
-        tmp_path: Path, client_key: Path, dead_port: int, fake: FakeTime) -> None:
+        tmp_path: Path, client_key: Path, dead_port: int, fake: FakeClock) -> None:
     scripted = ScriptedHost()
     launcher = ScriptedProvider(scripted)
     spec = load_spec(write_spec(tmp_path, name="lost"))
@@ -194,7 +176,7 @@ def test_the_orchestrator_wires_the_provider_health_into_the_ssh_reconnect(
 
     # a later controller reattaches over SSH to a host that died meanwhile
     target = SshTarget("127.0.0.1", dead_port, "nobody", client_key, tmp_path / "known_hosts")
-    ssh = SshHost(target, reconnect_window_s=WINDOW_S, sleep=fake.sleep, clock=fake.clock)
+    ssh = SshHost(target, reconnect_window_s=WINDOW_S, sleep=fake.sleep, clock=fake)
     provider = ScriptedProvider(ssh)  # type: ignore[arg-type]
     asked: list[str] = []
 

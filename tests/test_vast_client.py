@@ -12,26 +12,12 @@ from responses import matchers
 from controller.errors import CredentialsError, OfferGoneError, ProviderError, QuotaError
 from controller.vast.client import CREATE_READ_BACK_S, VastClient, find_api_key
 from tests.fakevast import FakeVast, reference
+from tests.faults import FakeClock
 
 URL = "https://vast.test"
 KEY = "sekrit-account-key-5f6b00960b7c4aeb"
 NO_WAIT = {k: 0.0 for k in ("show", "create", "destroy", "list", "search", "other")}
 ERRORS = reference("error_and_misc_responses.json")
-
-
-class FakeClock:
-    """A monotonic clock that only moves when something sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture

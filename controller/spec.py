@@ -200,6 +200,11 @@ class GpuSpec(_Model):
                                    description="the host's reliability score, 0 to 1")
     min_inet_down_mbps: float = Field(200.0, ge=0.0,
                                       description="download bandwidth: the weights come first")
+    bandwidth_check_url: str | None = Field(
+        None,
+        description="an http(s) URL of a large file: the checks stage downloads up to 50 MB of it "
+                    "to measure the instance's real download speed (a warning below half of "
+                    "min_inet_down_mbps); unset: not measured")
     num_gpus: int = Field(1, ge=1, le=16, description="GPUs per instance")
     interruptible: bool = Field(False, description="bid instances: cheaper, can be outbid mid-run")
     datacenter_only: bool = Field(False, description="only hosts in a datacenter")
@@ -211,6 +216,14 @@ class GpuSpec(_Model):
     max_cuda: float | None = Field(None, ge=0,
                                    description="upper bound on the host's CUDA version")
     min_driver: str | None = Field(None, description='e.g. "580.0" for torch cu130 builds')
+
+    @field_validator("bandwidth_check_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://\S+", value):
+            raise ValueError("must be an http(s) URL of a large file, e.g. "
+                             "https://huggingface.co/<repo>/resolve/main/<file>")
+        return value
 
 
 class BudgetSpec(_Model):

@@ -65,6 +65,7 @@ def make_plan(
         "max_hours": budget.get("max_hours"),
         "billing_started_at": billing_started_at if billing_started_at is not None else time.time(),
         "heartbeat_grace_s": int(prov.get("heartbeat_grace_s", 900)),
+        "bandwidth_url": (spec.get("gpu") or {}).get("bandwidth_check_url"),
         "provider": provider,
         "instance": instance or {},
     }

@@ -157,3 +157,34 @@ def test_bandwidth_with_an_injected_opener() -> None:
 def test_parse_gpus_skips_garbage() -> None:
     assert parse_nvidia_smi_gpus("garbage\nA100, 81920, [N/A], 550\n") == []
     assert len(parse_nvidia_smi_gpus(SMI_GPUS * 2)) == 2
+
+
+def test_a_spec_that_asks_for_it_measures_the_real_download(tmp_path: Path) -> None:
+    """``gpu.bandwidth_check_url`` reaches the plan, and the checks download it for real."""
+    import threading
+    from functools import partial
+    from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+    from remote.plan import make_plan
+
+    (tmp_path / "blob").write_bytes(b"x" * 3_000_000)
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/blob"
+        run_spec = {**spec(), "name": "bw"}
+        run_spec["gpu"] = {**run_spec.get("gpu", {}), "bandwidth_check_url": url,
+                           "min_inet_down_mbps": 1.0}
+        plan = make_plan(run_id="r1", spec=run_spec, run_dir=PLAN["run_dir"],
+                         dataset_dir=str(tmp_path), provider="vast")
+        assert plan["bandwidth_url"] == url
+        check = by_name(run_checks(run_spec, plan, probes=machine()))["bandwidth_mbps"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert check.status == "pass" and check.value > 0 and check.threshold == 1.0
+    assert url in check.detail
+    unset = make_plan(run_id="r1", spec={**spec(), "name": "bw"}, run_dir=PLAN["run_dir"],
+                      dataset_dir=str(tmp_path), provider="vast")
+    assert "bandwidth_mbps" not in by_name(run_checks(spec(), unset, probes=machine()))

@@ -57,6 +57,13 @@ budget: {max_usd: 5}
 provider:
   type: aws   #<
 """, "provider.type", "'vast', 'ssh' or 'local'"),
+    "a bandwidth URL that is not http(s)": ("""\
+name: ok
+dataset: {path: data}
+budget: {max_usd: 5}
+gpu:
+  bandwidth_check_url: ftp://mirror/blob   #<
+""", "gpu.bandwidth_check_url", "must be an http(s) URL"),
     "bad trainer": ("""\
 name: ok
 dataset: {path: data}

@@ -100,8 +100,8 @@ def test_sigkill_at_each_transition_then_resume(chain: str, tmp_path: Path, fake
 
 
 BIG = "big.safetensors"
-BIG_BYTES = 8_000_000
-BWLIMIT_KBPS = 2000  # the big file takes ~4 s to come home: time to kill in the middle
+BIG_BYTES = 16_000_000
+BWLIMIT_KBPS = 2000  # the big file takes ~8 s to come home: time to kill in the middle
 
 
 def grow_bundle(publish: Path) -> None:

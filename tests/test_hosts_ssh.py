@@ -14,7 +14,7 @@ import pytest
 
 from controller.errors import HostKeyError, TransportError
 from controller.hosts.base import CommandFailed, Host
-from controller.hosts.ssh import SshHost, Unreachable, forget_host_key, host_key_name
+from controller.hosts.ssh import SshHost, Unreachable, host_key_name
 
 pytestmark = pytest.mark.ssh
 
@@ -278,10 +278,17 @@ def test_host_key_is_pinned_on_first_use_and_a_change_is_refused(
         SshHost(sshd.target(known_hosts)).upload(src, str(tmp_path / "dst"))
     assert not (tmp_path / "dst").exists()
 
-    assert forget_host_key(known_hosts, sshd.host, sshd.port)
-    with SshHost(sshd.target(known_hosts)) as h:
+    some_key = " ".join(Path(f"{sshd.key_path}.pub").read_text().split()[:2])
+    other = f"[10.0.0.9]:2222 {some_key}\n"  # another host's pin: kept as it is
+    known_hosts.write_text(other + pinned)
+    # a newly rented instance on this address: its first key replaces the pin, once
+    with SshHost(sshd.target(known_hosts), repin_first=True) as h:
         assert h.run("echo repinned").ok
-    assert known_hosts.read_text() != pinned
+    repinned = known_hosts.read_text()
+    assert repinned.startswith(other) and repinned.count(name) == 1 and pinned not in repinned
+    with SshHost(sshd.target(known_hosts), repin_first=True) as h:  # the same key: no rewrite
+        assert h.run("true").ok
+    assert known_hosts.read_text() == repinned
 
 
 def test_a_key_the_server_does_not_know_is_refused_without_retrying(

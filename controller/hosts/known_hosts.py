@@ -3,7 +3,7 @@
 The first contact with a host:port writes its key (trust on first use; atomically, under a lock
 so that parallel runs do not lose each other's pins). A different key later raises
 HostKeyError, and the pin stays. A newly rented instance that reuses an address legitimately
-has a new key: :func:`forget_host_key` is for that moment only, never for a failed check.
+has a new key: :func:`replace_host_key` is for that moment only, never for a failed check.
 """
 
 from __future__ import annotations
@@ -86,16 +86,23 @@ def pin_host_key(known_hosts: Path, host: str, port: int, key: paramiko.PKey) ->
     )
 
 
-def forget_host_key(known_hosts: Path, host: str, port: int) -> bool:
-    """Remove the pin for host:port (a new instance on a reused address); True if removed."""
+def replace_host_key(known_hosts: Path, host: str, port: int, key: paramiko.PKey) -> bool:
+    """Pin ``key`` for host:port in place of whatever was pinned (a newly rented instance on an
+    address Vast handed out before); True when the file changed.
+
+    One locked, atomic rewrite: the pin is never missing in between, so a parallel run whose
+    ``ssh``/``rsync`` reads the file meanwhile still finds one. The same key already pinned
+    leaves the file as it is."""
     name = host_key_name(host, port)
     with _locked(known_hosts):
-        if not known_hosts.exists():
+        same = pinned_keys(known_hosts, name).get(key.get_name())
+        if same is not None and same.asbytes() == key.asbytes():
             return False
-        lines = known_hosts.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if name not in _names(line)]
-        if len(kept) == len(lines):
-            return False
+        lines = (known_hosts.read_text(encoding="utf-8").splitlines(keepends=True)
+                 if known_hosts.exists() else [])
+        kept = [line if line.endswith("\n") else line + "\n"
+                for line in lines if name not in _names(line)]
+        kept.append(f"{name} {key.get_name()} {key.get_base64()}\n")
         write_text_atomic(known_hosts, "".join(kept), mode=0o600)
         return True
 

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from controller.errors import ProviderError, TransportError
 from controller.hosts import rsync
 from controller.hosts.base import CommandFailed, CommandResult
-from controller.hosts.known_hosts import forget_host_key, host_key_name, pin_host_key, pinned_keys
+from controller.hosts.known_hosts import (host_key_name, pin_host_key, pinned_keys,
+                                          replace_host_key)
 from controller.hosts.rsync import TransferStats
 from controller.hosts.shell import (
     MISSING_EXIT,
@@ -46,7 +47,6 @@ __all__ = [
     "SshHost",
     "SshTarget",
     "Unreachable",
-    "forget_host_key",
     "host_key_name",
     "ssh_argv",
 ]
@@ -125,6 +125,9 @@ class SshHost:
 
     ``sleep`` and ``clock`` drive the reconnect backoff and rsync retries (tests inject them);
     ``reconnect_window_s`` bounds how long a dead host is retried before Unreachable.
+    ``repin_first``: the host is a newly rented instance, so the key it offers on its first
+    key exchange replaces whatever the address had pinned (atomically; see
+    :func:`~controller.hosts.known_hosts.replace_host_key`); later connections check against it.
     ``give_up`` (settable after construction; the orchestrator sets the provider's health while it
     follows a run) is asked between failed attempts, at most every ``GIVE_UP_EVERY_S``: a message
     (the instance is gone, outbid, offline) ends the loop at once with ``Unreachable.problem`` set,
@@ -147,6 +150,7 @@ class SshHost:
         clock: Callable[[], float] = time.monotonic,
         rsync_args: Sequence[str] = (),
         give_up: Callable[[], str | None] | None = None,
+        repin_first: bool = False,
     ) -> None:
         self.target = target
         self.where = target.where
@@ -158,6 +162,7 @@ class SshHost:
         self._clock = clock
         self._rsync_args = tuple(rsync_args)
         self.give_up = give_up
+        self._repin = repin_first  # a new instance: its first key replaces the address's pin
         self._transport: paramiko.Transport | None = None
         self._lock = threading.RLock()
         self.connects = 0  # how many connections were made (tests and the UI read it)
@@ -243,7 +248,13 @@ class SshHost:
                     k for k in types if k not in pinned
                 ]
             transport.start_client(timeout=self._connect_timeout)
-            pin_host_key(t.known_hosts_path, t.host, t.port, transport.get_remote_server_key())
+            if self._repin:
+                replace_host_key(t.known_hosts_path, t.host, t.port,
+                                 transport.get_remote_server_key())
+                self._repin = False
+            else:
+                pin_host_key(t.known_hosts_path, t.host, t.port,
+                             transport.get_remote_server_key())
             try:
                 transport.auth_publickey(t.user, pkey)
             except paramiko.AuthenticationException as exc:

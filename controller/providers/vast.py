@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from controller.errors import (BudgetError, HostKeyError, OfferGoneError, ProviderError,
                                RunError, TransportError)
-from controller.hosts.known_hosts import forget_host_key
 from controller.journal import (INSTANCE_CREATING, INSTANCE_DESTROYED, INSTANCE_DESTROYING,
                                 INSTANCE_LIVE, INSTANCE_STOPPED)
 from controller.providers.base import Estimate, Machine, Notify
@@ -161,24 +160,28 @@ class VastProvider:
 
         return self.known_hosts_path or known_hosts_path()
 
-    def _host(self, address: str, port: int, *,
-              reconnect_window_s: float | None = None) -> "Host":
+    def _host(self, address: str, port: int, *, reconnect_window_s: float | None = None,
+              repin_first: bool = False) -> "Host":
         from controller.hosts.ssh import SshHost, SshTarget
 
         key_path, _ = self._keys()
         target = SshTarget(host=address, port=int(port), user=self.ssh_user,
                            key_path=Path(key_path), known_hosts_path=self._known_hosts())
         return SshHost(target, reconnect_window_s=self.reconnect_window_s
-                       if reconnect_window_s is None else reconnect_window_s)
+                       if reconnect_window_s is None else reconnect_window_s,
+                       repin_first=repin_first)
 
-    def _wait_ssh(self, address: str, port: int, instance_id: str) -> "Host":
+    def _wait_ssh(self, address: str, port: int, instance_id: str, *,
+                  new_instance: bool = False) -> "Host":
         """Probe until a command runs, then return the run's host (normal reconnect window).
 
         The probe has a short reconnect window of its own, so this loop (deadline
         ``ssh_ready_s``) decides how long to wait. A changed host key is not retried: it aborts
-        (HostKeyError)."""
+        (HostKeyError). ``new_instance``: an instance first reached now, on an address Vast may
+        have handed out before; the key it offers replaces that address's pin."""
         probe = self._host(address, port,
-                           reconnect_window_s=min(SSH_RECONNECT_S, self.reconnect_window_s))
+                           reconnect_window_s=min(SSH_RECONNECT_S, self.reconnect_window_s),
+                           repin_first=new_instance)
         deadline = self.monotonic() + self.ssh_ready_s
         try:
             while True:
@@ -241,8 +244,7 @@ class VastProvider:
                 address, port = ssh_endpoint(instance)
                 journal.update_instance(row, ssh_host=address, ssh_port=int(port))
                 # A new instance on an address Vast handed out before: its key is new too.
-                forget_host_key(self._known_hosts(), address, int(port))
-                host = self._wait_ssh(address, int(port), str(instance_id))
+                host = self._wait_ssh(address, int(port), str(instance_id), new_instance=True)
             except HostKeyError:
                 self._destroy_row(journal, row)
                 raise
@@ -291,10 +293,10 @@ class VastProvider:
             # The endpoint is journaled after the key is attached: no endpoint, maybe no key.
             self.client.attach_ssh_key(int(row["instance_id"]), self._keys()[1])
         address, port = ssh_endpoint(instance)
-        if not row.get("ssh_host"):
-            forget_host_key(self._known_hosts(), address, int(port))
+        first_contact = not row.get("ssh_host")  # killed before the endpoint was journaled
         journal.update_instance(int(row["id"]), ssh_host=address, ssh_port=int(port))
-        host = self._wait_ssh(address, int(port), str(row["instance_id"]))
+        host = self._wait_ssh(address, int(port), str(row["instance_id"]),
+                              new_instance=first_contact)
         return Machine(host=host, root=spec.provider.remote_root,
                        python=spec.provider.remote_python,
                        price_per_hour=float(row["dph_total"] or 0.0),

@@ -218,8 +218,10 @@ def test_a_hard_stop_after_the_last_step_lets_the_final_save_finish(tmp_path: Pa
                                    "FAKE_SAVE_DELAY": "1.0"}, total=20, stop_policy=policy,
                    stop_now=lambda: final.is_file())  # the final save has begun
     result = run_training(ctx)
-    assert final.read_text() == "complete"
-    assert result.final_lora == final and result.step == 20, result.log_tail
+    assert final.read_text() == "complete"  # whole: the stop waited for the final save
+    # then stopped (ai-toolkit would go on sampling) or already ended: the final LoRA is kept
+    assert result.state in ("stopped", "done") and result.step == 20, result.log_tail
+    assert result.last_checkpoint == final
 
 
 def test_sigkill_after_the_grace_period(tmp_path: Path) -> None:

@@ -13,17 +13,26 @@ agent stops its trainer at once, as its own cost guard does; see ``remote.stop_r
 A hard stop needs no checkpoint, so its finish is only publish, fetch and destroy: the cap then
 reserves ``HARD_FINISH_ALLOWANCE_S`` (or a smaller ``finish_allowance_s``), and training runs
 that much longer.
+
+With a ``checkpoint_dir`` (``publish.fetch_checkpoints``), each new ``last_checkpoint`` the agent
+reports is downloaded into it while training goes on, and the one brought home before it is then
+deleted: the newest checkpoint is always on this machine, should the host die. A failed download
+is tried again at the next poll; once the agent has ended the bundle fetch takes over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import posixpath
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from controller.errors import RunError, TransportError
 from controller.hosts.ssh import Unreachable
+from remote.progress import checkpoint_step
 from remote.stop_request import GRACEFUL, HARD, StopRequest
 
 if TYPE_CHECKING:
@@ -35,6 +44,7 @@ FINISH_ALLOWANCE_S = 600.0  # time the agent needs after STOP, plus fetch and de
 HARD_FINISH_ALLOWANCE_S = 180.0  # after a hard STOP: publish what exists, fetch, destroy
 LOST_CONTACT_S = 600.0  # give up following after this long without one good poll
 SPEND_SAMPLE_S = 30.0  # a spend sample is journaled at most this often (the total every poll)
+CHECKPOINT_FETCHED = "checkpoint_fetched"  # journal event: {"path", "local", "step"}
 
 
 class MachineLost(RunError):
@@ -193,6 +203,15 @@ def on_cap_of(run: dict[str, Any]) -> str:
     return str((budget or {}).get("on_cap") or "graceful_stop")
 
 
+def fetched_checkpoint(journal: "Journal", run_id: str) -> dict[str, Any] | None:
+    """The newest ``checkpoint_fetched`` event's detail whose local file is still there."""
+    for event in reversed(journal.events(run_id, kind=CHECKPOINT_FETCHED)):
+        local = event["detail"].get("local")
+        if local and Path(local).is_file():
+            return dict(event["detail"])
+    return None
+
+
 class Follower:
     """Polls one run until its agent ends. ``poll()`` is one step; ``follow()`` loops."""
 
@@ -202,6 +221,8 @@ class Follower:
                  poll_interval: float = 2.0, finish_allowance_s: float = FINISH_ALLOWANCE_S,
                  lost_contact_s: float = LOST_CONTACT_S, reporter: Reporter | None = None,
                  health: Callable[[], str | None] | None = None, on_cap: str | None = None,
+                 checkpoint_dir: Path | None = None,
+                 transfer_cost: Callable[[Any], float] | None = None,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.host = host
@@ -227,6 +248,13 @@ class Follower:
         self.offset = int(run.get("log_offset") or 0)
         self.stop_requested = bool(run.get("stop_requested"))
         self._last_sample: float | None = None
+        # None: checkpoints stay on the host; transfer_cost journals a download, returns its USD
+        self.checkpoint_dir = checkpoint_dir
+        self.transfer_cost = transfer_cost
+        home = fetched_checkpoint(journal, run_id) if checkpoint_dir is not None else None
+        self.fetched: str | None = home["path"] if home else None  # the remote path brought home
+        self.fetched_local: Path | None = Path(home["local"]) if home else None
+        self._failed_noted: str | None = None  # the checkpoint whose failed download was noted
 
     def _tail_log(self) -> list[str]:
         data = self.host.read_bytes(self.paths.log, self.offset)
@@ -248,8 +276,41 @@ class Follower:
             return f"controller time cap: {self.max_hours} h"
         return None
 
+    def _fetch_checkpoint(self, status: dict[str, Any]) -> None:
+        """Bring the agent's newest checkpoint home when it is one not brought home yet.
+
+        One download attempt per poll; a failure is noted once and tried again next poll. Only
+        the file fetched before (inside ``checkpoint_dir``) is ever deleted, after a success."""
+        remote = status.get("last_checkpoint")
+        if self.checkpoint_dir is None or not isinstance(remote, str) or not remote \
+                or remote == self.fetched:
+            return
+        target = self.checkpoint_dir / posixpath.basename(remote.rstrip("/"))
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            stats = self.host.download(remote, target)
+        except (TransportError, OSError) as exc:
+            if self._failed_noted != remote:
+                self._failed_noted = remote
+                self.reporter.note(f"could not bring checkpoint {remote} home ({exc}); "
+                                   "trying again at the next poll")
+            return
+        if self.transfer_cost is not None:
+            self.bandwidth_usd += self.transfer_cost(stats)
+        step = checkpoint_step(remote)
+        step = status.get("step") if step is None else step
+        previous, self.fetched, self.fetched_local = self.fetched_local, remote, target
+        self.journal.add_event(self.run_id, CHECKPOINT_FETCHED,
+                               {"path": remote, "local": str(target), "step": step})
+        self.reporter.note(f"checkpoint of step {step} is home: {target}")
+        if previous is not None and previous != target \
+                and previous.parent == self.checkpoint_dir and previous.is_file():
+            with contextlib.suppress(OSError):  # a stale copy left behind harms nothing
+                previous.unlink()
+
     def poll(self) -> Snapshot:
-        """One round trip: status, new log lines, heartbeat, spend; may write STOP."""
+        """One round trip: status, new log lines, heartbeat, spend; may write STOP, and may bring
+        a new checkpoint home (``checkpoint_dir``)."""
         now = self.clock()
         # Exit code first: when it is there, everything below was written before it.
         rc = read_int(self.host, self.paths.rc)
@@ -289,6 +350,8 @@ class Follower:
             self._last_sample = now
         if lines:
             self.reporter.log(lines)
+        if not snap.finished and snap.agent_state not in AGENT_TERMINAL:
+            self._fetch_checkpoint(status)  # after the cap: a download must not delay a STOP
         self.reporter.update(snap)
         return snap
 

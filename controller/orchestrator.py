@@ -28,8 +28,8 @@ from controller.errors import (FluxRemoteError, HostKeyError, ProviderError, Run
 from controller.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_receipt,
                               fetch_bundle, fetch_extras, has_bundle)
 from controller.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
-                               NullReporter, Reporter, RunPaths, Snapshot, meter, read_int,
-                               read_json, request_stop)
+                               NullReporter, Reporter, RunPaths, Snapshot, fetched_checkpoint,
+                               meter, read_int, read_json, request_stop)
 from controller.hosts.ssh import SshHost
 from controller.runs import run_lock
 from controller.ship import (remove_secrets, secrets_path, secrets_payload, start_agent,
@@ -233,12 +233,15 @@ class Orchestrator:
 
     # ---- step: ship and start --------------------------------------------------------------
 
-    def _transfer_cost(self, run_id: str, machine: "Machine", direction: str, stats: Any) -> None:
+    def _transfer_cost(self, run_id: str, machine: "Machine", direction: str,
+                       stats: Any) -> float:
+        """Journal one transfer and its bandwidth price; returns the dollars."""
         price = float(machine.info.get("inet_down_cost" if direction == "up" else
                                        "inet_up_cost", 0.0))
+        usd = stats.bytes_sent / 1e9 * price
         self.journal.add_event(run_id, "transfer", {
-            "direction": direction, **stats.to_dict(),
-            "usd": stats.bytes_sent / 1e9 * price})
+            "direction": direction, **stats.to_dict(), "usd": usd})
+        return usd
 
     def bandwidth_usd(self, run_id: str) -> float:
         return sum(float(e["detail"].get("usd") or 0.0)
@@ -280,9 +283,14 @@ class Orchestrator:
 
     # ---- step: follow ----------------------------------------------------------------------
 
-    def follower(self, run: dict[str, Any], options: Options) -> Follower:
+    def follower(self, run: dict[str, Any], options: Options, *,
+                 checkpoints: bool = False) -> Follower:
+        """A Follower of the run. ``checkpoints``: bring each new checkpoint home into
+        ``<out>/checkpoints/`` when the spec asks for it (``publish.fetch_checkpoints``); only the
+        follow loop does, not a one-off poll such as ``status``."""
         machine = self.machine(run["run_id"])
         spec = spec_of(run)
+        fetch = checkpoints and spec.publish.fetch_checkpoints
         return Follower(machine.host, self.paths(run), journal=self.journal, run_id=run["run_id"],
                         price_per_hour=machine.price_per_hour,
                         billing_started_at=machine.billing_started_at,
@@ -292,6 +300,9 @@ class Orchestrator:
                         finish_allowance_s=options.finish_allowance_s,
                         lost_contact_s=options.lost_contact_s, reporter=self.reporter,
                         health=lambda: self.provider.health(run["run_id"], self.journal),
+                        checkpoint_dir=Path(run["out_dir"]) / "checkpoints" if fetch else None,
+                        transfer_cost=lambda stats: self._transfer_cost(run["run_id"], machine,
+                                                                        "down", stats),
                         clock=self.clock, sleep=self.sleep)
 
     def _follow(self, run: dict[str, Any], options: Options) -> None:
@@ -300,7 +311,7 @@ class Orchestrator:
         while True:
             try:
                 try:
-                    follower = self.follower(run, options)
+                    follower = self.follower(run, options, checkpoints=True)
                 except ProviderError as exc:  # reattaching failed: lost, or just unreachable?
                     problem = self.provider.health(run_id, self.journal)
                     if problem is None:
@@ -310,9 +321,9 @@ class Orchestrator:
             except MachineLost as exc:
                 # Whatever is on its disk cannot be reached: keep it (stopped) when it still
                 # exists, so a later fetch can try; nothing keeps billing for compute.
-                self._fail(run_id, f"{exc}\n  if it comes back: flux-remote fetch {run_id}; "
-                                   f"then flux-remote down {run_id}", keep_data=True)
-                raise
+                message = self._lost_message(run, exc)
+                self._fail(run_id, message, keep_data=True)
+                raise MachineLost(message) from exc
             if snap.agent_state in ("done", "failed", "stopped") or snap.agent_rc is not None:
                 break
             if restarts >= options.max_agent_restarts:
@@ -322,6 +333,22 @@ class Orchestrator:
                                "(it resumes from its last finished stage)")
             self._start_agent(run_id, self.machine(run_id), self.paths(run))
         self._set(run_id, R.FETCHING)
+
+    def _lost_message(self, run: dict[str, Any], exc: MachineLost) -> str:
+        """What the user reads when the machine is lost: how to fetch if it comes back and, when
+        a checkpoint is home (``publish.fetch_checkpoints``), how to continue from it."""
+        run_id = run["run_id"]
+        message = (f"{exc}\n  if it comes back: flux-remote fetch {run_id}; "
+                   f"then flux-remote down {run_id}")
+        home = fetched_checkpoint(self.journal, run_id)
+        if home is None:
+            return message
+        local = Path(home["local"])
+        dataset = spec_of(run).dataset.path
+        step = f" (step {home['step']})" if home.get("step") is not None else ""
+        return (f"{message}\n  the last checkpoint brought home: {local}{step}\n"
+                f"  to continue from it: copy it into the dataset folder {dataset} and launch "
+                f"again with training.resume_from_checkpoint: {local.name}")
 
     @staticmethod
     def _follow_watching(follower: Follower) -> Snapshot:

@@ -281,6 +281,10 @@ class PublishSpec(_Model):
     hf_repo: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
                                 description="upload the bundle to this Hub repo (HF_TOKEN, write)")
     hf_private: bool = Field(True, description="create the Hub repo private")
+    fetch_checkpoints: bool = Field(
+        False, description="copy each new checkpoint to <out>/checkpoints/ while training (only "
+                           "the newest is kept): costs download bandwidth, keeps the progress "
+                           "home if the host dies")
 
 
 class RunSpec(_Model):

@@ -3,7 +3,7 @@
 The Vast API is ``tests.fakevast.FakeVast`` (each request time-stamped here) and the "instance" is
 a real OpenSSH server on 127.0.0.1 (``tests.fixtures_sshd.SshServer``); the agent and its tiny
 trainer really run behind it. Each controller is its own process (``controller_child.py``),
-driving ``controller.orchestrator`` with ``controller.providers.vast.VastProvider``, so its RSS is
+driving ``controller.run.orchestrator`` with ``controller.providers.vast.VastProvider``, so its RSS is
 the controller's alone. Measured:
 
 * **start**: from the ``launch`` call (search offers, plan, create, wait, attach key, SSH, rsync of
@@ -19,8 +19,8 @@ the controller's alone. Measured:
   120 s before the follower asks Vast whether the machine still exists). Compared with the
   client's documented spacing (show 2 s, list 1 s ...).
 * **RSS while following**: VmRSS sampled at every poll and VmHWM, one run; then a batch of
-  ``--concurrent`` runs all at once in one controller process (``controller.batch``, what
-  ``flux-remote launch batch.yaml`` drives), sampled every 0.25 s. Without ``controller.batch``
+  ``--concurrent`` runs all at once in one controller process (``controller.batch.scheduler``, what
+  ``flux-remote launch batch.yaml`` drives), sampled every 0.25 s. Without ``controller.batch.scheduler``
   (or with ``--processes``) as many separate controller processes sharing one journal.
 
     python bench/bench_controller.py [--quick] [--steps 60] [--repeats 3] [--concurrent 4]
@@ -338,7 +338,7 @@ def analyse_batch(res: dict[str, Any], requests: list[dict[str, Any]]) -> dict[s
         "hwm_mib": round((res["vm_hwm_kib"] or 0) / 1024, 1),
         "follow_calls_per_instance_hour": round(calls / max(run_hours, 1e-9), 1),
         "account_calls_whole_batch": per_hour(requests, res["launched_at"], res["ended_at"]),
-        "how": "one controller process: `launch batch.yaml` through controller.batch",
+        "how": "one controller process: `launch batch.yaml` through controller.batch.scheduler",
     }
 
 
@@ -355,7 +355,7 @@ def _agent_done_at(root: Path, run_id: str) -> tuple[float | None, float | None]
 def _batch_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("controller.batch") is not None
+    return importlib.util.find_spec("controller.batch.scheduler") is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrent", type=int, default=4, help="runs at once (0: skip)")
     parser.add_argument("--processes", action="store_true",
                         help="also run --concurrent separate controller processes (done anyway "
-                             "when controller.batch is missing)")
+                             "when controller.batch.scheduler is missing)")
     args = parser.parse_args(argv)
     args.steps = args.steps or (30 if args.quick else 60)
     args.repeats = args.repeats or (1 if args.quick else 3)
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sweep": {"training.lr": lrs}})
             batch_out = analyse_batch(res, list(harness.fake.requests)[before:])
         elif args.concurrent > 0:
-            batch_out = {"skipped": "controller.batch is not available in this checkout"}
+            batch_out = {"skipped": "controller.batch.scheduler is not available in this checkout"}
 
     limits = limits_per_hour()
     out = {

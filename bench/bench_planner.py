@@ -3,7 +3,7 @@
 On the saved market (``bench/market_snapshot.json``, see ``make_market_snapshot.py``) and for a
 few run shapes, three choices are made among the offers that pass the spec's filters:
 
-* planner     ``controller.planner.plan_offers`` (whole-run dollars)
+* planner     ``controller.planning.planner.plan_offers`` (whole-run dollars)
 * lowest $/h  the cheapest ``dph_total``
 * API score   the first by Vast's default order (``score`` descending)
 
@@ -24,8 +24,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from controller.planner import estimate, exclusion_reason, plan_offers  # noqa: E402
-from controller.spec import RunSpec  # noqa: E402
+from controller.planning.planner import estimate, exclusion_reason, plan_offers  # noqa: E402
+from controller.spec.model import RunSpec  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "flux-dev 2000 steps (defaults)": {},

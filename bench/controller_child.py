@@ -119,11 +119,11 @@ class RssSampler:
 
 
 def child_batch(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``launch batch.yaml`` through the Python API (controller.batch): RSS and follow windows."""
-    from controller.batch import BatchOptions, BatchScheduler
-    from controller.batch_setup import create_batch
+    """``launch batch.yaml`` through the Python API (controller.batch.scheduler): RSS and follow windows."""
+    from controller.batch.scheduler import BatchOptions, BatchScheduler
+    from controller.batch.setup import create_batch
     from controller.journal import open_journal
-    from controller.spec_loader import load_file
+    from controller.spec.loader import load_file
 
     client_waits, provider_waits = WaitRecorder(), WaitRecorder()
     journal = open_journal()
@@ -155,10 +155,10 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     """One ``launch`` through the Python API, as the CLI would drive it; returns its timings."""
     imported_at = time.time()
     from controller.journal import open_journal
-    from controller.orchestrator import Options, Orchestrator
-    from controller.spec_loader import load_spec
+    from controller.run.orchestrator import Options, Orchestrator
+    from controller.spec.loader import load_spec
 
-    import controller.orchestrator as orchestrator_module
+    import controller.run.orchestrator as orchestrator_module
 
     steps: dict[str, float] = {}  # seconds spent in the finish's steps (names as in orchestrator)
     for name in ("fetch_bundle", "fetch_extras", "remove_secrets"):

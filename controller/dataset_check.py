@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Union
 from controller.errors import SpecError
 
 if TYPE_CHECKING:
-    from controller.spec import RunSpec
+    from controller.spec.model import RunSpec
 
 
 def check_arguments(spec: "RunSpec") -> dict[str, Any]:
@@ -39,7 +39,7 @@ def checks_for(target: Union[Path, str, "RunSpec"]) -> list[tuple[str, dict[str,
     (a batch has several) with its settings, a dataset checked once per distinct setting.
     Raises SpecError for a path that does not exist or a spec that does not load.
     """
-    from controller.spec import RunSpec
+    from controller.spec.model import RunSpec
 
     if isinstance(target, RunSpec):
         return [(str(target.dataset.path), check_arguments(target))]
@@ -49,7 +49,7 @@ def checks_for(target: Union[Path, str, "RunSpec"]) -> list[tuple[str, dict[str,
                         hint="give a run spec (run.yaml) or a dataset folder")
     if path.is_dir():
         return [(str(path), {"directory": path})]
-    from controller.spec_loader import load_file
+    from controller.spec.loader import load_file
 
     checks: dict[str, tuple[str, dict[str, Any]]] = {}
     for spec in load_file(path).runs:

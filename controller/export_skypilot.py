@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controller.spec import RunSpec
+from controller.spec.model import RunSpec
 from controller.state import write_text_atomic
 
 CLUSTER_ROOT = "~/flux-remote"
@@ -258,7 +258,7 @@ def export_skypilot(spec_path: Path, out_path: Path | None = None) -> ExportResu
 
     The plan lies next to the task as ``<task stem>.plan.json``. Both are written atomically.
     """
-    from controller.spec_loader import load_spec
+    from controller.spec.loader import load_spec
     from remote.plan import write_json_atomic
 
     spec = load_spec(Path(spec_path))

@@ -61,7 +61,7 @@ def resolve_token(token: str | None) -> str:
 
 def read_sums(bundle_dir: Path) -> dict[str, str]:
     """``SHA256SUMS`` (sha256sum's ``<hex>  <path>`` lines) as path -> hex."""
-    from controller.fetch import is_inside, parse_sums
+    from controller.run.fetch import is_inside, parse_sums
 
     sums_path = bundle_dir / SUMS
     try:
@@ -81,7 +81,7 @@ def verify_bundle(bundle_dir: Path) -> BundleFiles:
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise RunError(f"{bundle_dir}: no such bundle folder")
-    from controller.fetch import verify_sums
+    from controller.run.fetch import verify_sums
 
     sums = read_sums(bundle_dir)
     try:

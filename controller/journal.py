@@ -7,7 +7,7 @@ Money rule: every side effect that costs or saves money is written twice, an *in
 the call and its *result* after it (``instance_intent`` -> ``instance_created`` /
 ``instance_failed``; ``destroy_intent`` -> ``instance_destroyed``). A crash between the two leaves
 an intent row behind; the next command reconciles it by listing the provider's instances by label
-(``controller.reconcile``), so one intent never becomes two instances.
+(``controller.run.reconcile``), so one intent never becomes two instances.
 
 Schema changes are migrations: an ordered list of small named functions, each applied in one
 transaction together with its row in ``_migrations`` (the sqlite-utils / llm pattern). A blank
@@ -126,7 +126,7 @@ def _m002_follow_state(db: sqlite3.Connection) -> None:
 
 
 def _m003_batches(db: sqlite3.Connection) -> None:
-    """Batches (``controller.batch``): one row per batch, one per run slot it expands to."""
+    """Batches (``controller.batch.scheduler``): one row per batch, one per run slot it expands to."""
     db.execute(
         """CREATE TABLE batches (
             batch_id TEXT PRIMARY KEY,
@@ -443,7 +443,7 @@ class Journal:
             speeds.setdefault(row["gpu_name"], []).append(row["s_per_step"])
         return {gpu: statistics.median(values) for gpu, values in speeds.items()}
 
-    # ---- batches (controller.batch) --------------------------------------------------------
+    # ---- batches (controller.batch.scheduler) --------------------------------------------------------
 
     def create_batch(self, *, batch_id: str, name: str, spec_path: str | None, out_dir: str,
                      max_usd: float, max_parallel: int, retries: int, margin: float,

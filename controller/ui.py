@@ -21,9 +21,9 @@ from rich.text import Text
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from controller.follow import Snapshot
-    from controller.launch import MachineCheck
-    from controller.orchestrator import Outcome
+    from controller.run.follow import Snapshot
+    from controller.run.launch import MachineCheck
+    from controller.run.orchestrator import Outcome
     from controller.providers.base import Estimate
 
 
@@ -260,7 +260,7 @@ def render_group(console: Console, *items: Any) -> None:
     console.print(Group(*items))
 
 
-# ---- batches (controller.batch) -----------------------------------------------------------------
+# ---- batches (controller.batch.scheduler) -----------------------------------------------------------------
 
 def batch_table(rows: list[dict[str, Any]], ledger: dict[str, Any], *, title: str,
                 snaps: dict[str, Any] | None = None) -> Table:

@@ -190,7 +190,7 @@ from rich.text import Text
 from controller.cli.dataset_cmds import render_report
 from controller.dataset_check import run_checks
 from controller.errors import SpecError
-from controller.launch import machine_checks
+from controller.run.launch import machine_checks
 
 console = Console()
 checks = Table(title="this machine", title_justify="left")
@@ -217,7 +217,7 @@ here, before anything is rented.
 
 code("plan", '''
 from controller.journal import open_journal
-from controller.launch import check_budget, plan_run
+from controller.run.launch import check_budget, plan_run
 from controller.ui import LiveView, plan_table
 
 journal = open_journal()
@@ -237,12 +237,12 @@ the run to its end: stage, step, loss and spend are printed as they change. Inte
 kernel detaches: the run carries on, its own cost guard and watchdog still bound its spend, and
 `flux-remote resume RUN_ID` picks it up again. Interrupted before the agent runs, there is
 nothing to detach from: the machine is released at once. This is the same function that
-`flux-remote launch --yes` calls (`controller.launch.drive_interactive`).
+`flux-remote launch --yes` calls (`controller.run.launch.drive_interactive`).
 """)
 
 code("launch", '''
-from controller.launch import drive_interactive
-from controller.orchestrator import Options
+from controller.run.launch import drive_interactive
+from controller.run.orchestrator import Options
 
 run_id = orchestrator.create_run(spec, estimate, out_dir=OUT_DIR, spec_path=SPEC_FILE.resolve())
 console.print(f"run [bold]{run_id}[/]")
@@ -316,7 +316,7 @@ bandwidth), against the estimate and the budget.
 """)
 
 code("receipt", '''
-from controller.fetch import CONTROLLER_RECEIPT
+from controller.run.fetch import CONTROLLER_RECEIPT
 from controller.ui import money, render_summary
 
 render_summary(console, outcome)
@@ -347,7 +347,7 @@ uploaded it to the Hub from this machine, right after the destroy (private unles
 """)
 
 code("publish", '''
-from controller.fetch import verify_sums
+from controller.run.fetch import verify_sums
 from controller.hf_publish import publish_bundle
 
 files_verified = verify_sums(BUNDLE)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.spec import RunSpec
+from controller.spec.model import RunSpec
 from remote.aitk_config import OverrideError, apply_overrides, build_aitk_config, dump_yaml, scaled_every
 
 REFERENCE = Path(__file__).parent / "data" / "reference" / "ai-toolkit"
@@ -42,7 +42,7 @@ def key_paths(node: Any, prefix: str = "") -> set[str]:
 
 def _render(config_name: str) -> dict[str, Any]:
     from controller.cli.spec_cmds import render_config
-    from controller.spec_loader import load_spec
+    from controller.spec.loader import load_spec
 
     # the rendered YAML text, parsed back: what ai-toolkit itself would read
     return yaml.safe_load(dump_yaml(render_config(load_spec(CONFIGS / config_name))))

@@ -125,8 +125,8 @@ def test_the_batch_view_renders_a_table_and_log_lines() -> None:
 
 
 def test_stop_a_batch_before_it_ran_cancels_its_runs(tmp_path: Path) -> None:
-    from controller.batch_setup import create_batch
-    from controller.spec_loader import load_file
+    from controller.batch.setup import create_batch
+    from controller.spec.loader import load_file
 
     journal = open_journal()
     batch_id = create_batch(journal, load_file(local_batch(tmp_path, "st", 2)),

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from controller.batch import BatchScheduler
-from controller.batch_setup import create_batch
-from controller.batch_stop import cancel_pending
+from controller.batch.scheduler import BatchScheduler
+from controller.batch.setup import create_batch
+from controller.batch.stop import cancel_pending
 from controller.errors import RunError
-from controller.fetch import verify_sums
+from controller.run.fetch import verify_sums
 from controller.journal import open_journal
 from controller.providers.local import LocalProvider
-from controller.spec_loader import load_file
+from controller.spec.loader import load_file
 from tests.test_batch_cli import local_batch
 from tests.test_batch_scheduler import FAST, add_twin_offers, batch_file
 from tests.test_launch_local import invoke

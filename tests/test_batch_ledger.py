@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from controller.batch import classify_failure
+from controller.batch.scheduler import classify_failure
 from controller.errors import BudgetError, ProviderError, RunError, SpecError, TransportError
-from controller.follow import MachineLost
+from controller.run.follow import MachineLost
 from controller.journal import open_journal
-from controller.ledger import Ledger, reservation_for
+from controller.batch.ledger import Ledger, reservation_for
 from controller.providers.vast import OfferClaims, VastProvider
-from controller.runs import ACTIVE_STATES
+from controller.run.states import ACTIVE_STATES
 
 
 def test_reservation_is_the_estimate_with_margin_capped_by_the_run_budget() -> None:
@@ -122,7 +122,7 @@ def test_offer_claims_are_exclusive_across_threads() -> None:
 
 
 def test_runs_sharing_claims_plan_different_offers(tmp_path: Path, fake_vast: Any) -> None:
-    from controller.spec_loader import load_spec
+    from controller.spec.loader import load_spec
     from controller.vast.client import VastClient
     from tests.test_launch_vast_e2e import NO_WAIT, vast_spec
 

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.batch import BatchOptions, BatchScheduler
-from controller.batch_setup import create_batch
+from controller.batch.scheduler import BatchOptions, BatchScheduler
+from controller.batch.setup import create_batch
 from controller.errors import ProviderError
-from controller.fetch import verify_sums
+from controller.run.fetch import verify_sums
 from controller.journal import open_journal
 from controller.providers.local import LocalProvider
-from controller.spec_loader import load_file
+from controller.spec.loader import load_file
 from tests.test_launch_local import write_spec
 from tests.test_launch_vast_e2e import vast_provider, vast_spec
 
@@ -109,7 +109,7 @@ def test_a_sweep_of_four_runs_two_instances_at_a_time(tmp_path: Path, fake_vast:
 
 def test_the_report_takes_the_loss_curve_from_the_bundle_and_else_from_the_log(
         tmp_path: Path) -> None:
-    from controller.batch_report import run_entry
+    from controller.batch.report import run_entry
 
     bar = "r:  {p}%|#   | {s}/4 [00:01<00:01,  1.00s/it, lr: 1.0e-04 loss: {v}]\n"
     for name in ("new", "old"):

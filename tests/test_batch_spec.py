@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from controller.batch_spec import apply_override, expand, safe_name, value_slug
+from controller.batch.spec import apply_override, expand, safe_name, value_slug
 from controller.errors import SpecError
-from controller.spec import NAME_RE
-from controller.spec_loader import load_file, load_spec
+from controller.spec.model import NAME_RE
+from controller.spec.loader import load_file, load_spec
 
 BASE = {"name": "lora", "training": {"lr": 1e-4, "rank": 16, "sample": {"steps": 20}}}
 

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from controller.errors import TransportError
-from controller.follow import CHECKPOINT_FETCHED, Follower, MachineLost, RunPaths
+from controller.run.follow import CHECKPOINT_FETCHED, Follower, MachineLost, RunPaths
 from controller.journal import Journal, open_journal
-from controller.orchestrator import Options, Orchestrator
-from controller.spec_loader import load_spec
+from controller.run.orchestrator import Options, Orchestrator
+from controller.spec.loader import load_spec
 from tests.test_launch_local import invoke, write_spec
 from tests.test_resume_gc import ScriptedHost, ScriptedProvider
 

@@ -27,7 +27,7 @@ from controller.export_skypilot import (
     skypilot_task,
     sky_accelerator_name,
 )
-from controller.spec import RunSpec
+from controller.spec.model import RunSpec
 from remote.plan import load_plan
 from tests.fakehub import FAKE_TOKEN, FakeHub
 

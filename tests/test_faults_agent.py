@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from controller.errors import RunError
-from controller.orchestrator import Options
+from controller.run.orchestrator import Options
 from remote.dataset.ingest import FAULT_ENV, ingest
 from tests.faults import record
 from tests.test_resume_gc import ScriptedHost, ScriptedProvider, _orchestrate

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from controller.fetch import verify_sums
+from controller.run.fetch import verify_sums
 from controller.hosts.rsync import PARTIAL_DIR
 from controller.journal import open_journal
 from tests.faults import controller, live_instances, record, use_sshd_key, wait_for

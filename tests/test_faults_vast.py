@@ -17,10 +17,10 @@ import pytest
 
 from controller.errors import ProviderError
 from controller.journal import open_journal
-from controller.orchestrator import Options, Orchestrator
+from controller.run.orchestrator import Options, Orchestrator
 from controller.providers.vast import ONSTART, VastProvider
-from controller.runs import instance_label
-from controller.spec_loader import load_spec
+from controller.run.states import instance_label
+from controller.spec.loader import load_spec
 from controller.vast.client import CREATE_READ_BACK_S, VastClient
 from controller.vast.readiness import Deadlines
 from tests.faults import live_instances, record
@@ -249,7 +249,7 @@ def test_an_instance_stuck_loading_is_destroyed_and_the_next_offer_used(
 
 def test_an_instance_outbid_mid_run_is_stopped_and_the_user_told(
         tmp_path: Path, fake_vast: Any, sshd: Any) -> None:
-    from controller.follow import MachineLost
+    from controller.run.follow import MachineLost
 
     orch, run_id, estimate = _detached_run(tmp_path, fake_vast, sshd, "outbid")
     assert orch.drive(run_id, Options(detach=True), estimate).detached

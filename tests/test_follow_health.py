@@ -20,12 +20,12 @@ import paramiko
 import pytest
 
 from controller.errors import ProviderError
-from controller.follow import (FINISH_ALLOWANCE_S, HARD_FINISH_ALLOWANCE_S, Follower,
+from controller.run.follow import (FINISH_ALLOWANCE_S, HARD_FINISH_ALLOWANCE_S, Follower,
                                MachineLost, RunPaths)
 from controller.hosts.ssh import GIVE_UP_EVERY_S, SshHost, SshTarget, Unreachable
 from controller.journal import Journal, open_journal
-from controller.orchestrator import Options, Orchestrator
-from controller.spec_loader import load_spec
+from controller.run.orchestrator import Options, Orchestrator
+from controller.spec.loader import load_spec
 from remote.stop_request import parse_stop
 from tests.faults import FakeClock
 from tests.test_launch_local import write_spec

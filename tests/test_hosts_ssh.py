@@ -354,8 +354,8 @@ def test_upload_and_download_round_trip_hostile_names_and_skip_unchanged(
 def test_fetch_extras_is_one_rsync_and_missing_files_are_skipped(
     host: SshHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from controller.fetch import fetch_extras
-    from controller.follow import RunPaths
+    from controller.run.fetch import fetch_extras
+    from controller.run.follow import RunPaths
 
     run = tmp_path / "run $(touch pwned)"
     (run / "ckpt").mkdir(parents=True)

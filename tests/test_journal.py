@@ -5,7 +5,7 @@ import pytest
 
 from controller import journal as jmod
 from controller.journal import Journal
-from controller.runs import instance_label, new_run_id
+from controller.run.states import instance_label, new_run_id
 
 
 def _run(j: Journal, run_id: str = "demo-20261129-184000-abcd", **kw) -> str:

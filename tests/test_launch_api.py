@@ -1,4 +1,4 @@
-"""The launch steps as a library (``controller.launch``, ``controller.dataset_check``): what the
+"""The launch steps as a library (``controller.run.launch``, ``controller.dataset_check``): what the
 CLI and the notebook both call."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 from controller.dataset_check import check_arguments, checks_for, run_checks
 from controller.errors import BudgetError, SpecError
 from controller.journal import open_journal
-from controller.launch import check_budget, drive_interactive, machine_checks, plan_run
-from controller.orchestrator import Options
+from controller.run.launch import check_budget, drive_interactive, machine_checks, plan_run
+from controller.run.orchestrator import Options
 from controller.providers.base import Estimate
-from controller.spec import RunSpec
+from controller.spec.model import RunSpec
 from tests.fixtures_data import TRIGGER
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

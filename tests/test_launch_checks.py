@@ -10,7 +10,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from controller.launch import MachineCheck
+from controller.run.launch import MachineCheck
 from controller.ui import checks_line
 from tests.fakevast import FakeVast
 from tests.test_launch_local import invoke, write_spec

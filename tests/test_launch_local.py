@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from controller.cli.main import app
-from controller.fetch import parse_sums, verify_sums
+from controller.run.fetch import parse_sums, verify_sums
 from controller.journal import open_journal
 from controller.errors import RunError
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.fetch import verify_sums
+from controller.run.fetch import verify_sums
 from controller.journal import open_journal
 from tests.test_launch_local import invoke, write_spec
 

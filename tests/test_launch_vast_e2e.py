@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from controller.fetch import verify_sums
+from controller.run.fetch import verify_sums
 from controller.journal import open_journal
-from controller.orchestrator import Options, Orchestrator
+from controller.run.orchestrator import Options, Orchestrator
 from controller.providers.vast import VastProvider
-from controller.spec_loader import load_spec
+from controller.spec.loader import load_spec
 from controller.vast.client import VastClient
 from controller.vast.readiness import Deadlines
 from tests.test_launch_local import write_spec

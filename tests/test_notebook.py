@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from controller.fetch import verify_sums
+from controller.run.fetch import verify_sums
 from controller.journal import open_journal
 
 nbformat = pytest.importorskip("nbformat")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from controller.cli.main import app
 from controller.cli.plan_cmds import render_plan
-from controller.planner import plan_offers
+from controller.planning.planner import plan_offers
 from controller.vast.client import MIN_INTERVALS
 from tests.fakevast import FakeVast, reference_offers
 from tests.test_planner import make_spec, offer

@@ -8,15 +8,15 @@ from typing import Any
 import pytest
 
 from controller.errors import BudgetError
-from controller.gpu_priors import seconds_per_step
-from controller.planner import (
+from controller.planning.gpu_priors import seconds_per_step
+from controller.planning.planner import (
     exclusion_reason,
     mark_interruptible,
     plan_offers,
     search_queries,
     search_query,
 )
-from controller.spec import RunSpec
+from controller.spec.model import RunSpec
 from tests.fakevast import offer_matches, reference, reference_offers
 
 TEMPLATE = reference("search_offers_ondemand.json")["offers"][2]  # verified RTX 5090

@@ -47,8 +47,8 @@ def test_a_dataset_that_fails_the_gate_here_rents_nothing(tmp_path: Path, fake_v
 
 
 def test_local_runs_skip_the_laptop_gate(tmp_path: Path) -> None:
-    from controller.launch import preflight
-    from controller.spec_loader import load_spec
+    from controller.run.launch import preflight
+    from controller.spec.loader import load_spec
 
     spec = load_spec(write_spec(tmp_path, quality_gate={"min_images": 50, "min_short_side": 64}))
     assert [check.name for check in preflight(spec)] == ["python"]

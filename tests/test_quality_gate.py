@@ -154,6 +154,6 @@ def test_gate_settings_are_checked() -> None:
 
 
 def test_defaults_match_the_spec_model() -> None:
-    from controller.spec import QualityGateSpec
+    from controller.spec.model import QualityGateSpec
 
     assert gate_settings(None) == QualityGateSpec().model_dump(mode="json")

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from controller.cli.main import app
-from controller.spec_loader import load_spec
+from controller.spec.loader import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

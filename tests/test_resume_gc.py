@@ -20,12 +20,12 @@ from typing import Any, Callable
 import pytest
 
 from controller.errors import RunError, TransportError
-from controller.follow import RunPaths
+from controller.run.follow import RunPaths
 from controller.journal import open_journal
-from controller.orchestrator import Options, Orchestrator
+from controller.run.orchestrator import Options, Orchestrator
 from controller.providers.base import (Estimate, Machine, claim_own_machine,
                                        own_machine_row, release_own_machine)
-from controller.spec_loader import load_spec
+from controller.spec.loader import load_spec
 from controller.vast.client import VastClient
 from tests.test_launch_local import invoke, write_spec
 from tests.test_launch_vast_e2e import NO_WAIT, vast_provider, vast_spec
@@ -408,7 +408,7 @@ def test_vast_keep_data_stops_and_gc_keeps_the_stopped_instance(tmp_path: Path, 
 
 
 def test_a_lost_machine_ends_the_follow_at_once(tmp_path: Path) -> None:
-    from controller.follow import MachineLost
+    from controller.run.follow import MachineLost
 
     host = ScriptedHost()
     provider = ScriptedProvider(host)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from controller.spec import RunSpec
+from controller.spec.model import RunSpec
 from remote.costguard import CostGuard
 from remote.plan import load_plan, make_plan, write_json_atomic
 from remote.resume import (MARKER, ResumeError, ResumePolicy, copy_with_step, inspect_source,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from controller.journal import open_journal
-from controller.spec_loader import load_spec
+from controller.spec.loader import load_spec
 from tests.test_launch_local import invoke, write_spec
 
 
@@ -101,7 +101,7 @@ def test_unknown_or_ambiguous_run_is_bad_input(tmp_path: Path, ref: str, message
 
 
 def test_a_locked_run_is_not_driven_twice(tmp_path: Path) -> None:
-    from controller.runs import run_lock
+    from controller.run.states import run_lock
 
     run_id, _ = make_run(tmp_path)
     with run_lock(open_journal(), run_id):
@@ -148,7 +148,7 @@ class _Interrupting:
 
 def test_ctrl_c_with_yes_detaches_but_never_leaves_an_idle_machine() -> None:
     from controller.cli.run_cmds import _drive_interactive
-    from controller.orchestrator import Options
+    from controller.run.orchestrator import Options
 
     orch = _Interrupting()
     assert _drive_interactive(orch, "r", Options(), yes=True) == "detached"
@@ -167,7 +167,7 @@ def test_ctrl_c_asks_stop_or_detach(monkeypatch: pytest.MonkeyPatch, answer: str
     import typer
 
     from controller.cli.run_cmds import _drive_interactive
-    from controller.orchestrator import Options
+    from controller.run.orchestrator import Options
 
     monkeypatch.setattr(typer, "prompt", lambda *a, **k: answer)
     orch = _Interrupting(state)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.spec import RunSpec
+from controller.spec.model import RunSpec
 from remote.checks import Probes
 from remote.plan import load_plan, make_plan, write_json_atomic
 from remote.publish.bundle import verify_sha256sums

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from controller.errors import HostKeyError
-from controller.fetch import verify_sums
+from controller.run.fetch import verify_sums
 from controller.journal import open_journal
-from controller.orchestrator import Options, Orchestrator
-from controller.spec_loader import load_spec
+from controller.run.orchestrator import Options, Orchestrator
+from controller.spec.loader import load_spec
 from remote.train import trainer_env
 from tests.faults import record
 from tests.test_launch_vast_e2e import Recorder, vast_provider, vast_spec

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from controller.errors import SpecError
-from controller.spec_loader import load_file, load_spec
+from controller.spec.loader import load_file, load_spec
 
 HF_SECRET = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"
 HEX40 = "0123456789abcdef" * 2 + "01234567"

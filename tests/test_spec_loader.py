@@ -8,9 +8,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from controller.secrets_scan import looks_secret, mask, scan
-from controller.spec import AI_TOOLKIT_COMMIT, RunSpec, json_schema
-from controller.spec_loader import load_file, load_spec
+from controller.spec.secrets_scan import looks_secret, mask, scan
+from controller.spec.model import AI_TOOLKIT_COMMIT, RunSpec, json_schema
+from controller.spec.loader import load_file, load_spec
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel
 
-from controller.spec import BatchSpec, CaptioningSpec, RunSpec, json_schema
+from controller.spec.model import BatchSpec, CaptioningSpec, RunSpec, json_schema
 
 
 def _leaf_fields(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, type[BaseModel], str]]:
@@ -62,7 +62,7 @@ def test_caption_model_default_matches_the_agent() -> None:
 
 
 def test_the_spec_module_does_not_import_numpy_or_pil() -> None:
-    code = ("import sys, controller.spec; "
+    code = ("import sys, controller.spec.model; "
             "print(sorted(m for m in ('numpy', 'PIL') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller.follow import RunPaths, on_cap_of, request_stop
+from controller.run.follow import RunPaths, on_cap_of, request_stop
 from controller.journal import open_journal
-from controller.orchestrator import Options, Orchestrator
-from controller.spec_loader import load_spec
+from controller.run.orchestrator import Options, Orchestrator
+from controller.spec.loader import load_spec
 from remote.plan import make_plan
 from remote.runner import Runner
 from remote.status import read_events

@@ -3,8 +3,8 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from controller.follow import Snapshot
-from controller.orchestrator import Outcome
+from controller.run.follow import Snapshot
+from controller.run.orchestrator import Outcome
 from controller.providers.base import Estimate
 from controller.ui import (LiveView, cost_table, duration, orphans_table, plan_table,
                            render_summary, run_detail, runs_table, status_panel)

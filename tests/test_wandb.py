@@ -391,7 +391,7 @@ def test_the_controller_shows_the_run_url_once() -> None:
 
     from rich.console import Console
 
-    from controller.follow import Snapshot
+    from controller.run.follow import Snapshot
     from controller.ui import LiveView, status_panel
 
     out = io.StringIO()

@@ -12,13 +12,13 @@ from controller.cli.common import JSON_OPTION, console, emit_json, handles_error
 from controller.errors import EXIT_BUDGET, SpecError
 
 if TYPE_CHECKING:
-    from controller.planner import PlanResult
-    from controller.spec import RunSpec
+    from controller.planning.planner import PlanResult
+    from controller.spec.model import RunSpec
 
 
 def load_run_spec(path: Path) -> "RunSpec":
-    """The validated spec, with located errors (``controller.spec_loader.load_spec``)."""
-    from controller.spec_loader import load_spec
+    """The validated spec, with located errors (``controller.spec.loader.load_spec``)."""
+    from controller.spec.loader import load_spec
 
     return load_spec(path)
 
@@ -52,7 +52,7 @@ def measured_speeds() -> dict[str, float]:
 
 def search_live(spec: "RunSpec") -> list[dict[str, Any]]:
     """Ask Vast.ai for the offers matching the spec (on-demand, plus bid when allowed)."""
-    from controller.planner import mark_interruptible, search_query
+    from controller.planning.planner import mark_interruptible, search_query
     from controller.vast.client import VastClient
 
     client = VastClient()
@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
 
         Example: flux-remote plan run.yaml --top 5
         """
-        from controller.planner import plan_offers
+        from controller.planning.planner import plan_offers
 
         spec = load_run_spec(file)
         found = load_offers_file(offers) if offers is not None else search_live(spec)

@@ -1,6 +1,6 @@
 """The run commands: ``launch``, ``status``, ``ls``, ``logs``, ``stop``, ``down``, ``fetch``,
 ``resume``, ``gc``, ``cost``. Parsing and rendering only; the lifecycle is
-``controller.orchestrator``.
+``controller.run.orchestrator``.
 
 Ctrl-C while following asks whether to stop the run (graceful: checkpoint, publish, fetch,
 destroy) or to detach (the run carries on; ``flux-remote resume RUN`` reattaches). With ``--yes``
@@ -21,7 +21,7 @@ from controller.errors import EXIT_RUN_FAILED, RunError, SpecError
 
 if TYPE_CHECKING:
     from controller.journal import Journal
-    from controller.orchestrator import Options, Orchestrator, Outcome
+    from controller.run.orchestrator import Options, Orchestrator, Outcome
 
 POLL_OPTION = typer.Option(2.0, "--poll-interval", hidden=True, min=0.01,
                            help="Seconds between polls of the agent.")
@@ -38,7 +38,7 @@ QUICK_SSH_READY_S = 20.0  # status / logs: an instance that does not answer soon
 
 def _orchestrator(journal: "Journal", provider_name: str, reporter: Any = None, *,
                   quick: bool = False) -> "Orchestrator":
-    from controller.orchestrator import Orchestrator
+    from controller.run.orchestrator import Orchestrator
     from controller.providers import provider_named
 
     extra: dict[str, Any] = {}
@@ -74,7 +74,7 @@ def _with_instance(journal: "Journal", run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _view(as_json: bool, *, show_logs: bool = True) -> Any:
-    from controller.follow import NullReporter
+    from controller.run.follow import NullReporter
     from controller.ui import LiveView
 
     return NullReporter() if as_json else LiveView(console(), show_logs=show_logs)
@@ -94,8 +94,8 @@ def _ask_stop() -> bool:
 def _drive_interactive(orch: "Orchestrator", run_id: str, options: "Options", *,
                        yes: bool, estimate: Any = None) -> "Outcome":
     """Drive the run; on Ctrl-C ask stop-or-detach (``--yes``: detach); see
-    ``controller.launch.drive_interactive``."""
-    from controller.launch import drive_interactive
+    ``controller.run.launch.drive_interactive``."""
+    from controller.run.launch import drive_interactive
 
     return drive_interactive(orch, run_id, options, estimate=estimate,
                              ask_stop=None if yes else _ask_stop)
@@ -127,19 +127,19 @@ def launch(
 
     Example: flux-remote launch configs/demo-local.yaml --yes
     """
-    from controller.orchestrator import Options
+    from controller.run.orchestrator import Options
     from controller.ui import checks_line, plan_table
 
     if as_json and not (yes or dry_run):
         raise SpecError("--json needs --yes or --dry-run (there is no prompt on a JSON stream)")
-    from controller.spec_loader import load_file
+    from controller.spec.loader import load_file
 
     loaded = load_file(file)
     if loaded.batch is not None:
         _launch_batch(loaded, file, yes=yes, detach=detach, out=out, dry_run=dry_run,
                       poll_interval=poll_interval, as_json=as_json)
         return
-    from controller.launch import plan_run, preflight
+    from controller.run.launch import plan_run, preflight
 
     spec = loaded.runs[0]
     checks = preflight(spec)
@@ -173,8 +173,8 @@ def launch(
 
 def _launch_batch(loaded: Any, file: Path, *, yes: bool, detach: bool, out: Optional[Path],
                   dry_run: bool, poll_interval: float, as_json: bool) -> None:
-    """``launch`` of a batch file: the plan of every run, then the scheduler (controller.batch)."""
-    from controller.batch_setup import create_batch, plan_batch
+    """``launch`` of a batch file: the plan of every run, then the scheduler (controller.batch.scheduler)."""
+    from controller.batch.setup import create_batch, plan_batch
     from controller.providers import provider_named
     from controller.ui import batch_plan_table
 
@@ -182,7 +182,7 @@ def _launch_batch(loaded: Any, file: Path, *, yes: bool, detach: bool, out: Opti
         raise SpecError("--detach does not apply to a batch: this process schedules its runs "
                         "(Ctrl-C leaves the started runs going; `flux-remote resume BATCH` "
                         "carries on)")
-    from controller.launch import preflight
+    from controller.run.launch import preflight
 
     passed: set[str] = set()
     for spec in loaded.runs:
@@ -210,8 +210,8 @@ def _launch_batch(loaded: Any, file: Path, *, yes: bool, detach: bool, out: Opti
 def _run_batch(journal: "Journal", batch_id: str, *, poll_interval: float,
                as_json: bool) -> None:
     """Schedule the batch's runs to their end (or carry on after a crash), then summarise."""
-    from controller.batch import BatchOptions, BatchScheduler
-    from controller.batch_setup import batch_rows
+    from controller.batch.scheduler import BatchOptions, BatchScheduler
+    from controller.batch.setup import batch_rows
     from controller.ui import BatchView, batch_table
 
     view = None if as_json else BatchView(console(), title=f"batch {batch_id}")
@@ -246,7 +246,7 @@ def _run_batch(journal: "Journal", batch_id: str, *, poll_interval: float,
 
 
 def _batch_of(journal: "Journal", ref: Optional[str]) -> Optional[dict[str, Any]]:
-    from controller.batch_setup import find_batch
+    from controller.batch.setup import find_batch
 
     return find_batch(journal, ref)
 
@@ -263,7 +263,7 @@ def resume(
 
     Example: flux-remote resume demo-local-20261129-184000-3fa2
     """
-    from controller.orchestrator import Options
+    from controller.run.orchestrator import Options
 
     journal = _journal()
     batch = _batch_of(journal, run)
@@ -286,9 +286,9 @@ def _stop_batch(journal: "Journal", batch_id: str, *, poll_interval: float,
                 as_json: bool) -> None:
     """``stop BATCH``: start nothing more, ask every running run to finish, then carry the
     batch to its end here (or leave that to the controller already running it)."""
-    from controller import runs as R
-    from controller.batch_stop import active_runs, cancel_pending
-    from controller.runs import RunLockedError
+    from controller.run import states as R
+    from controller.batch.stop import active_runs, cancel_pending
+    from controller.run.states import RunLockedError
 
     cancel_pending(journal, batch_id, "stopped by the user before it started")
     for row in active_runs(journal, batch_id):
@@ -319,9 +319,9 @@ def stop(
 
     Example: flux-remote stop demo-local-20261129-184000-3fa2
     """
-    from controller import runs as R
-    from controller.orchestrator import Options
-    from controller.runs import RunLockedError
+    from controller.run import states as R
+    from controller.run.orchestrator import Options
+    from controller.run.states import RunLockedError
 
     journal = _journal()
     batch = _batch_of(journal, run)
@@ -362,9 +362,9 @@ def down(
     journal = _journal()
     batch = _batch_of(journal, run)
     if batch is not None:
-        from controller import runs as R
-        from controller.batch_stop import cancel_pending
-        from controller.batch_report import write_report
+        from controller.run import states as R
+        from controller.batch.stop import cancel_pending
+        from controller.batch.report import write_report
 
         cancel_pending(journal, batch["batch_id"], "taken down by the user before it started")
         outcomes = [_orchestrator(journal, r["provider"]).down(r["run_id"], force=force)
@@ -421,15 +421,15 @@ def status(
 
     Example: flux-remote status demo-local
     """
-    from controller import runs as R
+    from controller.run import states as R
     from controller.errors import FluxRemoteError
-    from controller.orchestrator import Options
+    from controller.run.orchestrator import Options
     from controller.ui import run_detail
 
     journal = _journal()
     batch = _batch_of(journal, run)
     if batch is not None:
-        from controller.batch import batch_result
+        from controller.batch.scheduler import batch_result
         from controller.ui import batch_table
 
         result = batch_result(journal, batch["batch_id"])
@@ -497,7 +497,7 @@ def logs(
     Example: flux-remote logs demo-local --tail 50
     """
     from controller.errors import FluxRemoteError
-    from controller.follow import RunPaths, log_lines, read_int
+    from controller.run.follow import RunPaths, log_lines, read_int
 
     journal = _journal()
     row = _find_run(journal, run)
@@ -547,7 +547,7 @@ def gc(
     Example: flux-remote gc
     """
     from controller.providers import provider_named
-    from controller.reconcile import destroy_orphans, find_orphans
+    from controller.run.reconcile import destroy_orphans, find_orphans
     from controller.ui import orphans_table
 
     journal = _journal()

@@ -12,8 +12,8 @@ import typer
 from controller.cli.common import JSON_OPTION, console, emit_json, handles_errors
 
 if typing.TYPE_CHECKING:
-    from controller.spec import RunSpec
-    from controller.spec_loader import LoadedFile
+    from controller.spec.model import RunSpec
+    from controller.spec.loader import LoadedFile
 
 FILE_ARGUMENT = typer.Argument(..., help="The run spec (run.yaml) or batch file.")
 
@@ -32,7 +32,7 @@ def validate(file: Path = FILE_ARGUMENT, as_json: bool = JSON_OPTION) -> None:
 
     Example: flux-remote validate configs/flux-dev-vast.yaml
     """
-    from controller.spec_loader import load_file
+    from controller.spec.loader import load_file
 
     loaded = load_file(file)
     data = validation_report(loaded)
@@ -68,7 +68,7 @@ def render(
     Example: flux-remote render configs/flux-dev-vast.yaml > config.yaml
     """
     from controller.errors import SpecError
-    from controller.spec_loader import load_file
+    from controller.spec.loader import load_file
     from remote.aitk_config import dump_yaml
 
     loaded = load_file(file)
@@ -93,7 +93,7 @@ def schema(as_json: bool = JSON_OPTION) -> None:
 
     Then start run.yaml with: # yaml-language-server: $schema=run.schema.json
     """
-    from controller.spec import json_schema
+    from controller.spec.model import json_schema
 
     emit_json(json_schema())
 
@@ -122,7 +122,7 @@ def render_config(spec: "RunSpec") -> dict[str, Any]:
 
 
 def _run_summary(spec: "RunSpec", label: str) -> dict[str, Any]:
-    from controller.spec_loader import IMAGE_EXTS
+    from controller.spec.loader import IMAGE_EXTS
 
     images = sum(1 for p in spec.dataset.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     return {

@@ -13,7 +13,7 @@ from controller.providers.base import Estimate, Machine, Provider
 
 if TYPE_CHECKING:
     from controller.journal import Journal
-    from controller.spec import RunSpec
+    from controller.spec.model import RunSpec
 
 __all__ = ["Estimate", "Machine", "Provider", "get_provider", "provider_named"]
 

@@ -1,6 +1,6 @@
 """The Provider interface: where a run's agent gets a machine, and how that machine is let go.
 
-The launch code (``controller.orchestrator``) is the same for every provider; only these few calls
+The launch code (``controller.run.orchestrator``) is the same for every provider; only these few calls
 differ. ``vast`` rents and destroys instances; ``ssh`` uses a host the user already has; ``local``
 runs the agent on this machine. Every call that costs money is journaled by the provider itself:
 an intent row before, the result after (``controller.journal``).
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 if TYPE_CHECKING:
     from controller.hosts.base import Host
     from controller.journal import Journal
-    from controller.spec import RunSpec
+    from controller.spec.model import RunSpec
 
 Notify = Callable[[str, str], None]
 """``notify(state, message)``: a provider reports progress; ``state`` is a run state or ""."""
@@ -31,7 +31,7 @@ class Estimate:
     est_usd: float | None  # None when the provider cannot know (own hardware, unknown speed)
     est_hours: float | None
     gpu_name: str | None = None
-    plan: Any = None  # controller.planner.PlanResult for vast (the plan table), else None
+    plan: Any = None  # controller.planning.planner.PlanResult for vast (the plan table), else None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from controller.providers.base import (Estimate, Machine, Notify, OwnMachineProv
 
 if TYPE_CHECKING:
     from controller.journal import Journal
-    from controller.spec import RunSpec
+    from controller.spec.model import RunSpec
 
 
 def _is_default(spec: "RunSpec", name: str) -> bool:

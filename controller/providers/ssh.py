@@ -18,7 +18,7 @@ from controller.providers.base import (Estimate, Machine, Notify, OwnMachineProv
 if TYPE_CHECKING:
     from controller.hosts.base import Host
     from controller.journal import Journal
-    from controller.spec import RunSpec
+    from controller.spec.model import RunSpec
 
 
 def default_key_path() -> Path | None:

@@ -20,12 +20,12 @@ from controller.errors import (BudgetError, HostKeyError, OfferGoneError, Provid
 from controller.journal import (INSTANCE_CREATING, INSTANCE_DESTROYED, INSTANCE_DESTROYING,
                                 INSTANCE_LIVE, INSTANCE_STOPPED)
 from controller.providers.base import Estimate, Machine, Notify
-from controller.runs import ACTIVE_STATES, instance_label
+from controller.run.states import ACTIVE_STATES, instance_label
 
 if TYPE_CHECKING:
     from controller.hosts.base import Host
     from controller.journal import Journal
-    from controller.spec import RunSpec
+    from controller.spec.model import RunSpec
 
 LABEL_PREFIX = "flux-remote:"
 MAX_OFFERS_TRIED = 5
@@ -113,7 +113,7 @@ class VastProvider:
     # ---- planning --------------------------------------------------------------------------
 
     def estimate(self, spec: "RunSpec") -> Estimate:
-        from controller.planner import mark_interruptible, plan_offers, search_query
+        from controller.planning.planner import mark_interruptible, plan_offers, search_query
 
         offers = self.client.search_offers(search_query(spec))
         if spec.gpu.interruptible:

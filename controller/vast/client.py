@@ -125,7 +125,7 @@ class VastClient:
     # -- endpoints -------------------------------------------------------------------------
 
     def search_offers(self, query: dict[str, Any]) -> list[dict[str, Any]]:
-        """``POST /api/v0/bundles/``: the offers matching ``query`` (see controller.planner)."""
+        """``POST /api/v0/bundles/``: the offers matching ``query`` (see controller.planning.planner)."""
         data = self._call("search", "POST", "/api/v0/bundles/", json_body=query, what="search offers")
         return list(data.get("offers") or [])
 

@@ -31,7 +31,7 @@ from remote.plan import write_json_atomic
 CATEGORIES = ("corrupt", "too_small", "duplicate", "blurry", "extreme_aspect",
               "missing_caption", "nsfw")
 
-# The same defaults as controller.spec.QualityGateSpec (remote cannot import controller).
+# The same defaults as controller.spec.model.QualityGateSpec (remote cannot import controller).
 DEFAULT_GATE: dict[str, Any] = {
     "enabled": True,
     "strict": False,

@@ -77,7 +77,7 @@ def assemble_bundle(publish_dir: Path, *, name: str, lora: Path, samples: Iterab
 
     ``loss_history`` (the runner's ``work/loss.jsonl``: one ``{"step", "loss", "lr", "t"}`` per
     line, a step repeated after a resume) is carried as ``loss.jsonl`` so that the curve can be
-    drawn again at home (``controller.batch_report``) without the agent's log."""
+    drawn again at home (``controller.batch.report``) without the agent's log."""
     staging = publish_dir.with_name(f".{publish_dir.name}.partial")
     if staging.exists():
         shutil.rmtree(staging)

@@ -22,23 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from controller import runs as R
+from controller.run import states as R
 from controller.errors import (FluxRemoteError, HostKeyError, ProviderError, RunError,
                                TransportError)
-from controller.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_receipt,
+from controller.run.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_receipt,
                               fetch_bundle, fetch_extras, has_bundle)
-from controller.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
+from controller.run.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
                                NullReporter, Reporter, RunPaths, Snapshot, fetched_checkpoint,
                                meter, read_int, read_json, request_stop)
 from controller.hosts.ssh import SshHost
-from controller.runs import run_lock
-from controller.ship import (remove_secrets, secrets_path, secrets_payload, start_agent,
+from controller.run.states import run_lock
+from controller.run.ship import (remove_secrets, secrets_path, secrets_payload, start_agent,
                              upload_run, write_plan)
 
 if TYPE_CHECKING:
     from controller.journal import Journal
     from controller.providers.base import Estimate, Machine, Provider
-    from controller.spec import RunSpec
+    from controller.spec.model import RunSpec
 
 @dataclass
 class Options:
@@ -75,7 +75,7 @@ class Outcome:
 
 
 def spec_of(run: dict[str, Any]) -> "RunSpec":
-    from controller.spec import RunSpec
+    from controller.spec.model import RunSpec
 
     return RunSpec.model_validate(json.loads(run["spec_json"]))
 

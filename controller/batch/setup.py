@@ -1,11 +1,11 @@
 """Creating and reading batches: the journaled batch, its slots and its ledger.
 
 ``create_batch`` journals a batch file's expanded runs as *slots* (``pending``); the scheduler
-(:mod:`controller.batch`) drives them from there. Slot states: ``pending -> active -> done |
+(:mod:`controller.batch.scheduler`) drives them from there. Slot states: ``pending -> active -> done |
 failed | stopped``, or ``skipped``.
 
 The rest reads a batch back for the views and ``resume``: :func:`find_batch` (id or prefix),
-:func:`batch_ledger` (the :class:`~controller.ledger.Ledger` rebuilt from the journal),
+:func:`batch_ledger` (the :class:`~controller.batch.ledger.Ledger` rebuilt from the journal),
 :func:`batch_rows` (one row per slot with its run's live numbers), and :func:`plan_batch` (what
 each run would cost and reserve, for ``launch --dry-run``).
 """
@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from controller import runs as R
+from controller.run import states as R
 from controller.errors import BudgetError, SpecError
-from controller.ledger import Ledger, reservation_for
+from controller.batch.ledger import Ledger, reservation_for
 
 if TYPE_CHECKING:
     from controller.journal import Journal
     from controller.providers.base import Provider
-    from controller.spec_loader import LoadedFile
+    from controller.spec.loader import LoadedFile
 
 PENDING, ACTIVE, SKIPPED = "pending", "active", "skipped"
 SLOT_TERMINAL = (R.DONE, R.FAILED, R.STOPPED, SKIPPED)

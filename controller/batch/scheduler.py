@@ -1,15 +1,15 @@
 """Batches: many runs under one total budget, up to ``max_parallel`` machines at once.
 
-The batch's slots are journaled by :func:`~controller.batch_setup.create_batch`. The
+The batch's slots are journaled by :func:`~controller.batch.setup.create_batch`. The
 :class:`BatchScheduler` then loops: collect runs that ended, meter the spend of those running,
 start what fits. Starting a slot means: estimate it (Vast: plan the offers nobody in the batch has
 taken; measured s/step from runs already finished feed that plan), reserve the estimate plus its
-safety margin in the :class:`~controller.ledger.Ledger`, and launch it with its budget lowered to
+safety margin in the :class:`~controller.batch.ledger.Ledger`, and launch it with its budget lowered to
 that reservation, so the controller's meter and the agent's cost guard keep the batch under its
 total. A slot whose reservation does not fit is started later if running runs may still give money
 back, else it is ``skipped: budget``.
 
-Each run is driven by its own :class:`~controller.orchestrator.Orchestrator` in a thread (a run's
+Each run is driven by its own :class:`~controller.run.orchestrator.Orchestrator` in a thread (a run's
 drive mostly waits). One run failing never stops the others; an infrastructure failure (no machine,
 a host that died or failed its checks) is retried on another offer up to ``batch.retries`` times; a
 failed quality gate, a bad spec or a crashed trainer is not.
@@ -19,9 +19,9 @@ controller killed mid-batch is followed by ``resume BATCH``: running runs are re
 rented again), the ledger is rebuilt from the journal, and the remaining slots are started.
 
 Slot states: ``pending -> active -> done | failed | stopped``, or ``skipped``
-(:mod:`controller.batch_setup`). A stop of the batch (:mod:`controller.batch_stop`) is re-read
+(:mod:`controller.batch.setup`). A stop of the batch (:mod:`controller.batch.stop`) is re-read
 after a slot is claimed and again right before its run's machine is rented. The live view reads
-the :class:`~controller.batch_board.BatchBoard`.
+the :class:`~controller.batch.board.BatchBoard`.
 """
 
 from __future__ import annotations
@@ -35,17 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from controller import runs as R
-from controller.batch_board import BatchBoard
-from controller.batch_setup import ACTIVE, PENDING, SKIPPED, batch_ledger, batch_rows
-from controller.batch_stop import StopGate, StoppedBeforeStart, stop_reason
+from controller.run import states as R
+from controller.batch.board import BatchBoard
+from controller.batch.setup import ACTIVE, PENDING, SKIPPED, batch_ledger, batch_rows
+from controller.batch.stop import StopGate, StoppedBeforeStart, stop_reason
 from controller.errors import (BudgetError, FluxRemoteError, ProviderError, RunError,
                                SpecError, TransportError)
-from controller.follow import MachineLost
-from controller.ledger import reservation_for
-from controller.orchestrator import Options, Orchestrator
+from controller.run.follow import MachineLost
+from controller.batch.ledger import reservation_for
+from controller.run.orchestrator import Options, Orchestrator
 from controller.providers.vast import OfferClaims
-from controller.runs import run_lock
+from controller.run.states import run_lock
 
 if TYPE_CHECKING:
     from controller.vast.client import VastClient
@@ -264,7 +264,7 @@ class BatchScheduler:
                 self._try_start(slot)
 
     def _try_start(self, slot: dict[str, Any]) -> None:
-        from controller.spec import RunSpec
+        from controller.spec.model import RunSpec
 
         reason = stop_reason(self.journal, self.batch_id)
         if reason is not None:  # e.g. a retry set pending after the stop
@@ -375,7 +375,7 @@ class BatchScheduler:
             self._ended.put((idx, run_id, error))
 
     def _finish(self) -> BatchResult:
-        from controller.batch_report import write_report
+        from controller.batch.report import write_report
 
         rows = batch_rows(self.journal, self.batch_id)
         ended = [row["slot_state"] for row in rows]

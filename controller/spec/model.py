@@ -3,7 +3,7 @@
 Every model forbids unknown keys (typos are errors, not silently ignored settings). Defaults are
 the realistic ones for a Flux LoRA on a 24 GB+ GPU; the description on each field says what it
 does (editors show it on hover, from the JSON Schema that ``flux-remote schema`` prints).
-Loading from YAML with located error messages lives in ``controller.spec_loader``; this module only
+Loading from YAML with located error messages lives in ``controller.spec.loader``; this module only
 declares the shape and the rules that involve one field or one section.
 """
 

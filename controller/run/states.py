@@ -2,7 +2,7 @@
 
 A run moves ``planned -> renting -> booting -> shipping -> running -> fetching`` and ends
 ``done``, ``failed`` or ``stopped``. Each state names the step that still has to happen, so a
-controller that died can look at the state and carry on from there (``controller.orchestrator``).
+controller that died can look at the state and carry on from there (``controller.run.orchestrator``).
 """
 
 from __future__ import annotations

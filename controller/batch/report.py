@@ -100,7 +100,7 @@ def run_entry(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_summary(journal: "Journal", batch_id: str) -> dict[str, Any]:
-    from controller.batch_setup import batch_ledger, batch_rows
+    from controller.batch.setup import batch_ledger, batch_rows
 
     batch = journal.get_batch(batch_id) or {}
     runs = [run_entry(row) for row in batch_rows(journal, batch_id)]

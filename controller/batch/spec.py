@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.spec import NAME_RE
+from controller.spec.model import NAME_RE
 
 YamlPath = tuple[Any, ...]  # keys (str) and indices (int) from the document root
 MAX_NAME = 63

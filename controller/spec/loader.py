@@ -5,7 +5,7 @@ Problems read ``FILE:LINE:COL: field.path: what is wrong`` and are all reported 
 ``yaml.compose`` for the node tree whose marks give pydantic's error locations a line and column
 (a missing field points at the mapping that should hold it).
 
-Checks, in order: the file reads and parses; no secrets (``controller.secrets_scan``); the
+Checks, in order: the file reads and parses; no secrets (``controller.spec.secrets_scan``); the
 ``batch:`` section, if any, and its expansion; each run against ``RunSpec``; each run's dataset
 folder exists and holds images (relative paths resolve against the YAML file's folder); each run's
 ai-toolkit overrides apply.
@@ -27,8 +27,8 @@ from controller.errors import SpecError
 if typing.TYPE_CHECKING:
     from pydantic import BaseModel, ValidationError
 
-    from controller.batch_spec import ExpandedRun
-    from controller.spec import BatchSpec, RunSpec
+    from controller.batch.spec import ExpandedRun
+    from controller.spec.model import BatchSpec, RunSpec
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 # A union member's name in a pydantic error location ("CustomBaseModel", "literal['a','b']", "str").
@@ -59,7 +59,7 @@ def load_spec(path: Path) -> "RunSpec":
 
 def load_file(path: Path) -> LoadedFile:
     """A spec file that may hold a ``batch:`` section; raises ``SpecError`` with every problem."""
-    from controller.secrets_scan import scan
+    from controller.spec.secrets_scan import scan
 
     path = Path(path)
     doc = _Document.read(path)
@@ -133,8 +133,8 @@ class _Document:
 
 
 def _load_batch(doc: _Document, problems: list[str]) -> LoadedFile:
-    from controller.batch_spec import expand
-    from controller.spec import BatchSpec
+    from controller.batch.spec import expand
+    from controller.spec.model import BatchSpec
 
     raw_batch = doc.data.get("batch")
     base = {key: value for key, value in doc.data.items() if key != "batch"}
@@ -180,7 +180,7 @@ def _check_unique_names(doc: _Document, runs: list["ExpandedRun"], problems: lis
 
 def _validate_run(doc: _Document, data: dict[str, Any], origins: dict, label: str,
                   problems: list[str]) -> "RunSpec | None":
-    from controller.spec import RunSpec
+    from controller.spec.model import RunSpec
 
     before = len(problems)
     spec = _validate(doc, RunSpec, data, (), origins, label, problems)
@@ -298,7 +298,7 @@ def _message(model: type["BaseModel"], error: dict[str, Any], loc: tuple[Any, ..
 
 
 def _got(value: Any, kind: str) -> str:
-    from controller.secrets_scan import looks_secret
+    from controller.spec.secrets_scan import looks_secret
 
     if kind in {"value_error", "missing", "extra_forbidden"} or isinstance(value, (dict, list)):
         return ""
@@ -346,8 +346,8 @@ def _model_in(annotation: Any) -> Any:
 
 def _unknown_spec_key(dotted: str) -> str | None:
     """Why a dotted key (a sweep key) does not name a RunSpec field, or None if it does."""
-    from controller.batch_spec import split_key
-    from controller.spec import RunSpec
+    from controller.batch.spec import split_key
+    from controller.spec.model import RunSpec
 
     current: Any = RunSpec
     for index, part in enumerate(split_key(dotted)):

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from controller.errors import BudgetError
-from controller.gpu_priors import seconds_per_step
-from controller.spec import RunSpec
+from controller.planning.gpu_priors import seconds_per_step
+from controller.spec.model import RunSpec
 from remote.aitk_config import scaled_every
 
 SEARCH_LIMIT = 64

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from controller.errors import TransportError
-from controller.follow import RunPaths, read_int
+from controller.run.follow import RunPaths, read_int
 
 if TYPE_CHECKING:
     from controller.hosts.base import Host

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from controller.follow import Snapshot
+from controller.run.follow import Snapshot
 
 
 class BatchBoard:

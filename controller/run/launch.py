@@ -20,14 +20,14 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
-from controller import runs as R
+from controller.run import states as R
 from controller.errors import BudgetError, FluxRemoteError, SpecError
 
 if TYPE_CHECKING:
     from controller.journal import Journal
-    from controller.orchestrator import Options, Orchestrator, Outcome
+    from controller.run.orchestrator import Options, Orchestrator, Outcome
     from controller.providers.base import Estimate
-    from controller.spec import RunSpec
+    from controller.spec.model import RunSpec
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def plan_run(spec: "RunSpec", journal: "Journal", *, reporter: Any = None,
     """The orchestrator for the spec's provider and the run's estimate (BudgetError when the
     estimate exceeds the budget, unless ``enforce_budget`` is False: then the caller shows the
     plan first and calls ``check_budget`` itself). Nothing is rented; Vast offers are queried."""
-    from controller.orchestrator import Orchestrator
+    from controller.run.orchestrator import Orchestrator
     from controller.providers import provider_named
 
     provider = provider_named(spec.provider.type, journal=journal, **provider_options)
@@ -158,7 +158,7 @@ def drive_interactive(orch: "Orchestrator", run_id: str, options: "Options", *,
     detach from: Ctrl-C then releases the machine at once (a rented instance must not bill while
     nothing uses it). The reporter is closed before asking so that the question is visible.
     """
-    from controller.orchestrator import Options
+    from controller.run.orchestrator import Options
 
     while True:
         try:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from controller import runs as R
-from controller.batch_setup import PENDING
+from controller.run import states as R
+from controller.batch.setup import PENDING
 from controller.errors import RunError
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from controller.errors import RunError, TransportError
-from controller.follow import RunPaths
+from controller.run.follow import RunPaths
 from remote.publish.bundle import sha256_file
 
 if TYPE_CHECKING:

@@ -186,8 +186,12 @@ def test_detached_process_survives_a_dropped_connection(
     sshd, host: SshHost, tmp_path: Path
 ) -> None:
     log, pid_file, rc_file = tmp_path / "agent.log", tmp_path / "pid", tmp_path / "rc"
+    go = tmp_path / "go"
+    # The process waits for the test's word, not for a fixed time: on a loaded machine the
+    # reconnect can take longer than any sleep, and a process that already ended proves nothing.
     script = (
-        "import sys,time; print('started', flush=True); time.sleep(1.5); "
+        "import os,sys,time; print('started', flush=True); t=time.monotonic()\n"
+        f"while not os.path.exists({str(go)!r}) and time.monotonic() - t < 120: time.sleep(0.05)\n"
         "print('finished', flush=True); sys.exit(7)"
     )
     pid = host.start_detached(
@@ -199,6 +203,7 @@ def test_detached_process_survives_a_dropped_connection(
     assert sshd.kill_connections() >= 1
     assert host.is_alive(pid)  # reconnected on the way
     assert host.connects == connects + 1
+    go.touch()
     assert _wait_for(lambda: rc_file.exists())
     assert rc_file.read_text().strip() == "7"
     assert not host.is_alive(pid)

@@ -114,6 +114,12 @@ def fill_trigger(prompt: str, trigger: str | None) -> str:
     return re.sub(r"\s*" + re.escape(TRIGGER_TAG), "", prompt).strip().strip(",").strip()
 
 
+LEGACY_ACCUMULATION = (
+    "ai-toolkit's legacy train.gradient_accumulation_steps is undone by SDTrainer, which zeroes "
+    "the gradients at every step (SDTrainer.py:2249), and it may not be combined with "
+    "train.gradient_accumulation (config_modules.py:461-463): set "
+    "training.gradient_accumulation_steps, which is rendered as train.gradient_accumulation")
+
 # Override paths (relative to config.process[0]) whose value is a name ai-toolkit looks up.
 _NAME_CHECKS = {
     ("train", "optimizer"): "optimizer",
@@ -135,6 +141,8 @@ def override_problems(overrides: dict) -> list[tuple[str, str]]:
                 problem = rewrite_problem(part)
                 if problem:
                     problems.append((str(key), f"key {part!r}: {problem}"))
+            if leaf_path == ("train", "gradient_accumulation_steps") and leaf != 1:
+                problems.append((str(key), LEGACY_ACCUMULATION))
             if isinstance(leaf, str):
                 prompt = "prompts" in leaf_path or leaf_path[-1:] == ("prompt",)
                 problem = rewrite_problem(leaf, prompt=prompt) or _name_problem(leaf_path, leaf)

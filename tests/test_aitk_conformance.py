@@ -49,6 +49,7 @@ HOSTILE = {
         "ünïcode ✓ 🙂 and a tab\tinside", "@at %percent !tag &anchor *alias",
         "- dash", "? question", "{braces}", "[brackets] [trigger]", "  padded  ",
         "$HOME and $ {not a var} and {HF_TOKEN}", "a single - dash and an em — dash",
+        "a long prompt,  with double  spaces " * 8 + "that the dump folds over lines",
     ]}},
 }
 

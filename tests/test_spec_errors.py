@@ -316,6 +316,15 @@ training:
       train.dtype: bfloat   #<
 budget: {max_usd: 5}
 """, "training.ai_toolkit.overrides", "not a dtype ai-toolkit knows"),
+    "an override setting ai-toolkit's legacy accumulation key": ("""\
+name: ok
+dataset: {path: data}
+training:
+  ai_toolkit:
+    overrides:
+      train.gradient_accumulation_steps: 4   #<
+budget: {max_usd: 5}
+""", "training.ai_toolkit.overrides", "rendered as train.gradient_accumulation"),
     "an override naming an unknown optimizer": ("""\
 name: ok
 dataset: {path: data}

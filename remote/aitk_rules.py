@@ -53,8 +53,8 @@ SAMPLERS = frozenset({"ddim", "ddpm", "pndm", "lms", "k_lms", "euler", "k_euler"
 # timesteps and targets for "flowmatch"; the example configs use it for both keys.
 FLUX_SAMPLER = "flowmatch"
 
-# toolkit/optimizer.py:76-106: names matched exactly (after .lower()) that need nothing outside
-# ai-toolkit's requirements.
+# toolkit/optimizer.py:55-106: names matched exactly (after .lower()) that need nothing outside
+# ai-toolkit's requirements (bitsandbytes for the *8bit ones, :63-75).
 _EXACT_OPTIMIZERS = frozenset({"adam8", "adamw8", "adam8bit", "ademamix8bit", "adamw8bit",
                                "lion8bit", "adam", "adamw", "adagrad", "adafactor", "automagic",
                                "automagic2", "automagic3", "automagicexperiment"})
@@ -148,7 +148,7 @@ def override_problems(overrides: dict) -> list[tuple[str, str]]:
                 problem = rewrite_problem(leaf, prompt=prompt) or _name_problem(leaf_path, leaf)
                 if problem:
                     problems.append((str(key), problem))
-    return problems
+    return list(dict.fromkeys(problems))
 
 
 def _leaves(path: tuple[str, ...], value: object) -> Iterator[tuple[tuple[str, ...], object]]:

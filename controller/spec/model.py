@@ -16,10 +16,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
                       model_validator)
 
-from remote.aitk_rules import optimizer_problem, rewrite_problem
-
 # Defined once, in the config generator that also runs on the instance; re-exported here.
 from remote.aitk_config import BASE_MODELS, SCHNELL_ADAPTER  # noqa: F401 (re-exported)
+from remote.aitk_rules import OPTIMIZERS, optimizer_problem, rewrite_problem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
@@ -39,9 +38,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _reaches_aitk(value: str | None) -> str | None:
+def _reaches_aitk(value: str) -> str:
     """A string that goes into the ai-toolkit config: refused if ai-toolkit's loader rewrites it."""
-    problem = rewrite_problem(value) if value is not None else None
+    problem = rewrite_problem(value)
     if problem:
         raise ValueError(problem)
     return value
@@ -206,8 +205,6 @@ class TrainingSpec(_Model):
     def _optimizer(cls, value: str) -> str:
         problem = optimizer_problem(value)
         if problem:
-            from remote.aitk_rules import OPTIMIZERS
-
             raise ValueError(f"{value!r} {problem}; known: {', '.join(OPTIMIZERS)}")
         return value
 
@@ -296,7 +293,7 @@ class ProviderSpec(_Model):
     price_per_hour: float = Field(0.0, ge=0.0,
                                   description="ssh/local: what your own hardware costs you")
     remote_root: AitkText = Field("/workspace/flux-remote",
-                             description="where run dirs live on the instance")
+                                  description="where run dirs live on the instance")
     remote_python: str = Field("python3", description="the Python the agent runs with")
     auto_mount_paths: bool = Field(
         True, description="VAST_AUTO_MOUNT_PATHS: caches/outputs on the largest volume")

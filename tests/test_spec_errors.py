@@ -266,6 +266,13 @@ training:
       - "[trigger] portrait --w 512"   #<
 budget: {max_usd: 5}
 """, "training.sample.prompts[0]", "cuts sample prompts at '--'"),
+    "[name] in the caption template (ai-toolkit replaces it in captions)": ("""\
+name: ok
+dataset: {path: data}
+captioning:
+  template: "a photo of [name]"   #<
+budget: {max_usd: 5}
+""", "captioning.template", "replaces '[name]' in every caption"),
     "${VAR} in the trigger word": ("""\
 name: ok
 trigger_word: "${USER}"   #<

@@ -18,7 +18,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationIn
 
 # Defined once, in the config generator that also runs on the instance; re-exported here.
 from remote.aitk_config import BASE_MODELS, SCHNELL_ADAPTER  # noqa: F401 (re-exported)
-from remote.aitk_rules import OPTIMIZERS, optimizer_problem, rewrite_problem
+from remote.aitk_rules import NAME_TAG, OPTIMIZERS, optimizer_problem, rewrite_problem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
@@ -85,6 +85,15 @@ class CaptioningSpec(_Model):
                                 "or model (an image-to-text model on the GPU)")
     template: str = Field("a photo of [trigger]",
                           description="used for images without a sidecar caption")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if NAME_TAG in value:
+            raise ValueError("ai-toolkit replaces '[name]' in every caption with the trigger word "
+                             "(toolkit/prompt_utils.py:720 inject_trigger_into_prompt): write "
+                             "[trigger] for the trigger word, or the words themselves")
+        return value
     model: str = Field("Salesforce/blip-image-captioning-large",
                        description="image-to-text model for mode: model")
     batch_size: int = Field(8, ge=1, le=256, description="images per captioning batch")

@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from remote.aitk_rules import AITK_FLOAT_FIRST, AITK_FLOAT_RE, fill_trigger
+
 BASE_MODELS = {
     "flux-dev": "black-forest-labs/FLUX.1-dev",
     "flux-schnell": "black-forest-labs/FLUX.1-schnell",
@@ -55,14 +57,18 @@ def build_aitk_config(
         "training_folder": training_folder,
         "device": device,
     }
-    if spec.get("trigger_word"):
-        process["trigger_word"] = spec["trigger_word"]
+    trigger = spec.get("trigger_word")
+    if trigger and (spec.get("captioning") or {}).get("insert_trigger", True):
+        # ai-toolkit prepends this to every caption that lacks it (dataloader_mixins.py:392
+        # get_caption); without it in the config, insert_trigger: false is true to its word.
+        process["trigger_word"] = trigger
     rank = int(training.get("rank", 16))
-    alpha = training.get("alpha")
     process["network"] = {
         "type": "lora",
         "linear": rank,
-        "linear_alpha": _number(alpha if alpha is not None else rank),
+        # ai-toolkit saves Flux LoRAs in PEFT format and sets alpha = rank whatever is written
+        # here (toolkit/lora_special.py:422-431, "no alpha for peft"); validate refuses another.
+        "linear_alpha": rank,
     }
     process["save"] = {
         "dtype": "float16",
@@ -73,7 +79,7 @@ def build_aitk_config(
     process["datasets"] = [_dataset(spec.get("dataset") or {}, dataset_dir, training)]
     process["train"] = _train(training, steps)
     process["model"] = _model(spec, schnell)
-    process["sample"] = _sample(training.get("sample") or {}, steps, schnell)
+    process["sample"] = _sample(training.get("sample") or {}, steps, schnell, trigger)
     wandb = spec.get("wandb") or {}
     if wandb.get("enabled"):
         process["logging"] = {
@@ -96,11 +102,33 @@ def build_aitk_config(
 
 
 def dump_yaml(cfg: dict[str, Any]) -> str:
-    """The YAML text ai-toolkit reads (keys in the example's order, block style)."""
+    """The YAML text ai-toolkit reads (keys in the example's order, block style).
+
+    Strings that ai-toolkit's YAML loader would read as floats (``1e5``; toolkit/config.py:55-65)
+    are quoted, so every string reaches it unchanged.
+    """
     import yaml
 
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False, allow_unicode=True,
-                          width=100)
+    return yaml.dump(cfg, Dumper=_aitk_dumper(), sort_keys=False, default_flow_style=False,
+                     allow_unicode=True, width=100)
+
+
+def _aitk_dumper() -> type:
+    """A SafeDumper that resolves plain scalars as ai-toolkit's loader does (so it quotes them)."""
+    global _DUMPER
+    if _DUMPER is None:
+        import yaml
+
+        class AitkDumper(yaml.SafeDumper):
+            pass
+
+        AitkDumper.add_implicit_resolver("tag:yaml.org,2002:float", AITK_FLOAT_RE,
+                                         list(AITK_FLOAT_FIRST))
+        _DUMPER = AitkDumper
+    return _DUMPER
+
+
+_DUMPER: type | None = None
 
 
 def is_schnell(spec: dict[str, Any]) -> bool:
@@ -191,7 +219,10 @@ def _train(training: dict[str, Any], steps: int) -> dict[str, Any]:
     train: dict[str, Any] = {
         "batch_size": int(training.get("batch_size", 1)),
         "steps": steps,
-        "gradient_accumulation_steps": int(training.get("gradient_accumulation_steps", 1)),
+        # The key SDTrainer honours (config_modules.py:460); the legacy gradient_accumulation_steps
+        # is undone by SDTrainer.hook_train_loop, which zeroes the gradients at every step
+        # (SDTrainer.py:2249), so N-1 of N batches would be thrown away.
+        "gradient_accumulation": int(training.get("gradient_accumulation_steps", 1)),
         "train_unet": True,
         "train_text_encoder": False,  # does not work with Flux
         "gradient_checkpointing": True,
@@ -218,7 +249,8 @@ def _model(spec: dict[str, Any], schnell: bool) -> dict[str, Any]:
     return model
 
 
-def _sample(sample: dict[str, Any], steps: int, schnell: bool) -> dict[str, Any]:
+def _sample(sample: dict[str, Any], steps: int, schnell: bool,
+            trigger: str | None) -> dict[str, Any]:
     enabled = sample.get("enabled", True)
     guidance = sample.get("guidance")
     sample_steps = sample.get("steps")
@@ -228,7 +260,9 @@ def _sample(sample: dict[str, Any], steps: int, schnell: bool) -> dict[str, Any]
         "sample_start_step": 0,
         "width": int(sample.get("width", 1024)),
         "height": int(sample.get("height", 1024)),
-        "prompts": list(sample.get("prompts") or []),  # "[trigger]" is replaced by the trainer
+        # The prompts exactly as sampled: ai-toolkit only fills "[trigger]" when the config has a
+        # trigger_word (BaseSDTrainProcess.py:326) and samples a literal "[trigger]" otherwise.
+        "prompts": [fill_trigger(str(p), trigger) for p in sample.get("prompts") or []],
         "neg": "",  # not used by Flux
         "seed": int(sample.get("seed", 42)),
         "walk_seed": True,

@@ -17,6 +17,9 @@ REFERENCE = Path(__file__).parent / "data" / "reference" / "ai-toolkit"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
+LEGACY_ACCUMULATION = "config.process[0].train.gradient_accumulation_steps"
+
+
 def _spec(**fields: Any) -> dict[str, Any]:
     data = {"name": "my_lora", "dataset": {"path": "/data"}, "budget": {"max_usd": 5}, **fields}
     return RunSpec.model_validate(data).model_dump(mode="json")
@@ -55,10 +58,11 @@ def _render(config_name: str) -> dict[str, Any]:
 def test_render_has_every_reference_key_with_the_same_nesting(config_name: str, reference: str) -> None:
     ref = yaml.safe_load((REFERENCE / reference).read_text())
     rendered = _render(config_name)
-    missing = key_paths(ref) - key_paths(rendered)
+    # the example's legacy key is replaced by the one SDTrainer honours (test below)
+    missing = key_paths(ref) - key_paths(rendered) - {LEGACY_ACCUMULATION}
     assert not missing, f"keys of the reference missing from the render: {sorted(missing)}"
     # and no mapping became a scalar or the other way round
-    for path in key_paths(ref):
+    for path in key_paths(ref) - {LEGACY_ACCUMULATION}:
         assert type(_get(ref, path)) is type(_get(rendered, path)) or _numbers(ref, rendered, path), path
 
 
@@ -68,7 +72,7 @@ def test_defaults_reproduce_the_reference_values() -> None:
     cfg = _build(_spec())
     differs_on_purpose = {"config.name", "config.process[0].training_folder",
                           "config.process[0].datasets[0].folder_path", "config.process[0].sample.prompts"}
-    for path in key_paths(ref) - differs_on_purpose:
+    for path in key_paths(ref) - differs_on_purpose - {LEGACY_ACCUMULATION}:
         want, got = _get(ref, path), _get(cfg, path)
         if isinstance(want, dict) or (isinstance(want, list) and isinstance(want[0], dict)):
             continue  # a container: its leaves are checked one by one
@@ -90,7 +94,7 @@ def test_our_fields_reach_ai_toolkit() -> None:
     spec = _spec(
         trigger_word="p3r5on",
         dataset={"path": "/data", "caption_ext": "caption", "caption_dropout_rate": 0.1},
-        training={"steps": 400, "lr": 4e-4, "rank": 32, "alpha": 8, "resolutions": [512, 1024],
+        training={"steps": 400, "lr": 4e-4, "rank": 32, "alpha": 32, "resolutions": [512, 1024],
                   "optimizer": "prodigy", "dtype": "fp16", "quantize": False, "batch_size": 2,
                   "sample": {"prompts": ["[trigger] at sea"], "seed": 7, "width": 768}},
     )
@@ -98,7 +102,7 @@ def test_our_fields_reach_ai_toolkit() -> None:
         "config"]["process"][0]
     assert process["device"] == "cuda:1"
     assert process["trigger_word"] == "p3r5on"
-    assert process["network"] == {"type": "lora", "linear": 32, "linear_alpha": 8}
+    assert process["network"] == {"type": "lora", "linear": 32, "linear_alpha": 32}
     assert process["datasets"][0]["folder_path"] == "/ds"
     assert process["datasets"][0]["caption_ext"] == "caption"
     assert process["datasets"][0]["caption_dropout_rate"] == 0.1
@@ -107,7 +111,7 @@ def test_our_fields_reach_ai_toolkit() -> None:
     assert (train["steps"], train["lr"], train["optimizer"], train["dtype"], train["batch_size"]) == (
         400, 4e-4, "prodigy", "fp16", 2)
     assert process["model"]["quantize"] is False
-    assert process["sample"]["prompts"] == ["[trigger] at sea"]  # ai-toolkit replaces [trigger]
+    assert process["sample"]["prompts"] == ["p3r5on at sea"]  # as sampled
     assert (process["sample"]["seed"], process["sample"]["width"]) == (7, 768)
     assert "logging" not in process
 

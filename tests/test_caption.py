@@ -117,3 +117,17 @@ def test_template_without_trigger_and_stats() -> None:
     assert render_template("[trigger], portrait", "zz") == "zz, portrait"
     assert length_stats([]) == {"count": 0, "min": None, "max": None, "mean": None, "median": None}
     assert length_stats([1, 2, 6]) == {"count": 3, "min": 1, "max": 6, "mean": 3.0, "median": 2}
+
+
+def test_without_insert_trigger_a_placeholder_still_becomes_the_trigger_word(
+        small_dataset: Path, tmp_path: Path) -> None:
+    """insert_trigger: false keeps the trigger word out of ai-toolkit's config, whose get_caption
+    would then drop a "[trigger]" (prompt_utils.py:716-718): the stage writes the word itself."""
+    (small_dataset / "img_05.txt").write_text("[trigger] in a hat", encoding="utf-8")
+    (small_dataset / "img_06.txt").write_text("a woman in a hat", encoding="utf-8")
+    result = ingest(small_dataset, tmp_path / "work", workers=1)
+    caption(result, mode="keep", template="", trigger=TRIGGER, caption_ext="txt",
+            insert_trigger=False)
+    got = captions_by_source(result)
+    assert got["img_05.jpg"] == f"{TRIGGER} in a hat".encode()
+    assert got["img_06.jpg"] == b"a woman in a hat"

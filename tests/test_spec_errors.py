@@ -197,6 +197,150 @@ budget: {max_usd: 5}
     "the file is a list, not a mapping": ("""\
 - name: ok   #<
 """, "(root)", "mapping of keys"),
+    # ai-toolkit at the pinned commit (issue 15): settings it would ignore or reject after setup
+    "alpha other than the rank (ai-toolkit sets alpha = rank for Flux)": ("""\
+name: ok
+dataset: {path: data}
+training:
+  rank: 16
+  alpha: 8   #<
+budget: {max_usd: 5}
+""", "training.alpha", "sets alpha = rank"),
+    "a sweep over alpha would run identical trainings": ("""\
+batch:
+  max_usd: 10
+  sweep:
+    training.alpha: [8, 16]   #<
+name: ok
+dataset: {path: data}
+budget: {max_usd: 5}
+""", "batch.sweep.training.alpha", "identical trainings"),
+    "a batch run whose alpha differs from its rank": ("""\
+batch:
+  max_usd: 10
+  runs:
+    - {training.rank: 16}
+    - {training.rank: 32, training.alpha: 16}   #<
+name: ok
+dataset: {path: data}
+budget: {max_usd: 5}
+""", "training.alpha", "sets alpha = rank"),
+    "an optimizer ai-toolkit does not know": ("""\
+name: ok
+dataset: {path: data}
+training:
+  optimizer: adamw9bit   #<
+budget: {max_usd: 5}
+""", "training.optimizer", "not an optimizer ai-toolkit knows"),
+    "an optimizer whose package ai-toolkit does not install": ("""\
+name: ok
+dataset: {path: data}
+training:
+  optimizer: DAdaptationAdam   #<
+budget: {max_usd: 5}
+""", "training.optimizer", "requirements do not install"),
+    "${VAR} in a sample prompt (ai-toolkit substitutes the environment)": ("""\
+name: ok
+dataset: {path: data}
+training:
+  sample:
+    prompts:
+      - a portrait
+      - "${HF_TOKEN} portrait"   #<
+budget: {max_usd: 5}
+""", "training.sample.prompts[1]", "environment variable HF_TOKEN"),
+    "[name] in a sample prompt (ai-toolkit replaces it with the run name)": ("""\
+name: ok
+dataset: {path: data}
+training:
+  sample:
+    prompts: ["[name] at sea"]   #<
+budget: {max_usd: 5}
+""", "training.sample.prompts[0]", "replaced by ai-toolkit with the run name"),
+    "-- in a sample prompt (ai-toolkit cuts the prompt there)": ("""\
+name: ok
+dataset: {path: data}
+training:
+  sample:
+    prompts:
+      - "[trigger] portrait --w 512"   #<
+budget: {max_usd: 5}
+""", "training.sample.prompts[0]", "cuts sample prompts at '--'"),
+    "[name] in the caption template (ai-toolkit replaces it in captions)": ("""\
+name: ok
+dataset: {path: data}
+captioning:
+  template: "a photo of [name]"   #<
+budget: {max_usd: 5}
+""", "captioning.template", "replaces '[name]' in every caption"),
+    "${VAR} in the trigger word": ("""\
+name: ok
+trigger_word: "${USER}"   #<
+dataset: {path: data}
+budget: {max_usd: 5}
+""", "trigger_word", "environment variable USER"),
+    "${VAR} in the W&B project": ("""\
+name: ok
+dataset: {path: data}
+budget: {max_usd: 5}
+wandb:
+  enabled: true
+  project: "loras-${USER}"   #<
+""", "wandb.project", "environment variable USER"),
+    "${VAR} in an override value": ("""\
+name: ok
+dataset: {path: data}
+training:
+  ai_toolkit:
+    overrides:
+      model.name_or_path: "${MODEL}"   #<
+budget: {max_usd: 5}
+""", "training.ai_toolkit.overrides", "environment variable MODEL"),
+    "an override naming a scheduler ai-toolkit does not know": ("""\
+name: ok
+dataset: {path: data}
+training:
+  ai_toolkit:
+    overrides:
+      train.noise_scheduler: flowmatching   #<
+budget: {max_usd: 5}
+""", "training.ai_toolkit.overrides", "not a scheduler ai-toolkit knows"),
+    "an override sampling Flux with a non-flow-matching scheduler": ("""\
+name: ok
+dataset: {path: data}
+training:
+  ai_toolkit:
+    overrides:
+      sample: {sampler: ddpm}   #<
+budget: {max_usd: 5}
+""", "training.ai_toolkit.overrides", "'flowmatch' only"),
+    "an override naming a dtype ai-toolkit does not know": ("""\
+name: ok
+dataset: {path: data}
+training:
+  ai_toolkit:
+    overrides:
+      train.dtype: bfloat   #<
+budget: {max_usd: 5}
+""", "training.ai_toolkit.overrides", "not a dtype ai-toolkit knows"),
+    "an override setting ai-toolkit's legacy accumulation key": ("""\
+name: ok
+dataset: {path: data}
+training:
+  ai_toolkit:
+    overrides:
+      train.gradient_accumulation_steps: 4   #<
+budget: {max_usd: 5}
+""", "training.ai_toolkit.overrides", "rendered as train.gradient_accumulation"),
+    "an override naming an unknown optimizer": ("""\
+name: ok
+dataset: {path: data}
+training:
+  ai_toolkit:
+    overrides:
+      train: {optimizer: sgd}   #<
+budget: {max_usd: 5}
+""", "training.ai_toolkit.overrides", "not an optimizer ai-toolkit knows"),
 }
 
 

@@ -145,7 +145,8 @@ def _load_batch(doc: _Document, problems: list[str]) -> LoadedFile:
     batch = _validate(doc, BatchSpec, raw_batch, ("batch",), {}, "", problems)
     if batch is None:
         return LoadedFile(doc.path, [], None)
-    unknown = [(key, reason) for key in batch.sweep or {} if (reason := _unknown_spec_key(key))]
+    unknown = [(key, reason) for key in batch.sweep or {}
+               if (reason := _unknown_spec_key(key) or _pointless_sweep(key))]
     for key, reason in unknown:
         problems.append(doc.problem_at(doc.mark(("batch", "sweep", key), key=True),
                                        f"batch.sweep.{key}", reason))
@@ -363,6 +364,17 @@ def _unknown_spec_key(dotted: str) -> str | None:
     return None
 
 
+def _pointless_sweep(dotted: str) -> str | None:
+    """Why sweeping this key would run identical trainings, or None."""
+    from controller.batch.spec import split_key
+
+    if split_key(dotted) == ("training", "alpha"):
+        return ("a sweep over training.alpha would run identical trainings: ai-toolkit sets "
+                "alpha = rank for Flux LoRAs (toolkit/lora_special.py, 'no alpha for peft'); "
+                "sweep training.rank instead")
+    return None
+
+
 def _check_dataset(doc: _Document, raw_path: str, origins: dict, label: str,
                    problems: list[str]) -> Path | None:
     """The absolute dataset folder if it exists and holds images, else None and a problem."""
@@ -385,18 +397,24 @@ def _check_dataset(doc: _Document, raw_path: str, origins: dict, label: str,
 
 def _check_overrides(doc: _Document, spec: "RunSpec", origins: dict, label: str,
                      problems: list[str]) -> None:
+    """Overrides apply, and ai-toolkit takes what they set as written (names, strings)."""
     from remote.aitk_config import OverrideError, build_aitk_config
+    from remote.aitk_rules import override_problems
 
-    if not spec.training.ai_toolkit.overrides:
+    overrides = spec.training.ai_toolkit.overrides
+    if not overrides:
         return
     try:
         build_aitk_config(spec.model_dump(mode="json"), dataset_dir="/dataset",
                           training_folder="/output")
+        found = [(key, f"override {key!r}: {why}") for key, why in override_problems(overrides)]
     except OverrideError as exc:
-        loc = ("training", "ai_toolkit", "overrides", exc.key)
+        found = [(exc.key, str(exc))]
+    for key, message in found:
+        loc = ("training", "ai_toolkit", "overrides", key)
         where, from_override = _locate(doc, loc, origins, at_key=True)
         suffix = f" (in {label})" if label and from_override else ""
-        problems.append(doc.problem_at(where, _dotted(loc[:-1]), f"{exc}{suffix}"))
+        problems.append(doc.problem_at(where, _dotted(loc[:-1]), f"{message}{suffix}"))
 
 
 def _child(node: yaml.Node, part: Any) -> tuple[yaml.Node | None, yaml.Node] | None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_validator)
 
 # Defined once, in the config generator that also runs on the instance; re-exported here.
 from remote.aitk_config import BASE_MODELS, SCHNELL_ADAPTER  # noqa: F401 (re-exported)
+from remote.aitk_rules import NAME_TAG, OPTIMIZERS, optimizer_problem, rewrite_problem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
@@ -36,12 +38,31 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _reaches_aitk(value: str) -> str:
+    """A string that goes into the ai-toolkit config: refused if ai-toolkit's loader rewrites it."""
+    problem = rewrite_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _sample_prompt(value: str) -> str:
+    problem = rewrite_problem(value, prompt=True)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+AitkText = Annotated[str, AfterValidator(_reaches_aitk)]
+
+
 class CustomBaseModel(_Model):
     """An explicit base model: a hub id or a local path, and which Flux variant it is."""
 
-    name_or_path: str = Field(min_length=1, description="a Hugging Face hub id or a local path")
+    name_or_path: AitkText = Field(min_length=1,
+                                   description="a Hugging Face hub id or a local path")
     variant: Literal["dev", "schnell"] = Field("dev", description="which Flux variant it is")
-    assistant_lora_path: str | None = Field(
+    assistant_lora_path: AitkText | None = Field(
         None, description="schnell needs ostris' training adapter")
 
 
@@ -64,11 +85,21 @@ class CaptioningSpec(_Model):
                                 "or model (an image-to-text model on the GPU)")
     template: str = Field("a photo of [trigger]",
                           description="used for images without a sidecar caption")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if NAME_TAG in value:
+            raise ValueError("ai-toolkit replaces '[name]' in every caption with the trigger word "
+                             "(toolkit/prompt_utils.py:720 inject_trigger_into_prompt): write "
+                             "[trigger] for the trigger word, or the words themselves")
+        return value
     model: str = Field("Salesforce/blip-image-captioning-large",
                        description="image-to-text model for mode: model")
     batch_size: int = Field(8, ge=1, le=256, description="images per captioning batch")
-    insert_trigger: bool = Field(True,
-                                 description="prepend the trigger word to captions that lack it")
+    insert_trigger: bool = Field(
+        True, description="prepend the trigger word to captions that lack it (false: captions "
+                          "are trained as written; ai-toolkit is not given the trigger word)")
 
 
 GateCategory = Literal[
@@ -100,8 +131,9 @@ class QualityGateSpec(_Model):
 class SampleSpec(_Model):
     enabled: bool = Field(True, description="sample images while training")
     every: int | None = Field(None, ge=1, description="steps; None = scaled to the run length")
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS),
-                               description="[trigger] is replaced by the trigger word")
+    prompts: list[Annotated[str, AfterValidator(_sample_prompt)]] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS),
+        description="[trigger] is replaced by the trigger word (dropped when there is none)")
     steps: int | None = Field(None, ge=1, le=200,
                               description="denoising steps; None = 20 for dev, 4 for schnell")
     guidance: float | None = Field(None, ge=0.0, le=30.0,
@@ -130,13 +162,16 @@ class TrainingSpec(_Model):
     steps: int = Field(2000, ge=1, le=200_000, description="training steps")
     lr: float = Field(1e-4, gt=0.0, le=1.0, description="learning rate")
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank")
-    alpha: float | None = Field(None, gt=0.0, description="LoRA alpha; None = same as rank")
+    alpha: float | None = Field(
+        None, gt=0.0, description="LoRA alpha: ai-toolkit trains Flux LoRAs with alpha = rank, "
+                                  "so only the rank's value (or no value) is accepted")
     batch_size: int = Field(1, ge=1, le=64, description="images per step")
     gradient_accumulation_steps: int = Field(1, ge=1, le=256,
                                              description="batches accumulated per optimizer step")
     resolutions: list[int] = Field(default_factory=lambda: [512, 768, 1024],
                                    description="training buckets, multiples of 16")
-    optimizer: str = Field("adamw8bit", description="ai-toolkit optimizer name")
+    optimizer: str = Field("adamw8bit", description="ai-toolkit optimizer name: "
+                                                    "adamw8bit, adamw, prodigy, adafactor, ...")
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="training precision")
     quantize: bool = Field(True, description="8-bit base weights: Flux fits in 24 GB")
     save_every: int | None = Field(None, ge=1, description="checkpoint every this many steps; "
@@ -161,6 +196,25 @@ class TrainingSpec(_Model):
         for res in value:
             if res < 16 or res > 4096 or res % 16:
                 raise ValueError(f"{res} is not a multiple of 16 between 16 and 4096")
+        return value
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, value: float | None, info: ValidationInfo) -> float | None:
+        rank = info.data.get("rank")
+        if value is not None and rank is not None and value != rank:
+            raise ValueError(
+                f"alpha {value:g} with rank {rank} would be ignored: ai-toolkit saves Flux LoRAs "
+                "in PEFT format and sets alpha = rank (toolkit/lora_special.py, 'no alpha for "
+                "peft'); remove training.alpha or set it to the rank")
+        return value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, value: str) -> str:
+        problem = optimizer_problem(value)
+        if problem:
+            raise ValueError(f"{value!r} {problem}; known: {', '.join(OPTIMIZERS)}")
         return value
 
     @field_validator("command")
@@ -247,8 +301,8 @@ class ProviderSpec(_Model):
         None, description="ssh only; default ~/.ssh/id_ed25519 via ssh's own rules")
     price_per_hour: float = Field(0.0, ge=0.0,
                                   description="ssh/local: what your own hardware costs you")
-    remote_root: str = Field("/workspace/flux-remote",
-                             description="where run dirs live on the instance")
+    remote_root: AitkText = Field("/workspace/flux-remote",
+                                  description="where run dirs live on the instance")
     remote_python: str = Field("python3", description="the Python the agent runs with")
     auto_mount_paths: bool = Field(
         True, description="VAST_AUTO_MOUNT_PATHS: caches/outputs on the largest volume")
@@ -271,9 +325,9 @@ class ProviderSpec(_Model):
 
 class WandbSpec(_Model):
     enabled: bool = Field(False, description="the key comes only from WANDB_API_KEY")
-    project: str = Field("flux-remote", description="the W&B project")
+    project: AitkText = Field("flux-remote", description="the W&B project")
     entity: str | None = Field(None, description="the W&B team or user; None = your default")
-    run_name: str | None = Field(None, description="None = the run id")
+    run_name: AitkText | None = Field(None, description="None = the run id")
 
 
 class PublishSpec(_Model):
@@ -324,6 +378,10 @@ class RunSpec(_Model):
     def _trigger(cls, value: str | None) -> str | None:
         if value is not None and (not value.strip() or "\n" in value):
             raise ValueError("must be a non-empty single line, e.g. 'p3r5on'")
+        # the trigger word is in the config and in every sample prompt
+        problem = rewrite_problem(value, prompt=True) if value is not None else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @property

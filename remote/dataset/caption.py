@@ -1,7 +1,9 @@
 """The caption stage: every ingested image gets a caption sidecar the trainer reads.
 
-Existing sidecars are kept byte for byte (ingest already copied them); the only change ever made
-to one is prepending the trigger word when it lacks it and ``insert_trigger`` is on. Missing
+Existing sidecars are kept byte for byte (ingest already copied them); the only changes ever made
+to one are prepending the trigger word when it lacks it and ``insert_trigger`` is on, and, when it
+is off, writing the trigger word in place of ``[trigger]`` (ai-toolkit is then not given the
+trigger word, and would train on the caption with the placeholder removed). Missing
 captions are filled by the template (``mode="template"``), by a captioning model
 (``mode="model"``), or left missing (``mode="keep"``: the quality gate then reports
 ``missing_caption``). A caption file without an image was reported by ingest and is never used.
@@ -70,7 +72,7 @@ def caption(result: IngestResult, *, mode: str, template: str, trigger: str | No
         sidecar = record.path.with_name(f"{record.path.stem}.{caption_ext}")
         if sidecar.exists():
             record.caption_path = sidecar
-            _keep_sidecar(record, sidecar, trigger if insert_trigger else None, report)
+            _keep_sidecar(record, sidecar, trigger, insert_trigger, report)
         elif mode == "template":
             text = render_template(template, trigger)
             _write_caption(record, sidecar, text, "template", report)
@@ -107,7 +109,7 @@ def _contains_word(text: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.IGNORECASE) is not None
 
 
-def _keep_sidecar(record: ImageRecord, sidecar: Path, trigger: str | None,
+def _keep_sidecar(record: ImageRecord, sidecar: Path, trigger: str | None, insert_trigger: bool,
                   report: CaptionReport) -> None:
     raw = sidecar.read_bytes()
     try:
@@ -117,7 +119,13 @@ def _keep_sidecar(record: ImageRecord, sidecar: Path, trigger: str | None,
         report.kept += 1
         report.entries.append({"output": record.path.name, "origin": "sidecar"})
         return
-    new_text, changed = with_trigger(text, trigger)
+    if insert_trigger:
+        new_text, changed = with_trigger(text, trigger)
+    else:
+        new_text = text.replace(TRIGGER_PLACEHOLDER, trigger) if trigger else text
+        if new_text != text:
+            sidecar.write_text(new_text, encoding="utf-8")
+        changed = False
     if changed:
         sidecar.write_text(new_text, encoding="utf-8")
         report.trigger_inserted += 1

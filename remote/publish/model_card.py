@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from remote.aitk_config import base_model_path, is_schnell
+from remote.aitk_rules import fill_trigger as aitk_fill_trigger
 
 TAGS = ["text-to-image", "flux", "lora", "diffusers", "template:sd-lora"]
 DEV_LICENSE = {
@@ -22,7 +23,9 @@ SCHNELL_LICENSE = {"license": "apache-2.0"}
 
 
 def fill_trigger(prompt: str, trigger: str | None) -> str:
-    return prompt.replace("[trigger]", trigger or "").strip()
+    """The prompt as sampled: the config generator fills ``[trigger]`` the same way, so the card
+    shows exactly the prompts of the samples beside them."""
+    return aitk_fill_trigger(prompt, trigger)
 
 
 def front_matter(spec: dict[str, Any], widget: list[tuple[str, str]]) -> dict[str, Any]:

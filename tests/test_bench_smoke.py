@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from controller.planning.planner import estimate
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 MODULES = ["bench_cli_startup", "bench_ingest", "bench_sync", "bench_planner",
@@ -34,14 +37,34 @@ def test_bench_module_imports_and_has_main(name: str) -> None:
     assert module.__doc__ and module.__doc__.strip()
 
 
-def test_planner_compare_on_the_saved_snapshot() -> None:
+def test_planner_simulation_prices_picks_from_the_truth() -> None:
+    load("make_market_snapshot")
+    sim = load("market_sim")
     bench = load("bench_planner")
-    offers = json.loads((BENCH / "market_snapshot.json").read_text())["offers"]
-    assert len(offers) >= 50
-    result = bench.compare(bench.make_spec({}), offers)
-    assert result["eligible"] >= 1
-    assert result["planner"]["est_usd"] > 0
-    assert result["ratio_vs_lowest_dph"] > 0 and result["ratio_vs_api_score"] > 0
+    market = sim.draw_market(random.Random(1), count=60)
+    assert len(market.offers) == 60 and set(market.truth) == {o["id"] for o in market.offers}
+    run = bench.one_run({}, market.offers, market, random.Random(2))
+    assert run is not None and run["best"] > 0
+    for name in bench.STRATEGIES:
+        assert run[name]["spent"] <= run["budget"] + 1e-9
+    summary = bench.summarise([run], 0.15)
+    assert summary["runs"] == 1 and "p90" in summary["estimate_error"]
+    # The truth, not the estimate: a slower true GPU costs more than the planner believed.
+    offer = market.offers[0]
+    est = estimate(bench.make_spec({}), offer)
+    truth = market.truth[offer["id"]]
+    slow = sim.Truth(truth.s_per_step * 2, truth.down_mbps, truth.overhead_factor, None)
+    fast = sim.Truth(truth.s_per_step, truth.down_mbps, truth.overhead_factor, None)
+    assert sim.realised_usd(est, slow) > sim.realised_usd(est, fast)
+    assert sim.percentile([3.0, 1.0, 2.0], 90) == 3.0
+
+
+def test_vast_default_order_score_fits_the_real_offers() -> None:
+    sim = load("market_sim")
+    ref = BENCH.parent / "tests" / "data" / "reference" / "vast"
+    for name in ("search_offers_ondemand.json", "search_offers_bid.json"):
+        for offer in json.loads((ref / name).read_text())["offers"]:
+            assert 0.6 < sim.vast_score(offer) / offer["score"] < 1.4
 
 
 def test_controller_helpers() -> None:

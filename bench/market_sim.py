@@ -100,6 +100,22 @@ class Market:
     truth: dict[int, Truth]
 
 
+def draw_truth(rng: random.Random, offer: dict[str, Any], model_s: float | None = None,
+               hub_cap: float | None = None) -> Truth:
+    """The truth of one offer; ``model_s`` / ``hub_cap`` are shared by a market's offers."""
+    lo, hi, _ = PUBLISHED_S_PER_STEP[offer["gpu_name"]]
+    model_s = model_s if model_s is not None else _loguniform(rng, lo, hi)
+    hub_cap = hub_cap if hub_cap is not None else _loguniform(rng, *HUB_CAP_MBPS)
+    eff = min(1.0, max(0.03, DOWN_EFF_MEDIAN * math.exp(rng.gauss(0.0, DOWN_EFF_SIGMA))))
+    p_fail = (1.0 - float(offer["reliability2"])) * rng.uniform(*FAILURE_SCALE)
+    return Truth(
+        s_per_step=model_s * math.exp(rng.gauss(0.0, HOST_SPEED_SIGMA)),
+        down_mbps=min(float(offer["inet_down"]) * eff, hub_cap),
+        overhead_factor=_loguniform(rng, *OVERHEAD_SPREAD),
+        fails_at=rng.random() if rng.random() < p_fail else None,
+    )
+
+
 def draw_market(rng: random.Random, templates: list[dict[str, Any]] | None = None,
                 count: int = OFFERS_PER_DRAW) -> Market:
     """One market: ``count`` offers and the truth of each, independent of what they advertise."""
@@ -111,25 +127,16 @@ def draw_market(rng: random.Random, templates: list[dict[str, Any]] | None = Non
     for n in range(count):
         offer = make_offer(rng, templates[n % len(templates)], 70000000 + n * 131)
         offer["score"] = round(vast_score(offer), 3)
-        name = offer["gpu_name"]
-        eff = min(1.0, max(0.03, DOWN_EFF_MEDIAN * math.exp(rng.gauss(0.0, DOWN_EFF_SIGMA))))
-        p_fail = (1.0 - float(offer["reliability2"])) * rng.uniform(*FAILURE_SCALE)
-        truth[offer["id"]] = Truth(
-            s_per_step=model_s[name] * math.exp(rng.gauss(0.0, HOST_SPEED_SIGMA)),
-            down_mbps=min(float(offer["inet_down"]) * eff, hub_cap),
-            overhead_factor=_loguniform(rng, *OVERHEAD_SPREAD),
-            fails_at=rng.random() if rng.random() < p_fail else None,
-        )
+        truth[offer["id"]] = draw_truth(rng, offer, model_s[offer["gpu_name"]], hub_cap)
         offers.append(offer)
     return Market(offers=offers, truth=truth)
 
 
-def realised_usd(est: OfferEstimate, truth: Truth) -> float:
-    """What the run on this offer really costs, from the planner's breakdown re-timed by truth."""
+def true_seconds(est: OfferEstimate, truth: Truth) -> float:
+    """Billed seconds of the run on this offer: the planner's breakdown re-timed by the truth."""
     b = est.breakdown
     speed = truth.s_per_step / b["s_per_step"]  # the prior (or fallback) vs the truth
-    mbps = b["download_mbps_effective"]
-    down = max(mbps, 1.0) / max(truth.down_mbps, 1.0)
+    down = max(b["download_mbps_effective"], 1.0) / max(truth.down_mbps, 1.0)
     install_transfer = b["install_s"] - INSTALL_CPU_S
     seconds = (
         b["provision_s"] * truth.overhead_factor
@@ -142,8 +149,13 @@ def realised_usd(est: OfferEstimate, truth: Truth) -> float:
         + b["fixed_stages_s"] * truth.overhead_factor
     )
     if truth.fails_at is not None:
-        seconds *= 1.0 + truth.fails_at
-    return est.dph_total * seconds / 3600 + b["bandwidth_usd"]
+        seconds *= 1.0 + truth.fails_at  # the part done before the host died, then all again
+    return seconds
+
+
+def realised_usd(est: OfferEstimate, truth: Truth) -> float:
+    """What the run on this offer really costs: compute over the true hours, plus bandwidth."""
+    return est.dph_total * true_seconds(est, truth) / 3600 + est.breakdown["bandwidth_usd"]
 
 
 def true_costs(spec: Any, market: Market, eligible: list[dict[str, Any]]) -> dict[int, float]:

@@ -16,7 +16,7 @@ from controller.planning.planner import estimate
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 MODULES = ["bench_cli_startup", "bench_ingest", "bench_sync", "bench_planner",
            "make_market_snapshot", "bench_controller", "controller_child", "bench_gpu",
-           "run_all"]
+           "run_all", "bench_estimate"]
 
 
 def load(name: str) -> ModuleType:
@@ -57,6 +57,26 @@ def test_planner_simulation_prices_picks_from_the_truth() -> None:
     fast = sim.Truth(truth.s_per_step, truth.down_mbps, truth.overhead_factor, None)
     assert sim.realised_usd(est, slow) > sim.realised_usd(est, fast)
     assert sim.percentile([3.0, 1.0, 2.0], 90) == 3.0
+
+
+def test_estimate_vs_bill_reads_both_figures_from_the_receipt() -> None:
+    load("make_market_snapshot")
+    sim = load("market_sim")
+    bench = load("bench_estimate")
+    rng = random.Random(3)
+    template = load("make_market_snapshot")._templates()[0]
+    offer = bench.offer_for(rng, template, "RTX 4090", 1)
+    spec = load("bench_planner").make_spec({})
+    truth = sim.draw_truth(rng, offer)
+    exact = sim.Truth(3.0, 1e9, 1.0, None)  # the prior, an endless link: close to the estimate
+    assert bench.with_failure(truth, "slow_gpu", offer, rng).s_per_step > 3.5  # past the range
+    slow = bench.one_run(spec, offer, sim.Truth(6.0, 1e9, 1.0, None))  # twice the prior
+    died = bench.one_run(spec, offer, sim.Truth(3.0, 1e9, 1.0, 0.9))
+    near = bench.one_run(spec, offer, exact)
+    assert slow["ratio"] > 1.2 and not slow["within"]  # a miss is reported as one
+    assert died["ratio"] > near["ratio"]
+    assert 0.5 < near["ratio"] < 1.2
+    assert bench.summarise([slow, near])["runs"] == 2
 
 
 def test_vast_default_order_score_fits_the_real_offers() -> None:

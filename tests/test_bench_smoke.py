@@ -123,11 +123,30 @@ def test_run_all_summaries_and_table() -> None:
     assert set(run_all.SUMMARIES) == set(run_all.BENCHES)
     rows = run_all.summarize("ingest", {"n": 10, "ratio": 3.0, "agent_images_per_s": 30.0,
                                         "naive_images_per_s": 10.0})
-    assert rows == [("ingest", "agent / naive loop, 10 images", "3.00x (30.0 vs 10.0 img/s)",
-                     ">= 2x", True)]
+    assert rows == [("ingest", "agent / naive loop (same JPEG output), 10 images",
+                     "3.00x (30.0 vs 10.0 img/s)", ">= 2x", True)]
     broken = run_all.summarize("sync", {"first_upload": {}})
     assert broken[0][2].startswith("unreadable")
     table = run_all.format_table(rows + broken)
     assert "benchmark" in table.splitlines()[0] and "yes" in table
     info = run_all.machine_info()
     assert info["nproc"] >= 1 and info["python"]
+
+
+def test_run_all_writes_the_doc_table_it_printed_misses_included(tmp_path: Path) -> None:
+    run_all = load("run_all")
+    slow = run_all.summarize("ingest", {"n": 10, "ratio": 1.5, "agent_images_per_s": 15.0,
+                                        "naive_images_per_s": 10.0})
+    assert slow[0][4] is False and "MISSED" in run_all.format_table(slow)
+    info = {**run_all.machine_info(), "loadavg_after": [1.0, 1.0, 1.0]}
+    out = {"machine": info, "quick": False, "table": [
+        dict(zip(("benchmark", "measure", "value", "target", "met"), r)) for r in slow],
+        "benchmarks": {"ingest": {"rc": 0}, "sync": {"rc": 1}}}
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# P\n\nbefore\n{run_all.BEGIN}\nold numbers\n{run_all.END}\nafter\n")
+    run_all.write_doc(out, "python bench/run_all.py --write-doc", doc, tmp_path / "p.json")
+    text = doc.read_text()
+    assert "old numbers" not in text and "before" in text and "after" in text
+    assert "| 1.50x (15.0 vs 10.0 img/s) | >= 2x | **MISSED** |" in text
+    assert "sync (exit code 1)" in text
+    assert json.loads((tmp_path / "p.json").read_text())["table"][0]["met"] is False

@@ -40,7 +40,8 @@ sys.path.insert(0, str(HERE))
 
 from bench_planner import SHAPES, make_spec  # noqa: E402
 from make_market_snapshot import GPUS, _templates, make_offer  # noqa: E402
-from market_sim import PUBLISHED_S_PER_STEP, Truth, draw_truth, percentile, true_seconds  # noqa: E402
+from market_sim import (PUBLISHED_S_PER_STEP, Truth, draw_truth, percentile,  # noqa: E402
+                        true_seconds)
 
 from controller.planning.planner import estimate  # noqa: E402
 from controller.run.fetch import controller_receipt  # noqa: E402

@@ -5,8 +5,9 @@ a file and adds up one JSON line per test: its outcome (passed, failed, skipped,
 was **observed** after the fault, not what the test believes:
 
 * orphans: instances of the test's FakeVast (``fake_vast`` fixture) that carry a flux-remote
-  label and are not stopped, read from the fake when the test body ends, pass or fail
-  (:func:`pytest_runtest_makereport`, loaded as a plugin by ``tests/conftest.py``);
+  label (or none) and are not stopped, read from the fake when the test body ends, pass or fail
+  (:func:`pytest_runtest_makereport`, loaded as a plugin by ``tests/conftest.py``); bystanders
+  a test made on purpose are named with ``exclude=``;
 * artifacts lost: each bundle handed to :func:`record` (``bundles=``) whose ``SHA256SUMS`` do not
   verify on disk, plus one when ``kept=False`` (the machine holding the only copy was not kept);
 * budget overruns: the receipt's ``metered_usd`` over ``budget`` (``receipt=``, ``budget=``).
@@ -43,18 +44,24 @@ def _current_test() -> str | None:
     return current.rsplit(" ", 1)[0] if current else None
 
 
-def orphans_in(fake: Any) -> int:
-    """flux-remote instances of a FakeVast that still exist and are not stopped (compute bills)."""
-    return sum(1 for inst in fake.instances.values()
-               if str(inst.get("label") or "").startswith(FLUX_LABEL)
-               and inst.get("intended_status") != "stopped"
+def _ours(fake: Any, exclude: Iterable[int] = ()) -> list[dict[str, Any]]:
+    """Instances a flux-remote run made (its label, or none at all: a create that lost it),
+    less the bystanders a test made on purpose (``exclude``)."""
+    skip = set(exclude)
+    return [inst for iid, inst in fake.instances.items() if iid not in skip
+            and (not inst.get("label") or str(inst["label"]).startswith(FLUX_LABEL))]
+
+
+def orphans_in(fake: Any, exclude: Iterable[int] = ()) -> int:
+    """Our instances of a FakeVast that still exist and are not stopped (compute bills)."""
+    return sum(1 for inst in _ours(fake, exclude)
+               if inst.get("intended_status") != "stopped"
                and inst.get("actual_status") != "stopped")
 
 
-def kept_in(fake: Any) -> int:
-    """flux-remote instances kept stopped (storage bills, data kept for ``flux-remote fetch``)."""
-    return sum(1 for inst in fake.instances.values()
-               if str(inst.get("label") or "").startswith(FLUX_LABEL)) - orphans_in(fake)
+def kept_in(fake: Any, exclude: Iterable[int] = ()) -> int:
+    """Our instances kept stopped (storage bills, data kept for ``flux-remote fetch``)."""
+    return len(_ours(fake, exclude)) - orphans_in(fake, exclude)
 
 
 def bundle_verifies(folder: Path) -> bool:
@@ -71,13 +78,13 @@ def bundle_verifies(folder: Path) -> bool:
     return bool(lines)
 
 
-def observe(*, fake: Any = None, bundles: Iterable[Path] = (), kept: bool | None = None,
-            receipt: dict[str, Any] | Path | None = None,
+def observe(*, fake: Any = None, exclude: Iterable[int] = (), bundles: Iterable[Path] = (),
+            kept: bool | None = None, receipt: dict[str, Any] | Path | None = None,
             budget: float | None = None) -> dict[str, int]:
     """The counts that can be read off what the fault left behind."""
     seen: dict[str, int] = {}
     if fake is not None:
-        seen["orphans"] = orphans_in(fake)
+        seen["orphans"] = orphans_in(fake, exclude)
     bundles = list(bundles)
     if bundles or kept is not None:
         seen["lost"] = sum(not bundle_verifies(Path(b)) for b in bundles) + int(kept is False)
@@ -91,7 +98,7 @@ def observe(*, fake: Any = None, bundles: Iterable[Path] = (), kept: bool | None
 
 def record(name: str, *, faults: int = 1, orphans: int | None = None, lost: int | None = None,
            overruns: int | None = None, category: str = "fault", fake: Any = None,
-           bundles: Iterable[Path] = (), kept: bool | None = None,
+           exclude: Iterable[int] = (), bundles: Iterable[Path] = (), kept: bool | None = None,
            receipt: dict[str, Any] | Path | None = None, budget: float | None = None) -> None:
     """Count one fault test's result: ``faults`` injected, the rest observed (see the module).
 
@@ -104,8 +111,8 @@ def record(name: str, *, faults: int = 1, orphans: int | None = None, lost: int 
                              "declared": {k: int(v) for k, v in (("orphans", orphans),
                                           ("lost", lost), ("overruns", overruns))
                                           if v is not None}}
-    watch = {"fake": fake, "bundles": list(bundles), "kept": kept, "receipt": receipt,
-             "budget": budget}
+    watch = {"fake": fake, "exclude": list(exclude), "bundles": list(bundles), "kept": kept,
+             "receipt": receipt, "budget": budget}
     nodeid = _current_test()
     if nodeid is not None:
         _PENDING[nodeid] = {"entry": entry, "watch": watch}
@@ -126,7 +133,7 @@ def _settle(entry: dict[str, Any], watch: dict[str, Any]) -> dict[str, Any]:
             if key in declared:
                 entry["declared"].append(key)
     if watch.get("fake") is not None:
-        entry["kept"] = kept_in(watch["fake"])
+        entry["kept"] = kept_in(watch["fake"], watch.get("exclude", ()))
     return entry
 
 

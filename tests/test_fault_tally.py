@@ -38,8 +38,10 @@ def test_observations_come_from_the_fake_the_disk_and_the_receipt(tmp_path: Path
         2: {"label": "flux-remote:b", "actual_status": "stopped", "intended_status": "stopped"},
         3: {"label": "flux-remote:c", "actual_status": "exited", "intended_status": "stopped"},
         4: {"label": "someone-else", "actual_status": "running", "intended_status": "running"},
+        5: {"label": None, "actual_status": "running", "intended_status": "running"},
     })
-    assert orphans_in(fake) == 1 and kept_in(fake) == 2
+    assert orphans_in(fake) == 2 and kept_in(fake) == 2  # an unlabelled one is ours too
+    assert orphans_in(fake, exclude=[5]) == 1
     good = _bundle(tmp_path / "good")
     bad = _bundle(tmp_path / "bad")
     (bad / "x.safetensors").write_bytes(b"tampered")
@@ -47,7 +49,7 @@ def test_observations_come_from_the_fake_the_disk_and_the_receipt(tmp_path: Path
     assert not bundle_verifies(tmp_path / "missing")
     seen = observe(fake=fake, bundles=[good, bad], kept=False,
                    receipt={"metered_usd": 5.01}, budget=5.0)
-    assert seen == {"orphans": 1, "lost": 2, "overruns": 1}
+    assert seen == {"orphans": 2, "lost": 2, "overruns": 1}
     assert observe(receipt=tmp_path / "no-receipt.json", budget=1.0) == {}
 
 

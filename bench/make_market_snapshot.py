@@ -32,7 +32,8 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REFERENCE_DIRS = [HERE.parent / "shared" / "reference" / "vast",
+REFERENCE_DIRS = [HERE.parent / "tests" / "data" / "reference" / "vast",
+                  HERE.parent / "shared" / "reference" / "vast",
                   HERE.parent.parent / "shared" / "reference" / "vast"]
 SEED = 20251129
 ALLOCATED_GB = 120.0

@@ -5,9 +5,13 @@ this runs them one after the other as subprocesses, then reads those files back.
 shrinks every size (for a smoke run, not for the numbers in docs/performance.md).
 
     python bench/run_all.py [--quick | --quick-for ingest gpu] [--only ingest sync ...]
-                            [--skip gpu] [--baseline-venv /tmp/vastai-venv]
+                            [--skip gpu] [--baseline-venv /tmp/vastai-venv] [--write-doc]
 
 The table has one row per measured ratio or overhead with its target and whether it is met.
+``--write-doc`` puts that table, as printed (misses marked MISSED), with the machine and the
+command line, between the ``bench:begin``/``bench:end`` markers of docs/performance.md, and
+copies ``all.json`` to docs/performance.json beside it: the summary is this script's output,
+never typed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+DOC = HERE.parent / "docs" / "performance.md"
+DOC_JSON = HERE.parent / "docs" / "performance.json"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 # name -> (script, results file, full-size args, quick args)
 BENCHES: dict[str, tuple[str, str, list[str], list[str]]] = {
@@ -32,7 +39,8 @@ BENCHES: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ingest": ("bench_ingest.py", "ingest.json", ["--n", "200"], ["--n", "40"]),
     "sync": ("bench_sync.py", "sync.json", ["--mb", "100", "--repeats", "5"],
              ["--mb", "20", "--repeats", "1"]),
-    "planner": ("bench_planner.py", "planner.json", [], []),
+    "planner": ("bench_planner.py", "planner.json", [], ["--draws", "60"]),
+    "estimate": ("bench_estimate.py", "estimate.json", [], []),
     "controller": ("bench_controller.py", "controller.json", [], ["--quick"]),
     "gpu": ("bench_gpu.py", "gpu.json", [], ["--quick"]),
 }
@@ -77,7 +85,7 @@ def _cli(d: dict[str, Any]) -> list[Row]:
 
 
 def _ingest(d: dict[str, Any]) -> list[Row]:
-    return [("ingest", f"agent / naive loop, {d['n']} images",
+    return [("ingest", f"agent / naive loop (same JPEG output), {d['n']} images",
              f"{d['ratio']:.2f}x ({d['agent_images_per_s']:.1f} vs {d['naive_images_per_s']:.1f} "
              f"img/s)", ">= 2x", d["ratio"] >= 2.0)]
 
@@ -96,12 +104,33 @@ def _sync(d: dict[str, Any]) -> list[Row]:
 
 
 def _planner(d: dict[str, Any]) -> list[Row]:
-    return [
-        ("planner", f"planner $ / lowest-$/h $ (mean, {d['offers']} offers)",
-         f"{d['mean_ratio_vs_lowest_dph']:.3f}", "<= 1", d["mean_ratio_vs_lowest_dph"] <= 1.0),
-        ("planner", "planner $ / API-score pick $ (mean)", f"{d['mean_ratio_vs_api_score']:.3f}",
-         "<= 1", d["mean_ratio_vs_api_score"] <= 1.0),
-    ]
+    a = d["all"]
+    rows: list[Row] = []
+    for key, label in (("lowest_dph", "lowest-$/h pick"), ("default_order", "Vast default order")):
+        v = a[f"vs_{key}"]
+        ratio = v["ratio_usd_per_finished_run"]
+        rows.append(("planner", f"realised $ per finished run: planner / {label} "
+                                f"({d['draws']} markets)",
+                     f"{ratio:.3f} (per draw p10-p90 {v['per_draw_ratio_p10']:.2f}-"
+                     f"{v['per_draw_ratio_p90']:.2f})" if ratio else "n/a", "<= 1",
+                     ratio <= 1.0 if ratio else None))
+    rows.append(("planner", "runs refused or capped when an offer would have finished",
+                 f"{a['missed_finish_share']:.1%} ({a['refused_though_a_finish_existed']} refused, "
+                 f"{a['stopped_at_cap_though_a_finish_existed']} capped of {a['runs']})", "", None))
+    e = a["estimate_error"]
+    rows.append(("planner", "estimate error realised/estimate - 1: mean, p90",
+                 f"{e['mean']:+.3f}, {e['p90']:+.3f}", f"p90 <= safety_margin {d['safety_margin']}",
+                 e["p90"] <= d["safety_margin"]))
+    return rows
+
+
+def _estimate(d: dict[str, Any]) -> list[Row]:
+    a = d["all"]
+    return [("estimate", f"metered / estimate in the receipt ({a['runs']} runs: GPUs x shapes x "
+                         "failures)",
+             f"{a['share_within']:.0%} within 20 % (p10 {a['ratio_p10']:.2f}, median "
+             f"{a['ratio_median']:.2f}, p90 {a['ratio_p90']:.2f})", "all within 20 %",
+             a["share_within"] == 1.0)]
 
 
 def _controller(d: dict[str, Any]) -> list[Row]:
@@ -153,7 +182,7 @@ def _gpu(d: dict[str, Any]) -> list[Row]:
 
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "cli_startup": _cli, "ingest": _ingest, "sync": _sync, "planner": _planner,
-    "controller": _controller, "gpu": _gpu,
+    "estimate": _estimate, "controller": _controller, "gpu": _gpu,
 }
 
 
@@ -171,9 +200,44 @@ def format_table(rows: list[Row]) -> str:
     head = ("benchmark", "measure", "value", "target", "met")
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(head, widths + [3]))]
     for row in rows:
-        met = "" if row[4] is None else ("yes" if row[4] else "NO")
+        met = "" if row[4] is None else ("yes" if row[4] else "MISSED")
         lines.append("  ".join(str(v).ljust(w) for v, w in zip(row[:4], widths)) + "  " + met)
     return "\n".join(lines)
+
+
+def _met(met: "bool | None") -> str:
+    return "" if met is None else ("yes" if met else "**MISSED**")
+
+
+def markdown(out: dict[str, Any], command: str) -> str:
+    """The summary block of docs/performance.md, from ``all.json``'s content only."""
+    m = out["machine"]
+    lines = [BEGIN,
+             f"Written by `{command}` on {m['date']}: {m['nproc']} x {m['cpu']}, "
+             f"{m['ram_gib']} GiB, Python {m['python']} ({m['platform']}), load average "
+             f"{m['loadavg']} -> {m.get('loadavg_after')}"
+             + (f"; quick sizes: {out['quick']}" if out["quick"] else "")
+             + ". Raw JSON: [performance.json](performance.json).", "",
+             "| benchmark | measure | value | target | met |", "|---|---|---|---|---|"]
+    for row in out["table"]:
+        cells = [str(row[k]).replace("|", "\\|") for k in ("benchmark", "measure", "value",
+                                                           "target")]
+        lines.append("| " + " | ".join(cells) + f" | {_met(row['met'])} |")
+    failed = [f"{n} (exit code {b['rc']})" for n, b in out["benchmarks"].items() if b["rc"]]
+    if failed:
+        lines += ["", "Benchmarks that exited non-zero: " + ", ".join(failed) + "."]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_doc(out: dict[str, Any], command: str, doc: Path = DOC,
+              doc_json: Path = DOC_JSON) -> None:
+    text = doc.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc}: no {BEGIN} ... {END} markers to write between")
+    head, rest = text.split(BEGIN, 1)
+    doc.write_text(head + markdown(out, command) + rest.split(END, 1)[1], encoding="utf-8")
+    doc_json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 
 
 def run_one(name: str, quick: bool, extra: list[str]) -> dict[str, Any]:
@@ -195,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="+", choices=list(BENCHES), default=[])
     parser.add_argument("--baseline-venv", default=None,
                         help="reuse this venv with vastai installed (bench_cli_startup)")
+    parser.add_argument("--write-doc", action="store_true",
+                        help="write the table into docs/performance.md and the JSON beside it")
     args = parser.parse_args(argv)
     names = [n for n in (args.only or list(BENCHES)) if n not in args.skip]
     info = machine_info()
@@ -219,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                      for r in rows]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "all.json").write_text(json.dumps(out, indent=2) + "\n")
+    if args.write_doc:
+        command = "python bench/run_all.py " + " ".join(argv if argv is not None
+                                                        else sys.argv[1:])
+        write_doc(out, command.strip())
     print(f"\n{info['nproc']} x {info['cpu']}, {info['ram_gib']} GiB, Python {info['python']}, "
           f"{info['date']}, load {info['loadavg']} -> {info['loadavg_after']}"
           f"{' (quick sizes)' if args.quick else ''}"

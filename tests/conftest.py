@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.fixtures_sshd", "tests.fixtures_vast", "tests.fixtures_data", "tests.fakehub"]
+pytest_plugins = ["tests.fixtures_sshd", "tests.fixtures_vast", "tests.fixtures_data", "tests.fakehub",
+                  "tests.faults"]
 
 
 @pytest.fixture(autouse=True)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from controller.planning.planner import estimate
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 MODULES = ["bench_cli_startup", "bench_ingest", "bench_sync", "bench_planner",
            "make_market_snapshot", "bench_controller", "controller_child", "bench_gpu",
-           "run_all"]
+           "run_all", "bench_estimate"]
 
 
 def load(name: str) -> ModuleType:
@@ -34,14 +37,54 @@ def test_bench_module_imports_and_has_main(name: str) -> None:
     assert module.__doc__ and module.__doc__.strip()
 
 
-def test_planner_compare_on_the_saved_snapshot() -> None:
+def test_planner_simulation_prices_picks_from_the_truth() -> None:
+    load("make_market_snapshot")
+    sim = load("market_sim")
     bench = load("bench_planner")
-    offers = json.loads((BENCH / "market_snapshot.json").read_text())["offers"]
-    assert len(offers) >= 50
-    result = bench.compare(bench.make_spec({}), offers)
-    assert result["eligible"] >= 1
-    assert result["planner"]["est_usd"] > 0
-    assert result["ratio_vs_lowest_dph"] > 0 and result["ratio_vs_api_score"] > 0
+    market = sim.draw_market(random.Random(1), count=60)
+    assert len(market.offers) == 60 and set(market.truth) == {o["id"] for o in market.offers}
+    run = bench.one_run({}, market.offers, market, random.Random(2))
+    assert run is not None and run["best"] > 0
+    for name in bench.STRATEGIES:
+        assert run[name]["spent"] <= run["budget"] + 1e-9
+    summary = bench.summarise([run], 0.15)
+    assert summary["runs"] == 1 and "p90" in summary["estimate_error"]
+    # The truth, not the estimate: a slower true GPU costs more than the planner believed.
+    offer = market.offers[0]
+    est = estimate(bench.make_spec({}), offer)
+    truth = market.truth[offer["id"]]
+    slow = sim.Truth(truth.s_per_step * 2, truth.down_mbps, truth.overhead_factor, None)
+    fast = sim.Truth(truth.s_per_step, truth.down_mbps, truth.overhead_factor, None)
+    assert sim.realised_usd(est, slow) > sim.realised_usd(est, fast)
+    assert sim.percentile([3.0, 1.0, 2.0], 90) == 3.0
+
+
+def test_estimate_vs_bill_reads_both_figures_from_the_receipt() -> None:
+    load("make_market_snapshot")
+    sim = load("market_sim")
+    bench = load("bench_estimate")
+    rng = random.Random(3)
+    template = load("make_market_snapshot")._templates()[0]
+    offer = bench.offer_for(rng, template, "RTX 4090", 1)
+    spec = load("bench_planner").make_spec({})
+    truth = sim.draw_truth(rng, offer)
+    exact = sim.Truth(3.0, 1e9, 1.0, None)  # the prior, an endless link: close to the estimate
+    assert bench.with_failure(truth, "slow_gpu", offer, rng).s_per_step > 3.5  # past the range
+    slow = bench.one_run(spec, offer, sim.Truth(6.0, 1e9, 1.0, None))  # twice the prior
+    died = bench.one_run(spec, offer, sim.Truth(3.0, 1e9, 1.0, 0.9))
+    near = bench.one_run(spec, offer, exact)
+    assert slow["ratio"] > 1.2 and not slow["within"]  # a miss is reported as one
+    assert died["ratio"] > near["ratio"]
+    assert 0.5 < near["ratio"] < 1.2
+    assert bench.summarise([slow, near])["runs"] == 2
+
+
+def test_vast_default_order_score_fits_the_real_offers() -> None:
+    sim = load("market_sim")
+    ref = BENCH.parent / "tests" / "data" / "reference" / "vast"
+    for name in ("search_offers_ondemand.json", "search_offers_bid.json"):
+        for offer in json.loads((ref / name).read_text())["offers"]:
+            assert 0.6 < sim.vast_score(offer) / offer["score"] < 1.4
 
 
 def test_controller_helpers() -> None:
@@ -80,11 +123,30 @@ def test_run_all_summaries_and_table() -> None:
     assert set(run_all.SUMMARIES) == set(run_all.BENCHES)
     rows = run_all.summarize("ingest", {"n": 10, "ratio": 3.0, "agent_images_per_s": 30.0,
                                         "naive_images_per_s": 10.0})
-    assert rows == [("ingest", "agent / naive loop, 10 images", "3.00x (30.0 vs 10.0 img/s)",
-                     ">= 2x", True)]
+    assert rows == [("ingest", "agent / naive loop (same JPEG output), 10 images",
+                     "3.00x (30.0 vs 10.0 img/s)", ">= 2x", True)]
     broken = run_all.summarize("sync", {"first_upload": {}})
     assert broken[0][2].startswith("unreadable")
     table = run_all.format_table(rows + broken)
     assert "benchmark" in table.splitlines()[0] and "yes" in table
     info = run_all.machine_info()
     assert info["nproc"] >= 1 and info["python"]
+
+
+def test_run_all_writes_the_doc_table_it_printed_misses_included(tmp_path: Path) -> None:
+    run_all = load("run_all")
+    slow = run_all.summarize("ingest", {"n": 10, "ratio": 1.5, "agent_images_per_s": 15.0,
+                                        "naive_images_per_s": 10.0})
+    assert slow[0][4] is False and "MISSED" in run_all.format_table(slow)
+    info = {**run_all.machine_info(), "loadavg_after": [1.0, 1.0, 1.0]}
+    out = {"machine": info, "quick": False, "table": [
+        dict(zip(("benchmark", "measure", "value", "target", "met"), r)) for r in slow],
+        "benchmarks": {"ingest": {"rc": 0}, "sync": {"rc": 1}}}
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# P\n\nbefore\n{run_all.BEGIN}\nold numbers\n{run_all.END}\nafter\n")
+    run_all.write_doc(out, "python bench/run_all.py --write-doc", doc, tmp_path / "p.json")
+    text = doc.read_text()
+    assert "old numbers" not in text and "before" in text and "after" in text
+    assert "| 1.50x (15.0 vs 10.0 img/s) | >= 2x | **MISSED** |" in text
+    assert "sync (exit code 1)" in text
+    assert json.loads((tmp_path / "p.json").read_text())["table"][0]["met"] is False

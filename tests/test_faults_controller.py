@@ -95,8 +95,8 @@ def test_sigkill_at_each_transition_then_resume(chain: str, tmp_path: Path, fake
     assert json.loads(again.stdout)["state"] == "done"
     assert sum(Counter(c["path"] for c in
                        fake_vast.calls("DELETE", "/api/v0/instances/")).values()) == 1
-    record(f"sigkill:{chain}", faults=len(CHAINS[chain]), orphans=len(fake_vast.instances),
-           lost=0 if (out / "SHA256SUMS").exists() else 1)
+    record(f"sigkill:{chain}", faults=len(CHAINS[chain]), fake=fake_vast,
+           bundles=[out])
 
 
 BIG = "big.safetensors"
@@ -216,5 +216,5 @@ def test_sigkill_in_the_middle_of_the_bundle_download_then_resume(
     again = controller("resume", run_id, *RESUME)  # nothing left to do, nothing redone
     assert json.loads(again.stdout)["state"] == "done"
     assert len(fake_vast.calls("DELETE", "/api/v0/instances/")) == 1
-    record(f"sigkill:mid-download:{victim}", faults=2, orphans=len(fake_vast.instances),
-           lost=0 if (out / "SHA256SUMS").exists() else 1)
+    record(f"sigkill:mid-download:{victim}", faults=2, fake=fake_vast,
+           bundles=[out])

@@ -98,7 +98,7 @@ def test_checkpoints_that_do_not_fit_fail_the_run_clearly(tmp_path: Path, small_
     assert_no_bad_bundle(run_dir)
     leftovers = [p.name for p in output.rglob(".*.tmp")]
     assert leftovers == [], f"a failed save left its temp file: {leftovers}"
-    record("agent:disk-full-checkpoint", lost=0)
+    record("agent:disk-full-checkpoint")  # no LoRA existed to lose: nothing to observe
 
 
 def test_a_bundle_that_does_not_fit_fails_clearly_and_leaves_none(tmp_path: Path,
@@ -123,4 +123,4 @@ def test_a_bundle_that_does_not_fit_fails_clearly_and_leaves_none(tmp_path: Path
     resize_tmpfs(disk, 1 << 30)  # space freed: the same plan packs the bundle
     assert run_agent(plan) == 0, (run_dir / "agent.log").read_text()[-3000:]
     assert verify_sha256sums(run_dir / "publish") == []
-    record("agent:disk-full-publish", lost=0)
+    record("agent:disk-full-publish", bundles=[run_dir / "publish"])

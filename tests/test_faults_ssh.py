@@ -71,8 +71,8 @@ def test_connections_killed_throughout_a_run_change_nothing(tmp_path: Path, fake
     assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 1 and fake_vast.instances == {}
     run = journal.get_run(run_id)
     assert run["step"] == run["total"] == 4
-    record("ssh:connections-killed", faults=len(kills), orphans=len(fake_vast.instances),
-           lost=0 if (out / "SHA256SUMS").exists() else 1)
+    record("ssh:connections-killed", faults=len(kills), fake=fake_vast,
+           bundles=[out])
 
 
 def test_sshd_down_past_the_window_the_watchdog_stops_the_instance_and_resume_fetches(
@@ -140,5 +140,5 @@ def test_sshd_down_past_the_window_the_watchdog_stops_the_instance_and_resume_fe
     assert verify_sums(out) >= 3
     assert fake_vast.instances == {}
     assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 1
-    record("ssh:down-past-window+watchdog", faults=2, orphans=len(fake_vast.instances),
-           lost=0 if (out / "SHA256SUMS").exists() else 1)
+    record("ssh:down-past-window+watchdog", faults=2, fake=fake_vast,
+           bundles=[out])

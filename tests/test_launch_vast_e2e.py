@@ -92,6 +92,8 @@ def test_vast_launch_end_to_end(tmp_path: Path, fake_vast: Any, sshd: Any,
     assert inst["state"] == "destroyed" and inst["dph_total"] > 0
     receipt = json.loads((out / "controller_receipt.json").read_text())
     assert receipt["instance_id"] == inst["instance_id"] and receipt["metered_usd"] > 0
+    # the estimate made before renting sits beside the bill (bench_estimate compares the two)
+    assert receipt["estimated_usd"] == journal.get_run(run_id)["est_usd"] > 0
     assert rec.lines and any(s.step for s in rec.snaps)
 
     root = tmp_path / "instance-root"

@@ -449,14 +449,26 @@ def batch_line(row: dict[str, Any]) -> str:
     return f"{plain(row['name'], limit=80)}: {batch_state(row)}{where}"
 
 
-class BatchView:
-    """The live view of a batch: a table on a terminal, changed lines elsewhere."""
+def _batch_key(row: dict[str, Any], every: float) -> tuple[Any, ...]:
+    """What must change for a batch run's line to be printed again: its state, its stage, or
+    its step by ``every`` of the total (and the last step)."""
+    step, total = row.get("step"), row.get("total")
+    bucket = step
+    if isinstance(step, int) and isinstance(total, int) and total > 0 and step < total:
+        bucket = step // max(1, int(total * every))
+    return batch_state(row), row.get("stage"), bucket
 
-    def __init__(self, console: Console, *, title: str) -> None:
+
+class BatchView:
+    """The live view of a batch: a table on a terminal; elsewhere a line per run whenever its
+    state or stage changes or its training moves on by ``progress_every`` of the steps."""
+
+    def __init__(self, console: Console, *, title: str, progress_every: float = 0.1) -> None:
         self.console = console
         self.title = title
+        self.progress_every = progress_every
         self._live: Live | None = None
-        self._lines: dict[str, str] = {}
+        self._keys: dict[str, tuple[Any, ...]] = {}
 
     def close(self) -> None:
         if self._live is not None:
@@ -466,7 +478,8 @@ class BatchView:
     def show(self, rows: list[dict[str, Any]], ledger: dict[str, Any],
              snaps: dict[str, Any] | None = None, notes: list[tuple[str, str]] = ()) -> None:
         for name, text in notes:
-            self.console.print(Text(f"- {name}: {text}", style="cyan"), soft_wrap=True)
+            self.console.print(Text(f"- {plain(name, limit=80)}: {plain(text, limit=1000)}",
+                                    style="cyan"), soft_wrap=True)
         if self.console.is_terminal:
             if self._live is None:
                 self._live = Live(console=self.console, auto_refresh=False, transient=True)
@@ -475,10 +488,10 @@ class BatchView:
                               refresh=True)
             return
         for row in rows:
-            line = batch_line(row)
-            if self._lines.get(row["name"]) != line:
-                self._lines[row["name"]] = line
-                self.console.print(Text(line), soft_wrap=True)
+            key = _batch_key(row, self.progress_every)
+            if self._keys.get(row["name"]) != key:
+                self._keys[row["name"]] = key
+                self.console.print(Text(batch_line(row)), soft_wrap=True)
 
 
 def batch_plan_table(rows: list[dict[str, Any]], *, total_usd: float, max_parallel: int) -> Table:

@@ -226,3 +226,19 @@ def test_batch_board_shows_stage_names_a_spend_bar_and_no_none() -> None:
     assert "None" not in text
     assert [batch_line(row) for row in rows] == ["a: running, quality gate",
                                                  "b: skipped: budget"]
+
+
+def test_batch_view_off_terminal_prints_a_run_again_only_when_it_moved_on() -> None:
+    from controller.ui import BatchView
+
+    console = Console(file=io.StringIO(), width=100)
+    view = BatchView(console, title="batch sw")
+    ledger = {"spent_usd": 0.1, "committed_usd": 1.0, "total_usd": 3.0}
+    row = {"name": "a", "run_id": "a-1", "slot_state": "active", "state": "running",
+           "stage": "train", "step": 1, "total": 100, "note": None}
+    for step in (1, 2, 5, 9, 10, 11, 55, 100, 100):
+        view.show([{**row, "step": step}], ledger)
+    view.show([{**row, "step": 100, "stage": "publish"}], ledger)
+    assert console.file.getvalue().splitlines() == [
+        "a: running, train 1/100", "a: running, train 10/100", "a: running, train 55/100",
+        "a: running, train 100/100", "a: running, publish 100/100"]

@@ -19,7 +19,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from controller.run.checklist import label, plain, stage_rows
+from controller.run.checklist import checked, label, plain, stage_rows
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 
 def money(value: float | None) -> str:
     return "-" if value is None else f"${value:,.2f}"
+
+
+def loss_text(value: Any) -> str:
+    """A loss to 4 decimals; "-" for none (or for anything that is not a number)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else "-"
 
 
 def duration(seconds: float | None) -> str:
@@ -144,6 +150,7 @@ def status_panel(snap: "Snapshot", *, title: str | None = None, losses: "Sequenc
                  last_line: str | None = None, running_for: float | None = None) -> Panel:
     """One calm screen: the stage checklist, then loss (with its curve), speed and ETA, spend
     against the budget as a bar, and the agent's last log line."""
+    snap = checked(snap)
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", min_width=6, no_wrap=True)
     grid.add_column(overflow="ellipsis", no_wrap=True, ratio=1)
@@ -258,6 +265,7 @@ class LiveView:
         return self.clock() - self._running[1]
 
     def update(self, snap: "Snapshot") -> None:
+        snap = checked(snap)
         url = snap.status.get("wandb_url")
         if isinstance(url, str) and url and url != self._wandb_url:  # once: easy to click, copy
             self._wandb_url = url
@@ -351,7 +359,7 @@ def run_detail(run: dict[str, Any], *, now: float) -> Panel:
     step = "-" if run.get("step") is None else f"{run['step']}/{run.get('total') or '?'}"
     rows = [("state", run["state"]), ("provider", run["provider"]),
             ("instance", run.get("instance_state") or "none"), ("stage", run.get("stage") or "-"),
-            ("step", step), ("loss", "-" if run.get("loss") is None else f"{run['loss']:.4f}"),
+            ("step", step), ("loss", loss_text(run.get("loss"))),
             ("spend", f"{money(run.get('spend_usd'))} of {money(run.get('budget_usd'))}"),
             ("estimate", money(run.get("est_usd"))), ("age", duration(now - run["created_at"])),
             ("out", run.get("bundle_path") or run.get("out_dir") or "-")]
@@ -411,6 +419,7 @@ def batch_table(rows: list[dict[str, Any]], ledger: dict[str, Any], *, title: st
                          no_wrap=True)
     for row in rows:
         snap = snaps.get(row.get("run_id") or "")
+        snap = checked(snap) if snap is not None else None
         step, total = (snap.step, snap.total) if snap is not None else (row.get("step"),
                                                                         row.get("total"))
         loss = snap.loss if snap is not None else row.get("loss")
@@ -418,7 +427,7 @@ def batch_table(rows: list[dict[str, Any]], ledger: dict[str, Any], *, title: st
         stage = snap.stage if snap is not None else row.get("stage")
         table.add_row(Text(plain(row["name"], limit=80)), Text(batch_state(row)),
                       Text(label(stage) or "-"), "-" if step is None else f"{step}/{total or '?'}",
-                      "-" if loss is None else f"{loss:.4f}", money(spend),
+                      loss_text(loss), money(spend),
                       duration(snap.eta_s) if snap is not None else "-")
     return table
 

@@ -242,3 +242,16 @@ def test_batch_view_off_terminal_prints_a_run_again_only_when_it_moved_on() -> N
     assert console.file.getvalue().splitlines() == [
         "a: running, train 1/100", "a: running, train 10/100", "a: running, train 55/100",
         "a: running, train 100/100", "a: running, publish 100/100"]
+
+
+def test_numbers_of_the_wrong_type_from_the_instance_draw_as_unknown() -> None:
+    console = terminal()
+    view = LiveView(console)
+    bad = Snapshot(run_id="r", agent_state="running", stage=["train"], step="40", total=0,
+                   loss="0.1", s_per_step=float("nan"), eta_s=True, status=[1])  # type: ignore
+    view.update(bad)
+    plain_console = Console(file=io.StringIO(), width=100)
+    LiveView(plain_console).update(bad)
+    view.close()
+    for text in (console.file.getvalue(), plain_console.file.getvalue()):
+        assert "None" not in text and "nan" not in text and "['train']" not in text

@@ -9,9 +9,10 @@ capped). rich-free: ``controller.ui`` draws the rows, and so does any other repo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from remote.status import STAGES
 
@@ -21,6 +22,7 @@ STAGE_STATES = ("pending", "running", "done", "failed", "stopped", "skipped")
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|"
                       r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 MAX_TEXT = 200
+S = TypeVar("S")
 
 
 def plain(text: Any, *, limit: int = MAX_TEXT) -> str:
@@ -44,6 +46,21 @@ def _num(value: Any) -> float | None:
 def _int(value: Any) -> int | None:
     number = _num(value)
     return int(number) if number is not None else None
+
+
+def checked(snap: S) -> S:
+    """A poll's snapshot with its numbers from the instance type-checked: a step, total, loss,
+    s/step or ETA that is not a number (or a total of 0) reads as unknown, a stage that is not
+    text as none, so that drawing it can neither fail nor show a repr."""
+    fields: dict[str, Any] = {name: _num(getattr(snap, name))
+                              for name in ("loss", "s_per_step", "eta_s")}
+    fields.update(step=_int(getattr(snap, "step")), total=_int(getattr(snap, "total")) or None)
+    for name in ("stage", "agent_state", "error"):
+        value = getattr(snap, name)
+        fields[name] = value if isinstance(value, str) and value else None
+    if not isinstance(getattr(snap, "status"), dict):
+        fields["status"] = {}
+    return dataclasses.replace(snap, **fields)  # type: ignore[type-var]
 
 
 def _dict(value: Any) -> dict[str, Any]:

@@ -358,7 +358,7 @@ def run_detail(run: dict[str, Any], *, now: float) -> Panel:
     grid.add_column()
     step = "-" if run.get("step") is None else f"{run['step']}/{run.get('total') or '?'}"
     rows = [("state", run["state"]), ("provider", run["provider"]),
-            ("instance", run.get("instance_state") or "none"), ("stage", run.get("stage") or "-"),
+            ("instance", run.get("instance_state") or "none"), ("stage", label(run.get("stage")) or "-"),
             ("step", step), ("loss", loss_text(run.get("loss"))),
             ("spend", f"{money(run.get('spend_usd'))} of {money(run.get('budget_usd'))}"),
             ("estimate", money(run.get("est_usd"))), ("age", duration(now - run["created_at"])),

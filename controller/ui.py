@@ -92,14 +92,19 @@ def checks_line(checks: "Sequence[MachineCheck]") -> Text:
 
 
 PANEL_WIDTH = 100  # wider is no calmer: the panel keeps this width on a wide terminal
+MAX_LOSSES = 10_000  # loss values kept for the sparkline (one per poll that saw a new step)
 SPARK = "▁▂▃▄▅▆▇█"
 MARKS = {"done": ("✓", "green"), "running": ("▸", "bold cyan"), "failed": ("✗", "bold red"),
          "stopped": ("■", "yellow"), "skipped": ("–", "dim"), "pending": ("·", "dim")}
 
 
 def sparkline(values: "Sequence[float]", width: int = 24) -> str:
-    """The newest ``width`` values as block characters, lowest to highest (flat: all low)."""
-    points = [v for v in values if v == v][-width:]  # NaN has no height
+    """The values as at most ``width`` block characters, lowest to highest (flat: all low);
+    more values than that are averaged in equal runs, so the whole curve stays in view."""
+    points = [v for v in values if v == v]  # NaN has no height
+    if len(points) > width:
+        edges = [round(i * len(points) / width) for i in range(width + 1)]
+        points = [sum(points[a:b]) / (b - a) for a, b in zip(edges, edges[1:])]
     if not points:
         return ""
     low, high = min(points), max(points)
@@ -256,7 +261,7 @@ class LiveView:
         """Keep the loss curve and when the running stage began; returns its running time."""
         if snap.loss is not None and snap.step is not None and snap.step != self._loss_step:
             self._loss_step = snap.step
-            self._losses = (self._losses + [float(snap.loss)])[-200:]
+            self._losses = (self._losses + [float(snap.loss)])[-MAX_LOSSES:]
         if not snap.stage:
             self._running = None
             return None

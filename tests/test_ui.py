@@ -255,3 +255,10 @@ def test_numbers_of_the_wrong_type_from_the_instance_draw_as_unknown() -> None:
     view.close()
     for text in (console.file.getvalue(), plain_console.file.getvalue()):
         assert "None" not in text and "nan" not in text and "['train']" not in text
+
+
+def test_a_long_loss_history_is_averaged_into_the_sparkline_width() -> None:
+    falling = [10.0 - i / 100 for i in range(1000)]
+    line = sparkline(falling, width=8)
+    assert len(line) == 8 and line[0] == "█" and line[-1] == "▁"
+    assert list(line) == sorted(line, reverse=True)

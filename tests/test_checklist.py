@@ -97,5 +97,7 @@ def test_a_hostile_or_broken_status_shows_no_repr_and_no_control_codes() -> None
 
 def test_plain_strips_escape_sequences_and_caps_length() -> None:
     assert plain("\x1b[31mred\x1b[0m \x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\") == "red link"
-    assert plain("a\tb\nc\x00\x9b") == "a b c"
+    assert plain("a\tb\nc\x00\x9b") == "a b; c"
+    assert plain("gate FAILED: 2 usable\n  found: nothing\n\n  fail: too few") == \
+        "gate FAILED: 2 usable; found: nothing; fail: too few"
     assert plain("x" * 50, limit=10) == "x" * 9 + "…"

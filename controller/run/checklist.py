@@ -26,9 +26,11 @@ S = TypeVar("S")
 
 
 def plain(text: Any, *, limit: int = MAX_TEXT) -> str:
-    """Instance text made safe to show on one line: control sequences gone, newlines and tabs
-    as spaces, at most ``limit`` characters. Not markup-escaped: draw it with rich ``Text``."""
-    cleaned = _CONTROL.sub("", str(text)).replace("\n", " ").replace("\t", " ").strip()
+    """Instance text made safe to show on one line: control sequences gone, its lines joined
+    with "; ", runs of blanks as one, at most ``limit`` characters. Not markup-escaped: draw it
+    with rich ``Text``."""
+    lines = (" ".join(line.split()) for line in _CONTROL.sub("", str(text)).split("\n"))
+    cleaned = "; ".join(line for line in lines if line)
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
 
 

@@ -121,3 +121,14 @@ def test_names_and_trigger_words() -> None:
     assert suggest_name(Path("/x/" + "a" * 80)) == "a" * 63
     assert suggest_trigger("demo") == "d3m0" and suggest_trigger("rhythm") == "rhyth7"
     assert suggest_trigger("1234") == "5ubj"
+
+
+def test_a_folder_name_cannot_inject_yaml(tmp_path: Path, no_key: None) -> None:
+    folder = photos(tmp_path / 'evil\nbudget: {max_usd: 9999}\n"#')
+    out = tmp_path / "run.yaml"
+    result = runner.invoke(app, ["init", str(folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = yaml.safe_load(out.read_text())
+    assert data["budget"]["max_usd"] == 8 and data["name"] == "evil-budget-max_usd-9999"
+    assert (tmp_path / data["dataset"]["path"]).resolve() == folder.resolve()
+    assert runner.invoke(app, ["validate", str(out)]).exit_code == 0

@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def init(
-    photos: Path = typer.Argument(..., help="The folder of photos to train on."),
+    photos: Path = typer.Argument(..., metavar="PHOTOS_DIR",
+                                  help="The folder of photos to train on."),
     out: Path = typer.Option(Path("run.yaml"), "--out", "-o",
                              help="Where the spec goes (never over an existing file)."),
     as_json: bool = JSON_OPTION,

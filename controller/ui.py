@@ -15,12 +15,16 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
 from rich.panel import Panel
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
+
+from controller.run.checklist import checked, label, plain, stage_rows
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from controller.run.checklist import StageRow
     from controller.run.follow import Snapshot
     from controller.run.launch import MachineCheck
     from controller.run.orchestrator import Outcome
@@ -29,6 +33,12 @@ if TYPE_CHECKING:
 
 def money(value: float | None) -> str:
     return "-" if value is None else f"${value:,.2f}"
+
+
+def loss_text(value: Any) -> str:
+    """A loss to 4 decimals; "-" for none (or for anything that is not a number)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else "-"
 
 
 def duration(seconds: float | None) -> str:
@@ -81,46 +91,150 @@ def checks_line(checks: "Sequence[MachineCheck]") -> Text:
     return line
 
 
-def status_panel(snap: "Snapshot", *, title: str | None = None) -> Panel:
-    """Stage, step/total, loss, s/step, ETA and spend vs budget of one poll."""
+PANEL_WIDTH = 100  # wider is no calmer: the panel keeps this width on a wide terminal
+MAX_LOSSES = 10_000  # loss values kept for the sparkline (one per poll that saw a new step)
+SPARK = "▁▂▃▄▅▆▇█"
+MARKS = {"done": ("✓", "green"), "running": ("▸", "bold cyan"), "failed": ("✗", "bold red"),
+         "stopped": ("■", "yellow"), "skipped": ("–", "dim"), "pending": ("·", "dim")}
+
+
+def sparkline(values: "Sequence[float]", width: int = 24) -> str:
+    """The values as at most ``width`` block characters, lowest to highest (flat: all low);
+    more values than that are averaged in equal runs, so the whole curve stays in view."""
+    points = [v for v in values if v == v]  # NaN has no height
+    if len(points) > width:
+        edges = [round(i * len(points) / width) for i in range(width + 1)]
+        points = [sum(points[a:b]) / (b - a) for a, b in zip(edges, edges[1:])]
+    if not points:
+        return ""
+    low, high = min(points), max(points)
+    span = (high - low) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - low) / span * len(SPARK)))] for v in points)
+
+
+def bar(completed: float, total: float, *, width: int = 24) -> ProgressBar:
+    return ProgressBar(total=max(total, 1e-9), completed=max(0.0, min(completed, total)),
+                       width=width)
+
+
+def _current(snap: "Snapshot", running_for: float | None) -> Table:
+    """The running stage's cell: a step bar in training, else how long it has been running."""
+    cell = Table.grid(padding=(0, 1))
+    if snap.stage == "train" and snap.step is not None and snap.total:
+        cell.add_row(bar(snap.step, snap.total), Text(f"{snap.step}/{snap.total}"),
+                     Text(f"{100 * snap.step / snap.total:.0f}%", style="dim"))
+    else:
+        cell.add_row(Text(f"running {duration(running_for)}" if running_for is not None
+                          else "running", style="cyan"))
+    return cell
+
+
+def checklist(rows: "Sequence[StageRow]", snap: "Snapshot", *,
+              running_for: float | None = None) -> Table:
+    """The stages, one line each: a mark, the name, its time and its one fact (the running
+    stage: its progress instead)."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(width=1, no_wrap=True)
+    grid.add_column(min_width=12, no_wrap=True)
+    grid.add_column(justify="right", min_width=5, no_wrap=True)
+    grid.add_column(overflow="ellipsis", no_wrap=True, ratio=1)  # long facts are cut, not wrapped
+    for row in rows:
+        mark, style = MARKS.get(row.state, MARKS["pending"])
+        name_style = "dim" if row.state in ("pending", "skipped") else ""
+        fact: Any = Text(row.fact, style="red" if row.state == "failed" else "",
+                         overflow="ellipsis", no_wrap=True)
+        if row.state == "running":
+            fact = _current(snap, running_for)
+        grid.add_row(Text(mark, style=style), Text(row.label, style=name_style),
+                     Text(duration(row.seconds) if row.seconds is not None else "", style="dim"),
+                     fact)
+    return grid
+
+
+def status_panel(snap: "Snapshot", *, title: str | None = None, losses: "Sequence[float]" = (),
+                 last_line: str | None = None, running_for: float | None = None) -> Panel:
+    """One calm screen: the stage checklist, then loss (with its curve), speed and ETA, spend
+    against the budget as a bar, and the agent's last log line."""
+    snap = checked(snap)
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    step = "-" if snap.step is None else f"{snap.step}/{snap.total or '?'}"
-    grid.add_row("stage", f"{snap.stage or '-'} ({snap.agent_state or 'starting'})")
-    grid.add_row("step", step)
-    grid.add_row("loss", "-" if snap.loss is None else f"{snap.loss:.4f}")
-    grid.add_row("s/step", "-" if snap.s_per_step is None else f"{snap.s_per_step:.2f}")
-    grid.add_row("ETA", duration(snap.eta_s))
-    spend = f"{money(snap.spend_usd)} of {money(snap.budget_usd)}"
-    if snap.price_per_hour:
-        spend += f" (${snap.price_per_hour:.3f}/h, {duration(snap.elapsed_s)})"
+    grid.add_column(style="bold", min_width=6, no_wrap=True)
+    grid.add_column(overflow="ellipsis", no_wrap=True, ratio=1)
+    if snap.loss is not None:
+        grid.add_row("loss", Text.assemble(f"{snap.loss:.4f}  ", (sparkline(losses), "cyan")))
+    if snap.s_per_step is not None or snap.eta_s is not None:
+        speed = "-" if snap.s_per_step is None else f"{snap.s_per_step:.2f} s/step"
+        grid.add_row("speed", Text(f"{speed}   ETA {duration(snap.eta_s)}"))
+    spend = Table.grid(padding=(0, 1))
+    spend.add_row(bar(snap.spend_usd, snap.budget_usd or 0.0, width=16),
+                  Text(f"{money(snap.spend_usd)} of {money(snap.budget_usd)}"
+                       + (f"  (${snap.price_per_hour:.3f}/h, {duration(snap.elapsed_s)})"
+                          if snap.price_per_hour else ""), style=""))
     grid.add_row("spend", spend)
     if snap.stop_requested:
         grid.add_row("stop", "requested: the agent checkpoints and publishes")
     if snap.status.get("wandb_url"):
-        grid.add_row("W&B", str(snap.status["wandb_url"]))
-    return Panel(grid, title=title or snap.run_id, title_align="left")
+        grid.add_row("W&B", Text(plain(snap.status["wandb_url"])))
+    if snap.error:
+        grid.add_row("error", Text(plain(snap.error), style="red"))
+    if last_line:
+        grid.add_row("log", Text(plain(last_line), style="dim", overflow="ellipsis",
+                                 no_wrap=True))
+    state = plain(snap.agent_state or "starting", limit=20)
+    stages = checklist(stage_rows(snap.status, snap.stage), snap, running_for=running_for)
+    return Panel(Group(stages, Text(""), grid),
+                 title=Text(title or plain(snap.run_id, limit=80)), title_align="left",
+                 subtitle=Text(state), subtitle_align="right", width=PANEL_WIDTH)
 
 
-def status_line(snap: "Snapshot") -> str:
-    step = "" if snap.step is None else f" step {snap.step}/{snap.total or '?'}"
-    loss = "" if snap.loss is None else f" loss {snap.loss:.4f}"
-    return (f"[{snap.stage or snap.agent_state or 'starting'}]{step}{loss} spend {money(snap.spend_usd)}"
-            f"/{money(snap.budget_usd)}")
+def progress_line(snap: "Snapshot") -> str:
+    """Training progress as one plain line (the view off a terminal)."""
+    parts = [f"{label(snap.stage) or 'run'} {snap.step}/{snap.total or '?'}"]
+    if snap.total:
+        parts[0] += f" ({100 * (snap.step or 0) / snap.total:.0f}%)"
+    if snap.loss is not None:
+        parts.append(f"loss {snap.loss:.4f}")
+    if snap.s_per_step is not None:
+        parts.append(f"{snap.s_per_step:.2f} s/step")
+    if snap.eta_s is not None:
+        parts.append(f"ETA {duration(snap.eta_s)}")
+    parts.append(f"spend {money(snap.spend_usd)} of {money(snap.budget_usd)}")
+    return ", ".join(parts)
+
+
+def stage_line(row: "StageRow") -> str:
+    """A stage that started or ended, as one plain line: ``ingest done in 0s: 12 images``."""
+    if row.state == "running":
+        return f"{row.label} started"
+    took = f" in {duration(row.seconds)}" if row.seconds is not None else ""
+    return f"{row.label} {row.state}{took}" + (f": {row.fact}" if row.fact else "")
 
 
 class LiveView:
-    """The orchestrator's reporter for people: notes and log lines scroll, the panel stays."""
+    """The orchestrator's reporter for people.
 
-    def __init__(self, console: Console, *, show_logs: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+    On a terminal: one panel, redrawn in place (the stage checklist, progress, loss curve,
+    spend bar, last log line); notes scroll above it, and so do the raw agent and trainer lines
+    with ``show_logs`` (``-v``). Elsewhere (a pipe, CI): one plain line per event (a stage
+    started or ended, training progress every ``progress_every`` of the steps or
+    ``progress_s`` seconds, a note), never a redraw.
+    """
+
+    def __init__(self, console: Console, *, show_logs: bool = False,
+                 clock: Callable[[], float] = time.time, progress_every: float = 0.1,
+                 progress_s: float = 60.0) -> None:
         self.console = console
         self.show_logs = show_logs
         self.clock = clock
+        self.progress_every = progress_every
+        self.progress_s = progress_s
         self._live: Live | None = None
-        self._last_line: str | None = None
         self._wandb_url: str | None = None
+        self._last_line: str | None = None
+        self._losses: list[float] = []
+        self._loss_step: int | None = None
+        self._running: tuple[str, float] | None = None  # (stage, first seen at) by our clock
+        self._told: dict[str, str] = {}  # stage -> the state a line was printed for
+        self._progress: tuple[int, float] | None = None  # (step, at) of the last progress line
 
     def __enter__(self) -> "LiveView":
         return self
@@ -130,32 +244,65 @@ class LiveView:
 
     def close(self) -> None:
         if self._live is not None:
-            self._live.stop()
+            self._live.stop()  # the last panel stays on screen, the summary goes below it
             self._live = None
 
     def note(self, text: str) -> None:
-        self.console.print(Text(f"- {text}", style="cyan"))
+        self.console.print(Text(f"- {plain(text, limit=1000)}", style="cyan"), soft_wrap=True)
 
     def log(self, lines: list[str]) -> None:
+        if lines:
+            self._last_line = lines[-1]
         if self.show_logs:
             for line in lines:
-                self.console.print(Text(line, style="dim"), soft_wrap=True)
+                self.console.print(Text(plain(line, limit=2000), style="dim"), soft_wrap=True)
+
+    def _remember(self, snap: "Snapshot") -> float | None:
+        """Keep the loss curve and when the running stage began; returns its running time."""
+        if snap.loss is not None and snap.step is not None and snap.step != self._loss_step:
+            self._loss_step = snap.step
+            self._losses = (self._losses + [float(snap.loss)])[-MAX_LOSSES:]
+        if not snap.stage:
+            self._running = None
+            return None
+        if self._running is None or self._running[0] != snap.stage:
+            self._running = (snap.stage, self.clock())
+        return self.clock() - self._running[1]
 
     def update(self, snap: "Snapshot") -> None:
+        snap = checked(snap)
         url = snap.status.get("wandb_url")
-        if url and url != self._wandb_url:  # once, above the panel: easy to click or copy
+        if isinstance(url, str) and url and url != self._wandb_url:  # once: easy to click, copy
             self._wandb_url = url
             self.note(f"Weights & Biases: {url}")
+        running_for = self._remember(snap)
         if self.console.is_terminal:
             if self._live is None:
-                self._live = Live(console=self.console, auto_refresh=False, transient=True)
+                self._live = Live(console=self.console, auto_refresh=False)
                 self._live.start()
-            self._live.update(status_panel(snap), refresh=True)
+            self._live.update(status_panel(snap, losses=self._losses, last_line=self._last_line,
+                                           running_for=running_for), refresh=True)
             return
-        line = status_line(snap)
-        if line.split(" spend ")[0] != (self._last_line or "").split(" spend ")[0]:
-            self.console.print(Text(line))
-        self._last_line = line
+        for row in stage_rows(snap.status, snap.stage):
+            if row.state != "pending" and self._told.get(row.stage) != row.state:
+                self._told[row.stage] = row.state
+                self.console.print(Text(stage_line(row)), soft_wrap=True)
+        if snap.stage and snap.step is not None and self._progress_due(snap):
+            self.console.print(Text(progress_line(snap)), soft_wrap=True)
+
+    def _progress_due(self, snap: "Snapshot") -> bool:
+        """A progress line when the step has moved by ``progress_every`` of the total (and at the
+        last step), or ``progress_s`` seconds after the previous one."""
+        step, now = int(snap.step or 0), self.clock()
+        if self._progress is not None and step == self._progress[0]:
+            return False
+        last_step, last_at = self._progress or (0, now - self.progress_s)
+        every = max(1, int((snap.total or 0) * self.progress_every))
+        if step // every != last_step // every or step == snap.total \
+                or now - last_at >= self.progress_s:
+            self._progress = (step, now)
+            return True
+        return False
 
 
 def render_summary(console: Console, outcome: "Outcome") -> None:
@@ -216,8 +363,8 @@ def run_detail(run: dict[str, Any], *, now: float) -> Panel:
     grid.add_column()
     step = "-" if run.get("step") is None else f"{run['step']}/{run.get('total') or '?'}"
     rows = [("state", run["state"]), ("provider", run["provider"]),
-            ("instance", run.get("instance_state") or "none"), ("stage", run.get("stage") or "-"),
-            ("step", step), ("loss", "-" if run.get("loss") is None else f"{run['loss']:.4f}"),
+            ("instance", run.get("instance_state") or "none"), ("stage", label(run.get("stage")) or "-"),
+            ("step", step), ("loss", loss_text(run.get("loss"))),
             ("spend", f"{money(run.get('spend_usd'))} of {money(run.get('budget_usd'))}"),
             ("estimate", money(run.get("est_usd"))), ("age", duration(now - run["created_at"])),
             ("out", run.get("bundle_path") or run.get("out_dir") or "-")]
@@ -277,35 +424,65 @@ def batch_table(rows: list[dict[str, Any]], ledger: dict[str, Any], *, title: st
                          no_wrap=True)
     for row in rows:
         snap = snaps.get(row.get("run_id") or "")
+        snap = checked(snap) if snap is not None else None
         step, total = (snap.step, snap.total) if snap is not None else (row.get("step"),
                                                                         row.get("total"))
         loss = snap.loss if snap is not None else row.get("loss")
         spend = snap.spend_usd if snap is not None else row.get("spend_usd")
-        state = row["slot_state"] if row["slot_state"] != "active" else row["state"]
-        if row["slot_state"] == "skipped":
-            state = row.get("note") or "skipped: budget"
-        table.add_row(row["name"], state, (snap.stage if snap is not None else row.get("stage"))
-                      or "-", "-" if step is None else f"{step}/{total or '?'}",
-                      "-" if loss is None else f"{loss:.4f}", money(spend),
+        stage = snap.stage if snap is not None else row.get("stage")
+        table.add_row(Text(plain(row["name"], limit=80)), Text(batch_state(row)),
+                      Text(label(stage) or "-"), "-" if step is None else f"{step}/{total or '?'}",
+                      loss_text(loss), money(spend),
                       duration(snap.eta_s) if snap is not None else "-")
     return table
 
 
+def batch_board(rows: list[dict[str, Any]], ledger: dict[str, Any], *, title: str,
+                snaps: dict[str, Any] | None = None) -> Group:
+    """The live board of a batch: its table, then what it spent against its budget as a bar."""
+    spend = Table.grid(padding=(0, 1))
+    spend.add_row(Text("spend", style="bold"),
+                  bar(ledger.get("spent_usd") or 0.0, ledger.get("total_usd") or 0.0, width=16),
+                  Text(f"{money(ledger.get('spent_usd'))} of {money(ledger.get('total_usd'))}"))
+    return Group(batch_table(rows, ledger, title=title, snaps=snaps), spend)
+
+
+def batch_state(row: dict[str, Any]) -> str:
+    """A batch run's state in words: the slot's while not active, a skipped run's reason."""
+    if row["slot_state"] == "skipped":
+        return plain(row.get("note") or "skipped: budget")
+    return plain(row["slot_state"] if row["slot_state"] != "active" else row["state"], limit=40)
+
+
 def batch_line(row: dict[str, Any]) -> str:
-    """One run of a batch as a log line (the non-terminal view prints it when it changes)."""
-    step = "" if row.get("step") is None else f" step {row['step']}/{row.get('total') or '?'}"
-    state = row.get("note") if row["slot_state"] == "skipped" else row["state"]
-    return f"{row['name']}: {state} [{row.get('stage') or '-'}]{step}"
+    """One run of a batch as a log line (the non-terminal view prints it when it changes):
+    ``a: running, train 3/8``."""
+    stage = label(row.get("stage"))
+    step = "" if row.get("step") is None else f" {row['step']}/{row.get('total') or '?'}"
+    where = f", {stage}{step}" if stage else ""
+    return f"{plain(row['name'], limit=80)}: {batch_state(row)}{where}"
+
+
+def _batch_key(row: dict[str, Any], every: float) -> tuple[Any, ...]:
+    """What must change for a batch run's line to be printed again: its state, its stage, or
+    its step by ``every`` of the total (and the last step)."""
+    step, total = row.get("step"), row.get("total")
+    bucket = step
+    if isinstance(step, int) and isinstance(total, int) and total > 0 and step < total:
+        bucket = step // max(1, int(total * every))
+    return batch_state(row), row.get("stage"), bucket
 
 
 class BatchView:
-    """The live view of a batch: a table on a terminal, changed lines elsewhere."""
+    """The live view of a batch: a table on a terminal; elsewhere a line per run whenever its
+    state or stage changes or its training moves on by ``progress_every`` of the steps."""
 
-    def __init__(self, console: Console, *, title: str) -> None:
+    def __init__(self, console: Console, *, title: str, progress_every: float = 0.1) -> None:
         self.console = console
         self.title = title
+        self.progress_every = progress_every
         self._live: Live | None = None
-        self._lines: dict[str, str] = {}
+        self._keys: dict[str, tuple[Any, ...]] = {}
 
     def close(self) -> None:
         if self._live is not None:
@@ -315,19 +492,20 @@ class BatchView:
     def show(self, rows: list[dict[str, Any]], ledger: dict[str, Any],
              snaps: dict[str, Any] | None = None, notes: list[tuple[str, str]] = ()) -> None:
         for name, text in notes:
-            self.console.print(Text(f"- {name}: {text}", style="cyan"), soft_wrap=True)
+            self.console.print(Text(f"- {plain(name, limit=80)}: {plain(text, limit=1000)}",
+                                    style="cyan"), soft_wrap=True)
         if self.console.is_terminal:
             if self._live is None:
                 self._live = Live(console=self.console, auto_refresh=False, transient=True)
                 self._live.start()
-            self._live.update(batch_table(rows, ledger, title=self.title, snaps=snaps),
+            self._live.update(batch_board(rows, ledger, title=self.title, snaps=snaps),
                               refresh=True)
             return
         for row in rows:
-            line = batch_line(row)
-            if self._lines.get(row["name"]) != line:
-                self._lines[row["name"]] = line
-                self.console.print(Text(line), soft_wrap=True)
+            key = _batch_key(row, self.progress_every)
+            if self._keys.get(row["name"]) != key:
+                self._keys[row["name"]] = key
+                self.console.print(Text(batch_line(row)), soft_wrap=True)
 
 
 def batch_plan_table(rows: list[dict[str, Any]], *, total_usd: float, max_parallel: int) -> Table:

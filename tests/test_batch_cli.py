@@ -121,7 +121,7 @@ def test_the_batch_view_renders_a_table_and_log_lines() -> None:
     view.show(rows, ledger)  # unchanged rows are not printed again
     lines = buf.getvalue().splitlines()
     assert lines[0] == "- a: renting offer 7"
-    assert lines[1:] == ["a: running [train] step 3/8", "b: skipped: budget (needs $2.00) [-]"]
+    assert lines[1:] == ["a: running, train 3/8", "b: skipped: budget (needs $2.00)"]
 
 
 def test_stop_a_batch_before_it_ran_cancels_its_runs(tmp_path: Path) -> None:

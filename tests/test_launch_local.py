@@ -62,6 +62,14 @@ def test_launch_local_end_to_end(tmp_path: Path) -> None:
     assert receipt["provider"] == "local" and receipt["files_verified"] == len(names)
     assert receipt["idle_after_training_s"] is not None
     assert (out / "logs" / "agent.log").exists()
+    # the calm view: a line per stage with its fact, no raw agent lines, nothing a person
+    # would have to decode (Python reprs, None), here or in the agent's own log
+    for line in ("ingest done in", "quality gate done in", "train 8/8 (100%)"):
+        assert line in result.output, line
+    assert "[agent" not in result.output and "create LoRA network" not in result.output
+    agent_log = (out / "logs" / "agent.log").read_text()
+    for text in (result.output, agent_log):
+        assert "None" not in text and "{'" not in text
 
     journal = open_journal()
     [run] = journal.list_runs()
@@ -105,8 +113,10 @@ def test_json_without_yes_is_refused(tmp_path: Path) -> None:
 def test_failed_gate_fails_the_run_and_fetches_logs(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, name="t3", quality_gate={"min_images": 500, "min_short_side": 64})
     out = tmp_path / "out3"
-    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
+    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1", "-v")
     assert result.exit_code == 1, result.output
+    assert "quality gate failed" in result.output
+    assert "[agent" in result.output  # -v: the agent's raw lines too
     [run] = open_journal().list_runs()
     assert run["state"] == "failed" and run["error"]
     assert (out / "logs" / "agent.log").exists()

@@ -3,6 +3,7 @@
 Each module has ``register(app)`` and keeps its heavy imports inside the command functions.
 """
 
-from controller.cli import dataset_cmds, export_cmds, plan_cmds, run_cmds, spec_cmds
+from controller.cli import (dataset_cmds, export_cmds, init_cmds, plan_cmds, run_cmds,
+                            spec_cmds)
 
-MODULES = [run_cmds, plan_cmds, spec_cmds, dataset_cmds, export_cmds]
+MODULES = [init_cmds, run_cmds, plan_cmds, spec_cmds, dataset_cmds, export_cmds]

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 POLL_OPTION = typer.Option(2.0, "--poll-interval", hidden=True, min=0.01,
                            help="Seconds between polls of the agent.")
+VERBOSE_OPTION = typer.Option(False, "--verbose", "-v", help="Also show the agent's and the "
+                              "trainer's raw lines (always in `flux-remote logs RUN`).")
 
 
 def _journal() -> "Journal":
@@ -73,7 +75,7 @@ def _with_instance(journal: "Journal", run: dict[str, Any]) -> dict[str, Any]:
               "instance_id": last.get("instance_id"), "gpu_name": last.get("gpu_name")}
 
 
-def _view(as_json: bool, *, show_logs: bool = True) -> Any:
+def _view(as_json: bool, *, show_logs: bool = False) -> Any:
     from controller.run.follow import NullReporter
     from controller.ui import LiveView
 
@@ -121,6 +123,7 @@ def launch(
                                        "(default: publish.out_dir, else ./runs/<name>/)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only; rent nothing."),
     poll_interval: float = POLL_OPTION,
+    verbose: bool = VERBOSE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Plan, rent, ship, train, fetch, verify, destroy.
@@ -148,7 +151,7 @@ def launch(
     if checks and not as_json:
         console().print(checks_line(checks))
     journal = _journal()
-    view = _view(as_json)
+    view = _view(as_json, show_logs=verbose)
     orch, estimate = plan_run(spec, journal, reporter=view)
     if not as_json:
         console().print(plan_table(estimate, budget_usd=spec.budget.max_usd))
@@ -257,6 +260,7 @@ def resume(
     yes: bool = typer.Option(False, "--yes", "-y", help="Ctrl-C detaches without asking."),
     detach: bool = typer.Option(False, "--detach", help="Return once the agent runs."),
     poll_interval: float = POLL_OPTION,
+    verbose: bool = VERBOSE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Reattach to a run after the controller or the laptop died, and carry it to its end.
@@ -271,7 +275,7 @@ def resume(
         _run_batch(journal, batch["batch_id"], poll_interval=poll_interval, as_json=as_json)
         return
     row = _find_run(journal, run)
-    view = _view(as_json)
+    view = _view(as_json, show_logs=verbose)
     orch = _orchestrator(journal, row["provider"], view)
     try:
         outcome = _drive_interactive(orch, row["run_id"],

@@ -32,9 +32,18 @@ def ingest(run: "Runner") -> tuple[str, dict[str, Any]]:
         raise StageFailed(f"cannot ingest the dataset: {exc}", cause="dataset") from exc
     run.ingest_result = result
     totals = result.to_dict()["totals"]
-    run.log.agent(f"ingest: {totals}")
+    run.log.agent(ingest_line(totals))
     return "done", {"dataset_dir": str(result.dataset_dir),
                     "manifest": str(result.manifest_path), "totals": totals}
+
+
+def ingest_line(totals: dict[str, int]) -> str:
+    """``ingest: 12 of 12 images usable`` plus what was left out, in words (not a dict)."""
+    left_out = (("unusable", "unusable"), ("skipped", "skipped"),
+                ("orphan_captions", "captions without an image"))
+    extra = [f"{totals[key]} {words}" for key, words in left_out if totals.get(key)]
+    return (f"ingest: {totals.get('ingested', 0)} of {totals.get('files', 0)} images usable"
+            + (f" ({', '.join(extra)})" if extra else ""))
 
 
 def caption(run: "Runner") -> tuple[str, dict[str, Any]]:

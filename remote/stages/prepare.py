@@ -18,20 +18,29 @@ def checks(run: "Runner") -> tuple[str, dict[str, Any]]:
 
     report = run_checks(run.spec, run.plan, probes=run.probes)
     for check in report.checks:
-        run.log.agent(f"check {check.name}: {check.status} (value {check.value}, "
-                      f"threshold {check.threshold}) {check.detail}".rstrip())
+        run.log.agent(f"check {check.name}: {check.status}{check_numbers(check)} "
+                      f"{check.detail}".rstrip())
         if check.status == "warn":
             run.recorder.event("warning", check=check.name, message=check.detail,
                                value=check.value, threshold=check.threshold)
     run.recorder.event("mount_choice", **report.mount_choice)
     if report.failed:
-        names = ", ".join(f"{c.name} ({c.value} vs {c.threshold}: {c.detail})"
+        names = ", ".join(f"{c.name}{check_numbers(c)}: {c.detail}".rstrip(": ")
                           for c in report.failed)
         raise StageFailed(f"runtime checks failed: {names}", cause="checks")
     check_resume_source(run)
     detail = report.to_dict()
     detail["outputs"] = place_outputs(run, report.mount_choice)
     return "done", detail
+
+
+def check_numbers(check: Any) -> str:
+    """`` (3.11.7, limit 3.10)`` for a log line: the measured value and the limit it was held
+    to, each only when there is one (a person reads no ``None``)."""
+    parts = [str(value) for value in (check.value,) if value is not None]
+    if check.threshold is not None:
+        parts.append(f"limit {check.threshold}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def place_outputs(run: "Runner", choice: dict[str, Any]) -> str:

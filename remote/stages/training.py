@@ -136,7 +136,8 @@ def reap_orphans(run: "Runner", config_path: Path | None, *, wait_s: float = 30.
         return
     run.recorder.event("orphan_trainer", pids=leftover.pids, pgid=leftover.pgid,
                        found_by=leftover.source)
-    run.log.agent(f"a previous trainer is still running (pid {leftover.pids}); "
+    pids = ", ".join(map(str, leftover.pids))
+    run.log.agent(f"a previous trainer is still running (pid {pids}); "
                   "waiting for it to end")
     end_leftover(leftover, wait_s=wait_s)
     pid_file.unlink(missing_ok=True)

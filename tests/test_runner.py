@@ -297,9 +297,10 @@ def test_ai_toolkit_path_bootstraps_and_launches_run_py(tmp_path: Path,
 
 
 def test_cost_guard_stops_training_and_packs(tmp_path: Path, small_dataset: Path) -> None:
-    # $36/h with $4.80 already spent of $5: the reserve for publishing alone crosses the cap
+    # $36/h with $4.00 already spent of $5: the reserve for publishing alone ($1.20) crosses the
+    # cap, and the cap itself is still 100 s away, however slowly a loaded machine gets to training
     spec = tiny_spec(small_dataset, steps=200)
-    plan_path = write_plan(tmp_path, spec, small_dataset, billing_started_at=time.time() - 480)
+    plan_path = write_plan(tmp_path, spec, small_dataset, billing_started_at=time.time() - 400)
     plan = json.loads(plan_path.read_text())
     plan["price_per_hour"] = 36.0
     write_json_atomic(plan_path, plan)
@@ -307,7 +308,7 @@ def test_cost_guard_stops_training_and_packs(tmp_path: Path, small_dataset: Path
     assert run_agent(plan_path, {"FLUX_REMOTE_TINY_STEP_DELAY": "0.05"}) == 0, \
         (run_dir / "agent.log").read_text()[-3000:]
     status = read_status(run_dir)
-    assert status["state"] == "stopped" and status["spend_usd"] >= 4.8
+    assert status["state"] == "stopped" and status["spend_usd"] >= 4.0
     assert status["stages"]["train"]["detail"]["stop_reason"].startswith("cost guard")
     guard = [e for e in read_events(run_dir) if e["event"] == "costguard"]
     assert guard and "over the $5.00 budget" in guard[0]["reason"]

@@ -121,10 +121,15 @@ class Host(Protocol):
         ...
 
     def download(
-        self, remote: str, local: Path, *, includes: Sequence[str] | None = None
+        self, remote: str, local: Path, *, includes: Sequence[str] | None = None,
+        max_bytes: int | None = None,
     ) -> TransferStats:
         """rsync ``remote`` (a directory's contents, or one file) to ``local``; like ``upload``.
         Raises TransportError when ``remote`` does not exist.
+
+        The sender is untrusted: only regular files and directories are created, with this
+        side's owner and default modes (no links, devices, permissions or owners from it), and a
+        file larger than ``max_bytes`` is skipped.
 
         ``includes`` (names of entries directly in the ``remote`` directory) fetches only those
         entries, a directory among them whole, into the ``local`` directory, in one transfer

@@ -171,7 +171,8 @@ class LocalHost:
         )
 
     def download(
-        self, remote: str, local: Path, *, includes: Sequence[str] | None = None
+        self, remote: str, local: Path, *, includes: Sequence[str] | None = None,
+        max_bytes: int | None = None,
     ) -> TransferStats:
         local = Path(local)
         is_dir = Path(remote).is_dir()
@@ -181,7 +182,8 @@ class LocalHost:
             raise TransportError(f"cannot pick entries out of {remote}: not a directory")
         (local if is_dir else local.parent).mkdir(parents=True, exist_ok=True)
         source = f"{remote.rstrip('/')}/" if is_dir else remote
-        argv = rsync.rsync_argv(source, str(local), includes=includes, extra=self._rsync_args)
+        argv = rsync.rsync_argv(source, str(local), includes=includes, extra=self._rsync_args,
+                                incoming=True, max_bytes=max_bytes)
         return rsync.run_rsync(
             argv, pushing=True, where=self.where, sleep=self._sleep, clock=self._clock
         )

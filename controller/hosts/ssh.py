@@ -427,7 +427,8 @@ class SshHost:
         return self._rsync(argv, pushing=True)
 
     def download(
-        self, remote: str, local: Path, *, includes: Sequence[str] | None = None
+        self, remote: str, local: Path, *, includes: Sequence[str] | None = None,
+        max_bytes: int | None = None,
     ) -> TransferStats:
         local = Path(local)
         if includes is not None:
@@ -439,6 +440,8 @@ class SshHost:
                 ssh_command=self._ssh_command(),
                 includes=includes,
                 extra=self._rsync_args,
+                incoming=True,
+                max_bytes=max_bytes,
             )
             return self._rsync(argv, pushing=False)
         quoted = shlex.quote(remote)
@@ -457,6 +460,8 @@ class SshHost:
             str(local),
             ssh_command=self._ssh_command(),
             extra=self._rsync_args,
+            incoming=True,
+            max_bytes=max_bytes,
         )
         return self._rsync(argv, pushing=False)
 

@@ -18,6 +18,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from controller.untrusted import clean_text
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -87,7 +89,8 @@ def status_panel(snap: "Snapshot", *, title: str | None = None) -> Panel:
     grid.add_column(style="bold")
     grid.add_column()
     step = "-" if snap.step is None else f"{snap.step}/{snap.total or '?'}"
-    grid.add_row("stage", f"{snap.stage or '-'} ({snap.agent_state or 'starting'})")
+    # instance text: Text (markup shown literally), control sequences stripped
+    grid.add_row("stage", Text(clean_text(f"{snap.stage or '-'} ({snap.agent_state or 'starting'})")))
     grid.add_row("step", step)
     grid.add_row("loss", "-" if snap.loss is None else f"{snap.loss:.4f}")
     grid.add_row("s/step", "-" if snap.s_per_step is None else f"{snap.s_per_step:.2f}")
@@ -99,7 +102,7 @@ def status_panel(snap: "Snapshot", *, title: str | None = None) -> Panel:
     if snap.stop_requested:
         grid.add_row("stop", "requested: the agent checkpoints and publishes")
     if snap.status.get("wandb_url"):
-        grid.add_row("W&B", str(snap.status["wandb_url"]))
+        grid.add_row("W&B", Text(clean_text(snap.status["wandb_url"], keep_newlines=False)))
     return Panel(grid, title=title or snap.run_id, title_align="left")
 
 
@@ -134,12 +137,12 @@ class LiveView:
             self._live = None
 
     def note(self, text: str) -> None:
-        self.console.print(Text(f"- {text}", style="cyan"))
+        self.console.print(Text(f"- {clean_text(text)}", style="cyan"))
 
     def log(self, lines: list[str]) -> None:
         if self.show_logs:
             for line in lines:
-                self.console.print(Text(line, style="dim"), soft_wrap=True)
+                self.console.print(Text(clean_text(line), style="dim"), soft_wrap=True)
 
     def update(self, snap: "Snapshot") -> None:
         url = snap.status.get("wandb_url")
@@ -154,7 +157,7 @@ class LiveView:
             return
         line = status_line(snap)
         if line.split(" spend ")[0] != (self._last_line or "").split(" spend ")[0]:
-            self.console.print(Text(line))
+            self.console.print(Text(clean_text(line)))
         self._last_line = line
 
 
@@ -181,7 +184,7 @@ def render_summary(console: Console, outcome: "Outcome") -> None:
         grid.add_row("idle", f"{duration(receipt['idle_after_training_s'])} between the last step "
                              f"and the destroy ({money(receipt.get('idle_after_training_usd'))})")
     if outcome.error:
-        grid.add_row("error", Text(outcome.error, style="red"))
+        grid.add_row("error", Text(clean_text(outcome.error), style="red"))
     console.print(Panel(grid, title=outcome.run_id, title_align="left"))
     if outcome.bundle:  # on its own line, never wrapped: easy to copy
         console.print(Text(f"bundle: {outcome.bundle}"), soft_wrap=True)
@@ -224,7 +227,7 @@ def run_detail(run: dict[str, Any], *, now: float) -> Panel:
     for key, value in rows:
         grid.add_row(key, escape(str(value)))
     if run.get("error"):
-        grid.add_row("error", Text(run["error"], style="red"))
+        grid.add_row("error", Text(clean_text(run["error"]), style="red"))
     return Panel(grid, title=run["run_id"], title_align="left")
 
 

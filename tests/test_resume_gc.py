@@ -77,7 +77,8 @@ class ScriptedHost:
     def upload(self, local: Path, remote: str, *, delete: bool = False, excludes: Any = ()) -> Any:
         return _Stats()
 
-    def download(self, remote: str, local: Path, *, includes: Any = None) -> Any:
+    def download(self, remote: str, local: Path, *, includes: Any = None,
+                 max_bytes: int | None = None) -> Any:
         prefix = remote.rstrip("/") + "/"
         if includes is not None:  # only those entries of the directory
             for name in includes:

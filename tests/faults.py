@@ -21,13 +21,21 @@ TALLY_ENV = "FLUX_REMOTE_FAULT_TALLY"
 
 
 def record(name: str, *, faults: int = 1, orphans: int = 0, lost: int = 0,
-           overruns: int = 0) -> None:
-    """Count one fault test's result (appended as a JSON line when the tally is on)."""
+           overruns: int = 0, category: str | None = None,
+           observed: dict[str, Any] | None = None) -> None:
+    """Count one fault test's result (appended as a JSON line when the tally is on).
+    ``category`` groups lines into a table of their own (``hostile``: tests/test_faults_hostile.py);
+    ``observed`` carries what the test measured beyond the four counts (leaks, tracebacks...)."""
     path = os.environ.get(TALLY_ENV)
     if path:
+        line: dict[str, Any] = {"test": name, "faults": faults, "orphans": orphans,
+                                "lost": lost, "overruns": overruns}
+        if category is not None:
+            line["category"] = category
+        if observed:
+            line["observed"] = observed
         with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"test": name, "faults": faults, "orphans": orphans,
-                                 "lost": lost, "overruns": overruns}) + "\n")
+            fh.write(json.dumps(line) + "\n")
 
 
 def live_instances(fake: Any) -> list[int]:

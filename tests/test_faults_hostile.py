@@ -1,0 +1,214 @@
+"""A hostile instance: the agent is replaced by one that lies (tests/hostile_agent.py).
+
+Each test launches through the CLI (or the orchestrator, where time must be faked) over the local
+provider, LocalHost and the real rsync; only the agent is the stranger's. Each ends with what
+issue 16 asks for, observed: no file outside the out dir, nothing uploaded the user did not
+produce, no traceback, the machine released (destroyed, or stopped when data must be kept), spend
+within 10% of the cap. Each records its outcome for the tally (category ``hostile``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.journal import open_journal
+from tests import hostile_agent
+from tests.faults import FakeClock, record
+from tests.test_launch_local import invoke, write_spec
+
+SECRET = b"VAST_API_KEY=laptop-secret-0123456789\n"
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``hostile(mode)``: the next launch ships the hostile agent playing ``mode``."""
+    package = hostile_agent.install(tmp_path / "hostile")
+    monkeypatch.setattr("controller.run.ship.remote_package_dir", lambda: package)
+    secret = tmp_path / "laptop" / "environ"
+    secret.parent.mkdir()
+    secret.write_bytes(SECRET)
+    monkeypatch.setenv(hostile_agent.TARGET_ENV, str(secret))
+    def choose(mode: str) -> Path:
+        monkeypatch.setenv(hostile_agent.MODE_ENV, mode)
+        return secret
+
+    yield choose
+    # an agent that outlives its run (the local provider does not kill it) is ended here
+    for pid_file in Path(os.environ["FLUX_REMOTE_HOME"]).glob("local/*/agent.pid"):
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and not p.is_symlink()}
+
+
+def observe(tmp_path: Path, out: Path, output: str, secret: Path) -> dict[str, Any]:
+    """What issue 16 asks every hostile test to show, measured (not assumed)."""
+    journal = open_journal()
+    [run] = journal.list_runs()
+    instances = journal.instances(run["run_id"])
+    links = [p for p in out.rglob("*") if p.is_symlink()] if out.exists() else []
+    leaked = [name for name, data in (files_under(out) if out.exists() else {}).items()
+              if SECRET.strip() in data]
+    return {
+        "run": run,
+        "links_home": len(links),
+        "secret_home": len(leaked),
+        "outside_out": int(secret.read_bytes() != SECRET or (tmp_path / "escape.txt").exists()),
+        "traceback": int("Traceback" in output),
+        "escapes_shown": int(any(c in output for c in "\x1b\x07\x9b")),
+        "left_running": sum(1 for i in instances if i["state"] not in ("destroyed", "stopped")),
+    }
+
+
+def record_hostile(name: str, seen: dict[str, Any], *, overruns: int = 0, **extra: Any) -> None:
+    """One line of the tally: orphans and leaks as observed above, category ``hostile``."""
+    leaks = seen["links_home"] + seen["secret_home"] + seen["outside_out"]
+    record(name, orphans=seen["left_running"], overruns=overruns, category="hostile",
+           observed={"leaks": leaks, "tracebacks": seen["traceback"],
+                     "escapes_shown": seen["escapes_shown"], **extra})
+
+
+def test_links_in_the_bundle_never_reach_home(tmp_path: Path, hostile: Any) -> None:
+    secret = hostile("links")
+    spec = write_spec(tmp_path, name="lnk")
+    out = tmp_path / "out"
+    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
+    seen = observe(tmp_path, out, result.output, secret)
+    assert result.exit_code == 1, result.output
+    assert "README.md: missing, or not a regular file" in result.output
+    assert seen["links_home"] == 0 and seen["secret_home"] == 0 and seen["outside_out"] == 0
+    assert not (out / "README.md").exists() and not (out / "root").exists()
+    assert seen["traceback"] == 0 and seen["left_running"] == 0
+    down = invoke("down", seen["run"]["run_id"])  # no --force needed
+    assert down.exit_code == 0, down.output
+    record_hostile("hostile:links-in-bundle", seen)
+
+
+def test_a_checkpoint_path_outside_the_run_dir_ends_the_run(tmp_path: Path,
+                                                            hostile: Any) -> None:
+    secret = hostile("paths")
+    spec = write_spec(tmp_path, name="pth", publish={"fetch_checkpoints": True})
+    out = tmp_path / "out"
+    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
+    seen = observe(tmp_path, out, result.output, secret)
+    assert result.exit_code == 1, result.output
+    assert "last_checkpoint" in seen["run"]["error"] and "outside the run dir" in result.output
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    assert seen["secret_home"] == 0 and seen["outside_out"] == 0 and seen["traceback"] == 0
+    assert seen["left_running"] == 0 and seen["run"]["state"] == "failed"
+    record_hostile("hostile:checkpoint-path", seen)
+
+
+def test_markup_and_escapes_are_shown_as_text_and_publishing_stays_home(
+        tmp_path: Path, hostile: Any, fake_hub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.fakehub import FAKE_TOKEN
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    secret = hostile("text")
+    spec = write_spec(tmp_path, name="txt", publish={"hf_repo": "alice/txt-lora"})
+    out = tmp_path / "out"
+    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
+    seen = observe(tmp_path, out, result.output, secret)
+    assert result.exit_code == 0, result.output
+    assert seen["escapes_shown"] == 0, repr(result.output)
+    assert "[bold red]PWNED[/]" in result.output  # markup shown literally
+    assert "[link=file:///etc/passwd]click[/link]" in result.output
+    assert set(fake_hub.repos) == {"alice/txt-lora"} and fake_hub.repos["alice/txt-lora"].private
+    listed = {line.split("  ", 1)[1] for line in (out / "SHA256SUMS").read_text().splitlines()}
+    assert set(fake_hub.repos["alice/txt-lora"].files) <= listed | {"SHA256SUMS"}
+    assert seen["traceback"] == 0 and seen["left_running"] == 0
+    record_hostile("hostile:markup-and-escapes", seen, uploaded_unlisted=0)
+
+
+@pytest.mark.parametrize("mode", ["numbers", "huge"])
+def test_bad_status_ends_in_the_release_path(tmp_path: Path, hostile: Any, mode: str) -> None:
+    secret = hostile(mode)
+    spec = write_spec(tmp_path, name=mode)
+    out = tmp_path / "out"
+    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
+    seen = observe(tmp_path, out, result.output, secret)
+    assert result.exit_code == 1, result.output
+    expected = "'step' is not a number" if mode == "numbers" else "larger than"
+    assert expected in seen["run"]["error"], seen["run"]["error"]
+    assert seen["run"]["state"] == "failed" and (out / "logs").is_dir()
+    assert seen["traceback"] == 0 and seen["left_running"] == 0
+    events = [e["kind"] for e in open_journal().events(seen["run"]["run_id"])]
+    assert "untrusted_input" in events
+    record_hostile(f"hostile:status-{mode}", seen)
+
+
+def test_non_utf8_checksums_keep_the_machine_and_down_works(tmp_path: Path,
+                                                           hostile: Any) -> None:
+    secret = hostile("nonutf8")
+    spec = write_spec(tmp_path, name="utf")
+    out = tmp_path / "out"
+    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
+    seen = observe(tmp_path, out, result.output, secret)
+    assert result.exit_code == 1, result.output
+    assert "is not UTF-8" in result.output and "flux-remote fetch" in result.output
+    assert not (out / "SHA256SUMS").exists()  # nothing unverified moved in
+    assert seen["traceback"] == 0 and seen["left_running"] == 0
+    down = invoke("down", seen["run"]["run_id"])
+    assert down.exit_code == 0 and "Traceback" not in down.output, down.output
+    record_hostile("hostile:non-utf8-sums", seen)
+
+
+class StoppingProvider:
+    """The local provider whose ``release(keep_data=True)`` stops the machine the way the Vast
+    API's stop does (``PUT /instances/{id}/ {"state": "stopped"}``): its processes end."""
+
+    def __init__(self, inner: Any, root: Path) -> None:
+        self.inner, self.root = inner, root
+        self.stops = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def release(self, run_id: str, journal: Any, *, keep_data: bool = False) -> None:
+        if keep_data:
+            self.stops += 1
+            pid = (self.root / run_id / "agent.pid").read_text()
+            os.kill(int(pid), signal.SIGKILL)
+        self.inner.release(run_id, journal, keep_data=keep_data)
+
+
+def test_an_agent_that_ignores_stop_is_stopped_from_home_within_the_cap(
+        tmp_path: Path, hostile: Any) -> None:
+    from controller.providers.local import LocalProvider
+    from controller.run.orchestrator import Options, Orchestrator
+    from controller.spec.loader import load_spec
+
+    secret = hostile("ignore_stop")
+    spec_path = write_spec(tmp_path, name="cap", budget=1.0,
+                           provider={"type": "local", "price_per_hour": 6.0})
+    spec = load_spec(spec_path)
+    clock = FakeClock()
+    clock.now = 1_000_000.0
+    journal = open_journal()
+    root = Path(os.environ["FLUX_REMOTE_HOME"]) / "local"
+    provider = StoppingProvider(LocalProvider(clock=clock), root)
+    orch = Orchestrator(journal, provider, clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+    run_id = orch.create_run(spec, provider.estimate(spec), out_dir=tmp_path / "out")
+    # each poll moves the fake clock 20 s: the cap comes after a few hundred polls
+    outcome = orch.drive(run_id, Options(poll_interval=20.0))
+    assert outcome.state == "failed" and outcome.error.startswith("budget:"), outcome.error
+    assert provider.stops == 1
+    kinds = [e["kind"] for e in journal.events(run_id)]
+    assert kinds.index("cap_stop") < kinds.index("stop_ignored")
+    spent = journal.get_run(run_id)["spend_usd"]
+    assert spent <= 1.0 * 1.10, spent
+    seen = observe(tmp_path, tmp_path / "out", outcome.error or "", secret)
+    assert seen["left_running"] == 0
+    record_hostile("hostile:ignores-stop", seen, overruns=int(spent > 1.0 * 1.10),
+                   spend_usd=round(spent, 4), cap_usd=1.0)

@@ -148,8 +148,9 @@ def test_bad_status_ends_in_the_release_path(tmp_path: Path, hostile: Any, mode:
     record_hostile(f"hostile:status-{mode}", seen)
 
 
-def test_non_utf8_checksums_keep_the_machine_and_down_works(tmp_path: Path,
-                                                           hostile: Any) -> None:
+def test_non_utf8_checksums_keep_the_machine_and_down_works(
+        tmp_path: Path, hostile: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_READ_TOKEN", "hf_read_canary")  # flux-dev: a read token is sent
     secret = hostile("nonutf8")
     spec = write_spec(tmp_path, name="utf")
     out = tmp_path / "out"
@@ -158,6 +159,9 @@ def test_non_utf8_checksums_keep_the_machine_and_down_works(tmp_path: Path,
     assert result.exit_code == 1, result.output
     assert "is not UTF-8" in result.output and "flux-remote fetch" in result.output
     assert not (out / "SHA256SUMS").exists()  # nothing unverified moved in
+    # the secrets file goes in every ending, a machine kept for a later fetch included
+    secrets = Path(os.environ["FLUX_REMOTE_HOME"]) / "local" / ".secrets"
+    assert secrets.is_dir() and list(secrets.iterdir()) == []
     assert seen["traceback"] == 0 and seen["left_running"] == 0
     down = invoke("down", seen["run"]["run_id"])
     assert down.exit_code == 0 and "Traceback" not in down.output, down.output

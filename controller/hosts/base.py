@@ -109,7 +109,8 @@ class Host(Protocol):
         ...
 
     def upload(
-        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = ()
+        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = (),
+        filters: Sequence[str] = (),
     ) -> TransferStats:
         """rsync ``local`` to ``remote``: a directory's contents into the ``remote`` directory, a
         file to the ``remote`` path. Resumable (``--partial-dir``); unchanged files are not sent.
@@ -117,6 +118,7 @@ class Host(Protocol):
         ``delete`` removes files under ``remote`` that ``local`` lacks, and is refused (ValueError)
         unless ``remote`` is an absolute path at least two levels deep. Connection-level failures
         are retried with backoff; others raise TransportError with rsync's stderr tail.
+        ``filters`` (rsync filter rules, after ``excludes``) narrow what is sent (an include list).
         """
         ...
 

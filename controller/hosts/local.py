@@ -153,7 +153,8 @@ class LocalHost:
         return process_alive(pid)
 
     def upload(
-        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = ()
+        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = (),
+        filters: Sequence[str] = (),
     ) -> TransferStats:
         local = Path(local)
         if delete:
@@ -164,7 +165,8 @@ class LocalHost:
         else:
             Path(remote).parent.mkdir(parents=True, exist_ok=True)
         argv = rsync.rsync_argv(
-            source, remote, delete=delete, excludes=excludes, extra=self._rsync_args
+            source, remote, delete=delete, excludes=excludes, extra=self._rsync_args,
+            filters=filters,
         )
         return rsync.run_rsync(
             argv, pushing=True, where=self.where, sleep=self._sleep, clock=self._clock

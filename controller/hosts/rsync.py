@@ -150,12 +150,15 @@ def rsync_argv(
     extra: Sequence[str] = (),
     incoming: bool = False,
     max_bytes: int | None = None,
+    filters: Sequence[str] = (),
 ) -> list[str]:
     """The rsync command line. ``source``/``dest`` are passed as they are (add trailing ``/``
     for "contents of"); ``ssh_command`` is the ``-e`` value for remote transfers. ``includes``
     (names of entries at the top of a source directory) limits the transfer to those entries;
     ``excludes`` still take precedence over them. ``incoming`` (a download from an instance)
-    adds :data:`INCOMING_FLAGS`; ``max_bytes`` skips any file larger than that (``--max-size``)."""
+    adds :data:`INCOMING_FLAGS`; ``max_bytes`` skips any file larger than that (``--max-size``).
+    ``filters`` are rsync filter rules (``"+ */"``, ``"- *"``), applied after ``excludes``, with
+    ``--prune-empty-dirs`` so a folder of skipped files is not created."""
     argv = [
         "rsync",
         "-a",
@@ -177,6 +180,8 @@ def rsync_argv(
     argv += [f"--exclude={pattern}" for pattern in excludes]
     if includes is not None:
         argv += include_rules(includes)
+    if filters:
+        argv += [*(f"--filter={rule}" for rule in filters), "--prune-empty-dirs"]
     argv += list(extra)
     argv += ["--", source, dest]
     return argv

@@ -405,7 +405,8 @@ class SshHost:
         return shlex.join(ssh_argv(self.target, connect_timeout=self._connect_timeout))
 
     def upload(
-        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = ()
+        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = (),
+        filters: Sequence[str] = (),
     ) -> TransferStats:
         local = Path(local)
         if not local.exists():
@@ -422,6 +423,7 @@ class SshHost:
             ssh_command=self._ssh_command(),
             delete=delete,
             excludes=excludes,
+            filters=filters,
             extra=(f"--rsync-path={rsync_path}", *self._rsync_args),
         )
         return self._rsync(argv, pushing=True)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from controller.run import states as R
 from controller.errors import (FluxRemoteError, HostKeyError, ProviderError, RunError,
-                               TransportError)
+                               SpecError, TransportError)
 from controller.run.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_receipt,
                               fetch_bundle, fetch_extras, has_bundle)
 from controller.run.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
@@ -33,8 +33,8 @@ from controller.run.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower,
 from controller.untrusted import UntrustedInput, clean_text, number, text_field
 from controller.hosts.ssh import SshHost
 from controller.run.states import run_lock
-from controller.run.ship import (remove_secrets, secrets_path, secrets_payload, start_agent,
-                             upload_run, write_plan)
+from controller.run.ship import (remove_secrets, secrets_for, secrets_path, secrets_payload,
+                                start_agent, upload_run, write_plan)
 
 if TYPE_CHECKING:
     from controller.journal import Journal
@@ -257,10 +257,15 @@ class Orchestrator:
             machine = self.machine(run_id)
             host, paths = machine.host, RunPaths(f"{machine.root}/{run_id}")
             self.reporter.note(f"shipping the agent and the dataset to {paths.run_dir}")
-            for stats in upload_run(host, paths, Path(spec.dataset.path)):
+            for stats in upload_run(host, paths, Path(spec.dataset.path),
+                                    caption_ext=spec.dataset.caption_ext,
+                                    max_files=spec.dataset.max_files):
                 self._transfer_cost(run_id, machine, "up", stats)
             secrets_file = None
-            secrets = secrets_payload(self.env)
+            values, warnings = secrets_for(spec, self.env)
+            for warning in warnings:
+                self.reporter.note(warning)
+            secrets = secrets_payload(values)
             if secrets:
                 secrets_file = secrets_path(machine.root, run_id)
                 host.write_bytes(secrets_file, secrets, mode=0o600)
@@ -271,7 +276,7 @@ class Orchestrator:
                 billing_started_at=machine.billing_started_at, secrets_file=secrets_file,
                 instance=machine.info))
             self._start_agent(run_id, machine, paths)
-        except (TransportError, ProviderError) as exc:
+        except (TransportError, ProviderError, SpecError) as exc:
             self._fail(run_id, f"shipping to the machine failed: {exc}")
             raise
         self._set(run_id, R.RUNNING, remote_run_dir=paths.run_dir)

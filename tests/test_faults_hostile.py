@@ -216,3 +216,42 @@ def test_an_agent_that_ignores_stop_is_stopped_from_home_within_the_cap(
     assert seen["left_running"] == 0
     record_hostile("hostile:ignores-stop", seen, overruns=int(spent > 1.0 * 1.10),
                    spend_usd=round(spent, 4), cap_usd=1.0)
+
+
+def test_ctrl_c_during_the_create_request_leaks_no_instance(fake_vast: Any) -> None:
+    """Ctrl-C lands after the create reached Vast and before its answer: the journal holds a
+    create intent only, and Vast lists the new instance late. Release reads the label back on
+    the lost-create schedule and destroys it."""
+    from controller.providers.vast import VastProvider
+    from controller.run.states import instance_label
+    from controller.vast.client import CREATE_READ_BACK_S, VastClient
+    from tests.faults import live_instances
+    from tests.test_launch_vast_e2e import NO_WAIT
+
+    slept: list[float] = []
+    client = VastClient(base_url=fake_vast.url, api_key=fake_vast.api_key,
+                        min_intervals=NO_WAIT, sleep=lambda s: None)
+    journal = open_journal()
+    journal.create_run(run_id="cc", name="cc", provider="vast", state="renting", spec={},
+                       out_dir="/nonexistent", budget_usd=1)
+    label = instance_label("cc")
+    journal.instance_intent("cc", provider="vast", label=label)  # the create was sent ...
+    iid = client.create_instance(int(fake_vast.offers[0]["id"]), image="img", disk_gb=10,
+                                 label=label)  # ... and made, but its answer never read
+    lists = {"n": 0}
+    real_list = fake_vast._list
+
+    def late_list(query: dict[str, list[str]]) -> tuple[int, Any]:
+        lists["n"] += 1  # Vast lists the new instance only from the third look on
+        status, body = real_list(query)
+        if lists["n"] < 3:
+            body = {**body, "instances": [i for i in body["instances"] if i["id"] != iid]}
+        return status, body
+
+    fake_vast._list = late_list
+    VastProvider(client, sleep=slept.append).release("cc", journal)
+    assert live_instances(fake_vast) == [] and iid not in fake_vast.instances
+    assert slept == list(CREATE_READ_BACK_S[:2])
+    assert journal.pending_intents() == [] and journal.current_instance("cc") is None
+    record("hostile:ctrl-c-during-create", orphans=len(fake_vast.instances), category="hostile",
+           observed={"leaks": 0, "tracebacks": 0, "escapes_shown": 0})

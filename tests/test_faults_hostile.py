@@ -255,3 +255,36 @@ def test_ctrl_c_during_the_create_request_leaks_no_instance(fake_vast: Any) -> N
     assert journal.pending_intents() == [] and journal.current_instance("cc") is None
     record("hostile:ctrl-c-during-create", orphans=len(fake_vast.instances), category="hostile",
            observed={"leaks": 0, "tracebacks": 0, "escapes_shown": 0})
+
+
+def test_offers_abandoned_during_readiness_count_toward_the_cap(tmp_path: Path) -> None:
+    """An instance destroyed while it loaded billed from create to destroy: the meter, and so
+    the cap, counts it with the machine that runs."""
+    import time
+
+    from controller.run.follow import Follower, RunPaths, abandoned_usd
+    from tests.test_resume_gc import ScriptedHost
+
+    journal = open_journal()
+    journal.create_run(run_id="ab", name="ab", provider="vast", state="running", spec={},
+                       out_dir=str(tmp_path / "out"), budget_usd=1.5)
+    gone = journal.instance_intent("ab", provider="vast", dph_total=6.0)
+    journal.instance_created(gone, 1, billing_started_at=time.time() - 600)  # loaded 10 min
+    journal.instance_destroyed(gone)
+    current = journal.instance_intent("ab", provider="vast", dph_total=6.0)
+    journal.instance_created(current, 2, billing_started_at=time.time())
+    extra = abandoned_usd(journal, "ab", current_row=current)
+    assert extra == pytest.approx(1.0, abs=0.05)
+    now = time.time()
+
+    def follower(abandoned: float) -> Any:
+        return Follower(ScriptedHost(), RunPaths("/r/ab"), journal=journal, run_id="ab",
+                        price_per_hour=6.0, billing_started_at=now, budget_usd=1.5,
+                        abandoned_usd=abandoned, clock=lambda: now, sleep=lambda s: None)
+
+    assert not follower(0.0).poll().stop_requested  # its own $0 + the finish's $1 < $1.50
+    snap = follower(extra).poll()
+    assert snap.stop_requested and snap.spend_usd == pytest.approx(extra)
+    record("hostile:abandoned-offers-metered", overruns=0, category="hostile",
+           observed={"leaks": 0, "tracebacks": 0, "escapes_shown": 0,
+                     "abandoned_usd": round(extra, 4)})

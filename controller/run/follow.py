@@ -167,6 +167,17 @@ def meter(price_per_hour: float, billing_started_at: float, now: float,
     return max(0.0, now - billing_started_at) / 3600.0 * price_per_hour + bandwidth_usd
 
 
+def abandoned_usd(journal: "Journal", run_id: str, *, current_row: int | None) -> float:
+    """What the run's other instances billed: offers given up during readiness (each billed from
+    its create to its destroy while it loaded), metered with the run so the cap counts them."""
+    total = 0.0
+    for row in journal.instances(run_id):
+        started, ended = row.get("billing_started_at"), row.get("destroyed_at")
+        if row["id"] != current_row and started and ended:
+            total += max(0.0, float(ended) - float(started)) / 3600 * float(row["dph_total"] or 0)
+    return total
+
+
 def read_json(host: "Host", path: str, *, strict: bool = False) -> dict[str, Any] | None:
     """A JSON object file from the instance, read with a size limit (``STATUS_MAX_BYTES``).
 
@@ -262,6 +273,7 @@ class Follower:
     def __init__(self, host: "Host", paths: RunPaths, *, journal: "Journal", run_id: str,
                  price_per_hour: float, billing_started_at: float, budget_usd: float,
                  max_hours: float | None = None, bandwidth_usd: float = 0.0,
+                 abandoned_usd: float = 0.0,
                  poll_interval: float = 2.0, finish_allowance_s: float = FINISH_ALLOWANCE_S,
                  lost_contact_s: float = LOST_CONTACT_S, reporter: Reporter | None = None,
                  health: Callable[[], str | None] | None = None, on_cap: str | None = None,
@@ -279,6 +291,7 @@ class Follower:
         self.budget_usd = budget_usd
         self.max_hours = max_hours
         self.bandwidth_usd = bandwidth_usd
+        self.abandoned_usd = abandoned_usd  # see abandoned_usd(): billed before this machine
         self.poll_interval = poll_interval
         self.lost_contact_s = lost_contact_s
         self.reporter = reporter or NullReporter()
@@ -377,7 +390,8 @@ class Follower:
         values = status_values(status)  # raises UntrustedInput: the run ends in its release path
         lines = self._tail_log()
         self.host.write_bytes(self.paths.heartbeat, f"{now:.3f}\n".encode())
-        spend = meter(self.price_per_hour, self.billing_started_at, now, self.bandwidth_usd)
+        spend = meter(self.price_per_hour, self.billing_started_at, now,
+                      self.bandwidth_usd + self.abandoned_usd)
         snap = Snapshot(
             run_id=self.run_id, **values, spend_usd=spend,
             budget_usd=self.budget_usd, price_per_hour=self.price_per_hour,

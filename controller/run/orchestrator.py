@@ -29,7 +29,8 @@ from controller.run.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_
                               fetch_bundle, fetch_extras, has_bundle)
 from controller.run.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
                                NullReporter, Reporter, RunPaths, Snapshot, StopIgnored,
-                               fetched_checkpoint, meter, read_int, read_json, request_stop)
+                               abandoned_usd, fetched_checkpoint, meter, read_int, read_json,
+                               request_stop)
 from controller.untrusted import UntrustedInput, clean_text, number, text_field
 from controller.hosts.ssh import SshHost
 from controller.run.states import run_lock
@@ -302,6 +303,8 @@ class Orchestrator:
                         billing_started_at=machine.billing_started_at,
                         budget_usd=run["budget_usd"], max_hours=spec.budget.max_hours,
                         bandwidth_usd=self.bandwidth_usd(run["run_id"]),
+                        abandoned_usd=abandoned_usd(self.journal, run["run_id"],
+                                                    current_row=machine.instance_row),
                         poll_interval=options.poll_interval,
                         stop_grace_s=spec.budget.stop_grace_s,
                         checkpoint_max_bytes=spec.publish.max_checkpoint_mb << 20,
@@ -443,7 +446,8 @@ class Orchestrator:
             raise
         destroyed_at = self.clock()
         spend = meter(machine.price_per_hour, machine.billing_started_at, destroyed_at,
-                      self.bandwidth_usd(run_id))
+                      self.bandwidth_usd(run_id) +
+                      abandoned_usd(self.journal, run_id, current_row=machine.instance_row))
         self.journal.add_spend_sample(run_id, usd=spend, dph_total=machine.price_per_hour,
                                       bandwidth_usd=self.bandwidth_usd(run_id))
         receipt = None

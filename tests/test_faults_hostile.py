@@ -79,12 +79,18 @@ def record_hostile(name: str, seen: dict[str, Any], *, overruns: int = 0, **extr
                      "escapes_shown": seen["escapes_shown"], **extra})
 
 
-def test_links_in_the_bundle_never_reach_home(tmp_path: Path, hostile: Any) -> None:
-    secret = hostile("links")
-    spec = write_spec(tmp_path, name="lnk")
+def launch(tmp_path: Path, hostile: Any, mode: str, name: str,
+           **spec: Any) -> tuple[Any, dict[str, Any], Path]:
+    """``flux-remote launch`` with the hostile agent playing ``mode``: (result, observed, out)."""
+    secret = hostile(mode)
     out = tmp_path / "out"
-    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
-    seen = observe(tmp_path, out, result.output, secret)
+    result = invoke("launch", write_spec(tmp_path, name=name, **spec), "--yes", "--out", out,
+                    "--poll-interval", "0.1")
+    return result, observe(tmp_path, out, result.output, secret), out
+
+
+def test_links_in_the_bundle_never_reach_home(tmp_path: Path, hostile: Any) -> None:
+    result, seen, out = launch(tmp_path, hostile, "links", "lnk")
     assert result.exit_code == 1, result.output
     assert "README.md: missing, or not a regular file" in result.output
     assert seen["links_home"] == 0 and seen["secret_home"] == 0 and seen["outside_out"] == 0
@@ -97,11 +103,8 @@ def test_links_in_the_bundle_never_reach_home(tmp_path: Path, hostile: Any) -> N
 
 def test_a_checkpoint_path_outside_the_run_dir_ends_the_run(tmp_path: Path,
                                                             hostile: Any) -> None:
-    secret = hostile("paths")
-    spec = write_spec(tmp_path, name="pth", publish={"fetch_checkpoints": True})
-    out = tmp_path / "out"
-    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
-    seen = observe(tmp_path, out, result.output, secret)
+    result, seen, out = launch(tmp_path, hostile, "paths", "pth",
+                               publish={"fetch_checkpoints": True})
     assert result.exit_code == 1, result.output
     assert "last_checkpoint" in seen["run"]["error"] and "outside the run dir" in result.output
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
@@ -115,11 +118,8 @@ def test_markup_and_escapes_are_shown_as_text_and_publishing_stays_home(
     from tests.fakehub import FAKE_TOKEN
 
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    secret = hostile("text")
-    spec = write_spec(tmp_path, name="txt", publish={"hf_repo": "alice/txt-lora"})
-    out = tmp_path / "out"
-    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
-    seen = observe(tmp_path, out, result.output, secret)
+    result, seen, out = launch(tmp_path, hostile, "text", "txt",
+                               publish={"hf_repo": "alice/txt-lora"})
     assert result.exit_code == 0, result.output
     assert seen["escapes_shown"] == 0, repr(result.output)
     assert "[bold red]PWNED[/]" in result.output  # markup shown literally
@@ -133,11 +133,7 @@ def test_markup_and_escapes_are_shown_as_text_and_publishing_stays_home(
 
 @pytest.mark.parametrize("mode", ["numbers", "huge"])
 def test_bad_status_ends_in_the_release_path(tmp_path: Path, hostile: Any, mode: str) -> None:
-    secret = hostile(mode)
-    spec = write_spec(tmp_path, name=mode)
-    out = tmp_path / "out"
-    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
-    seen = observe(tmp_path, out, result.output, secret)
+    result, seen, out = launch(tmp_path, hostile, mode, mode)
     assert result.exit_code == 1, result.output
     expected = "'step' is not a number" if mode == "numbers" else "larger than"
     assert expected in seen["run"]["error"], seen["run"]["error"]
@@ -151,11 +147,7 @@ def test_bad_status_ends_in_the_release_path(tmp_path: Path, hostile: Any, mode:
 def test_non_utf8_checksums_keep_the_machine_and_down_works(
         tmp_path: Path, hostile: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_READ_TOKEN", "hf_read_canary")  # flux-dev: a read token is sent
-    secret = hostile("nonutf8")
-    spec = write_spec(tmp_path, name="utf")
-    out = tmp_path / "out"
-    result = invoke("launch", spec, "--yes", "--out", out, "--poll-interval", "0.1")
-    seen = observe(tmp_path, out, result.output, secret)
+    result, seen, out = launch(tmp_path, hostile, "nonutf8", "utf")
     assert result.exit_code == 1, result.output
     assert "is not UTF-8" in result.output and "flux-remote fetch" in result.output
     assert not (out / "SHA256SUMS").exists()  # nothing unverified moved in

@@ -1,4 +1,5 @@
-"""What goes out to an instance, and what our rsync accepts back (issue 16, points 1, 7-9)."""
+"""The boundary with a stranger's machine: what goes out to an instance (secrets, the dataset),
+what comes back (files, names, text, numbers) and the rsync that carries it (issue 16)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from controller.errors import SpecError
+from controller.errors import SpecError, TransportError
 from controller.hosts.local import LocalHost
+from controller.hosts.rsync import run_rsync
 from controller.hosts.rsync_version import check_rsync
+from controller.run.fetch import STAGING, fetch_bundle
 from controller.run.follow import RunPaths
 from controller.run.ship import secrets_for, upload_run
 from controller.spec.loader import load_spec
+from controller.untrusted import UntrustedInput, clean_text, inside_run_dir, integer, number
 from tests.test_launch_local import write_spec
 
 
@@ -147,3 +151,92 @@ def test_preflight_refuses_a_known_unfixed_rsync_before_renting(tmp_path: Path) 
     checks = machine_checks(spec, env={}, which=lambda tool: f"/usr/bin/{tool}",
                             rsync_verdict=lambda: warn)
     assert [c.ok for c in checks if c.name == "rsync version"] == [True]
+
+
+def test_terminal_control_sequences_are_stripped_and_markup_kept() -> None:
+    evil = ("[bold]x[/] \x1b]52;c;ZXZpbA==\x07 \x1b[2J\x1b[H\x1b[31mred\x1b[0m \x07bell "
+            "\x9b31m \x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\ \x00\x08\x7f\rdone")
+    clean = clean_text(evil)
+    assert not any(ord(c) < 32 and c not in "\n\t" or 0x7f <= ord(c) <= 0x9f for c in clean)
+    assert clean.startswith("[bold]x[/]") and "red" in clean and "link" in clean
+    assert "ZXZpbA" not in clean  # the OSC 52 payload goes with its sequence
+    assert clean_text("a\nb", keep_newlines=False) == "a b"
+    assert clean_text("x" * 50, limit=10) == "x" * 10 + "…"
+
+
+@pytest.mark.parametrize("value", ["lots", "NaN", "inf", True, [1], {"a": 1}, float("nan")])
+def test_a_number_from_the_instance_must_be_a_finite_number(value: object) -> None:
+    with pytest.raises(UntrustedInput, match="'loss'"):
+        number(value, field="loss", where="status.json")
+
+
+def test_numbers_and_whole_numbers_that_are_fine() -> None:
+    assert number(None, field="x", where="w") is None
+    assert number("1.5", field="x", where="w") == 1.5 and number(2, field="x", where="w") == 2.0
+    assert integer(3.0, field="step", where="w") == 3
+    with pytest.raises(UntrustedInput, match="whole number"):
+        integer(2.5, field="step", where="w")
+
+
+def test_a_path_the_agent_names_must_stay_in_its_run_dir() -> None:
+    run = "/workspace/flux-remote/r1"
+    assert inside_run_dir("output/x/step_4", run, field="f", where="w") == f"{run}/output/x/step_4"
+    assert inside_run_dir(f"{run}/output/a", run, field="f", where="w") == f"{run}/output/a"
+    for bad in ("../r2/x", f"{run}/../r2", "/etc/passwd", "/workspace/flux-remote/r1x/a", "",
+                run, 7, "a\x1b[2Jb"):
+        with pytest.raises(UntrustedInput):
+            inside_run_dir(bad, run, field="f", where="w")
+
+
+def make_publish(root: Path, files: dict[str, bytes], extra_sums: str = "") -> Path:
+    import hashlib
+
+    pub = root / "publish"
+    for name, data in files.items():
+        (pub / name).parent.mkdir(parents=True, exist_ok=True)
+        (pub / name).write_bytes(data)
+    sums = "".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in files.items())
+    (pub / "SHA256SUMS").write_text(sums + extra_sums)
+    return root
+
+
+def test_only_listed_verified_files_move_into_the_out_dir(tmp_path: Path) -> None:
+    run = make_publish(tmp_path / "run", {"a.safetensors": b"w", "samples/0.png": b"p"})
+    (run / "publish" / "unlisted.sh").write_text("rm -rf ~")
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "agent.log").write_text("ours")
+    result = fetch_bundle(LocalHost(), RunPaths(str(run)), out)
+    assert result.files_verified == 2
+    got = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert got == ["SHA256SUMS", "a.safetensors", "logs/agent.log", "samples/0.png"]
+    assert not (out / STAGING).exists()
+
+
+@pytest.mark.parametrize("name", ["logs/agent.log", "controller_receipt.json",
+                                  "checkpoints/x.safetensors"])
+def test_a_bundle_may_not_list_the_controllers_own_names(tmp_path: Path, name: str) -> None:
+    run = make_publish(tmp_path / "run", {"a.safetensors": b"w", name: b"forged"})
+    out = tmp_path / "out"
+    with pytest.raises(UntrustedInput, match="keeps for itself"):
+        fetch_bundle(LocalHost(), RunPaths(str(run)), out)
+    assert not (out / name).exists() and not (out / "a.safetensors").exists()
+
+
+def test_a_bundle_over_its_cap_is_not_brought_home(tmp_path: Path) -> None:
+    run = make_publish(tmp_path / "run", {"a.bin": b"x" * 600, "b.bin": b"y" * 600})
+    out = tmp_path / "out"
+    with pytest.raises(UntrustedInput, match="more than the cap"):
+        fetch_bundle(LocalHost(), RunPaths(str(run)), out, max_bytes=1000)
+    assert not (out / STAGING).exists() and not (out / "a.bin").exists()
+
+
+def test_a_stalling_rsync_is_stopped_and_not_retried(tmp_path: Path) -> None:
+    script = tmp_path / "rsync"
+    script.write_text("#!/bin/sh\nexec sleep 30\n")
+    script.chmod(0o755)
+    sleeps: list[float] = []
+    with pytest.raises(TransportError, match="ran past"):
+        run_rsync([str(script)], pushing=False, where="h", sleep=sleeps.append,
+                  attempt_timeout_s=0.5)
+    assert sleeps == []

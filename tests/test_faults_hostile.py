@@ -52,8 +52,16 @@ def files_under(root: Path) -> dict[str, bytes]:
             if p.is_file() and not p.is_symlink()}
 
 
-def observe(tmp_path: Path, out: Path, output: str, secret: Path) -> dict[str, Any]:
-    """What issue 16 asks every hostile test to show, measured (not assumed)."""
+def outside(tmp_path: Path, out: Path) -> dict[str, bytes]:
+    """Every file of the test's folder but the out dir (the dataset, the spec, the laptop file)."""
+    return {name: data for name, data in files_under(tmp_path).items()
+            if not (tmp_path / name).is_relative_to(out)}
+
+
+def observe(tmp_path: Path, out: Path, output: str, secret: Path,
+            before: dict[str, bytes]) -> dict[str, Any]:
+    """What issue 16 asks every hostile test to show, measured (not assumed): ``before`` is
+    :func:`outside` taken before the launch; any file added, changed or gone there counts."""
     journal = open_journal()
     [run] = journal.list_runs()
     instances = journal.instances(run["run_id"])
@@ -64,7 +72,7 @@ def observe(tmp_path: Path, out: Path, output: str, secret: Path) -> dict[str, A
         "run": run,
         "links_home": len(links),
         "secret_home": len(leaked),
-        "outside_out": int(secret.read_bytes() != SECRET or (tmp_path / "escape.txt").exists()),
+        "outside_out": len(set(before.items()) ^ set(outside(tmp_path, out).items())),
         "traceback": int("Traceback" in output),
         "escapes_shown": int(any(c in output for c in "\x1b\x07\x9b")),
         "left_running": sum(1 for i in instances if i["state"] not in ("destroyed", "stopped")),
@@ -84,9 +92,10 @@ def launch(tmp_path: Path, hostile: Any, mode: str, name: str,
     """``flux-remote launch`` with the hostile agent playing ``mode``: (result, observed, out)."""
     secret = hostile(mode)
     out = tmp_path / "out"
-    result = invoke("launch", write_spec(tmp_path, name=name, **spec), "--yes", "--out", out,
-                    "--poll-interval", "0.1")
-    return result, observe(tmp_path, out, result.output, secret), out
+    spec_path = write_spec(tmp_path, name=name, **spec)
+    before = outside(tmp_path, out)
+    result = invoke("launch", spec_path, "--yes", "--out", out, "--poll-interval", "0.1")
+    return result, observe(tmp_path, out, result.output, secret, before), out
 
 
 def test_links_in_the_bundle_never_reach_home(tmp_path: Path, hostile: Any) -> None:
@@ -95,7 +104,7 @@ def test_links_in_the_bundle_never_reach_home(tmp_path: Path, hostile: Any) -> N
     assert "README.md: missing, or not a regular file" in result.output
     assert seen["links_home"] == 0 and seen["secret_home"] == 0 and seen["outside_out"] == 0
     assert not (out / "README.md").exists() and not (out / "root").exists()
-    assert seen["traceback"] == 0 and seen["left_running"] == 0
+    assert seen["traceback"] == 0 and seen["left_running"] == 0 and seen["outside_out"] == 0
     down = invoke("down", seen["run"]["run_id"])  # no --force needed
     assert down.exit_code == 0, down.output
     record_hostile("hostile:links-in-bundle", seen)
@@ -127,7 +136,7 @@ def test_markup_and_escapes_are_shown_as_text_and_publishing_stays_home(
     assert set(fake_hub.repos) == {"alice/txt-lora"} and fake_hub.repos["alice/txt-lora"].private
     listed = {line.split("  ", 1)[1] for line in (out / "SHA256SUMS").read_text().splitlines()}
     assert set(fake_hub.repos["alice/txt-lora"].files) <= listed | {"SHA256SUMS"}
-    assert seen["traceback"] == 0 and seen["left_running"] == 0
+    assert seen["traceback"] == 0 and seen["left_running"] == 0 and seen["outside_out"] == 0
     record_hostile("hostile:markup-and-escapes", seen, uploaded_unlisted=0)
 
 
@@ -138,7 +147,7 @@ def test_bad_status_ends_in_the_release_path(tmp_path: Path, hostile: Any, mode:
     expected = "'step' is not a number" if mode == "numbers" else "larger than"
     assert expected in seen["run"]["error"], seen["run"]["error"]
     assert seen["run"]["state"] == "failed" and (out / "logs").is_dir()
-    assert seen["traceback"] == 0 and seen["left_running"] == 0
+    assert seen["traceback"] == 0 and seen["left_running"] == 0 and seen["outside_out"] == 0
     events = [e["kind"] for e in open_journal().events(seen["run"]["run_id"])]
     assert "untrusted_input" in events
     record_hostile(f"hostile:status-{mode}", seen)
@@ -154,7 +163,7 @@ def test_non_utf8_checksums_keep_the_machine_and_down_works(
     # the secrets file goes in every ending, a machine kept for a later fetch included
     secrets = Path(os.environ["FLUX_REMOTE_HOME"]) / "local" / ".secrets"
     assert secrets.is_dir() and list(secrets.iterdir()) == []
-    assert seen["traceback"] == 0 and seen["left_running"] == 0
+    assert seen["traceback"] == 0 and seen["left_running"] == 0 and seen["outside_out"] == 0
     down = invoke("down", seen["run"]["run_id"])
     assert down.exit_code == 0 and "Traceback" not in down.output, down.output
     record_hostile("hostile:non-utf8-sums", seen)
@@ -189,6 +198,7 @@ def test_an_agent_that_ignores_stop_is_stopped_from_home_within_the_cap(
     spec_path = write_spec(tmp_path, name="cap", budget=1.0,
                            provider={"type": "local", "price_per_hour": 6.0})
     spec = load_spec(spec_path)
+    before = outside(tmp_path, tmp_path / "out")
     clock = FakeClock()
     clock.now = 1_000_000.0
     journal = open_journal()
@@ -204,8 +214,8 @@ def test_an_agent_that_ignores_stop_is_stopped_from_home_within_the_cap(
     assert kinds.index("cap_stop") < kinds.index("stop_ignored")
     spent = journal.get_run(run_id)["spend_usd"]
     assert spent <= 1.0 * 1.10, spent
-    seen = observe(tmp_path, tmp_path / "out", outcome.error or "", secret)
-    assert seen["left_running"] == 0
+    seen = observe(tmp_path, tmp_path / "out", outcome.error or "", secret, before)
+    assert seen["left_running"] == 0 and seen["outside_out"] == 0
     record_hostile("hostile:ignores-stop", seen, overruns=int(spent > 1.0 * 1.10),
                    spend_usd=round(spent, 4), cap_usd=1.0)
 

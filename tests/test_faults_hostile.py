@@ -171,7 +171,9 @@ def test_non_utf8_checksums_keep_the_machine_and_down_works(
 
 class StoppingProvider:
     """The local provider whose ``release(keep_data=True)`` stops the machine the way the Vast
-    API's stop does (``PUT /instances/{id}/ {"state": "stopped"}``): its processes end."""
+    API's stop does: vast-cli ``stop__instance`` sends ``PUT /instances/{id}/
+    {"state": "stopped"}``, which "brings an instance from the running state into the stopped
+    state" with its data kept (its epilog): the processes end, the disk stays."""
 
     def __init__(self, inner: Any, root: Path) -> None:
         self.inner, self.root = inner, root

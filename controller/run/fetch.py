@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from controller.errors import RunError, TransportError
 from controller.run.follow import RunPaths
-from controller.untrusted import UntrustedInput, bundle_name, decode, inside_run_dir, number
+from controller.untrusted import (UntrustedInput, bundle_name, clean_text, decode, inside_run_dir,
+                                  number)
 from remote.publish.bundle import sha256_file
 
 if TYPE_CHECKING:
@@ -113,12 +114,13 @@ def verify_sums(bundle: Path) -> int:
     if not entries:
         raise RunError(f"{bundle / SUMS_NAME} lists no files")
     problems = []
-    for digest, name in entries:
-        if not is_inside(name):
+    for digest, raw in entries:
+        name = clean_text(raw, limit=200, keep_newlines=False)  # shown to the user: data
+        if not is_inside(raw):
             problems.append(f"{name}: outside the bundle")
-        elif not regular_file_inside(bundle, name):
+        elif not regular_file_inside(bundle, raw):
             problems.append(f"{name}: missing, or not a regular file")
-        elif sha256_file(bundle / name) != digest:
+        elif sha256_file(bundle / raw) != digest:
             problems.append(f"{name}: checksum differs")
     if problems:
         raise RunError(f"the bundle in {bundle} failed verification:\n  " + "\n  ".join(problems))
@@ -174,7 +176,7 @@ def fetch_bundle(host: "Host", paths: RunPaths, out_dir: Path, *,
     reserved = sorted({name for _, name in entries if name.split("/")[0] in RESERVED})
     if reserved:
         raise UntrustedInput(f"the bundle lists names the controller keeps for itself: "
-                             f"{', '.join(reserved)}")
+                             f"{', '.join(clean_text(n, limit=200) for n in reserved)}")
     for name in [*dict.fromkeys(name for _, name in entries if name != SUMS_NAME), SUMS_NAME]:
         target = out_dir / name
         for parent in reversed(target.relative_to(out_dir).parents[:-1]):

@@ -11,7 +11,7 @@ events.jsonl, agent.log, publish/ with SHA256SUMS); what it puts in them is the 
 Parts (``FLUX_REMOTE_AGENT_HOSTILE``):
   ``links``        publish/README.md is a link to a laptop file (``..._TARGET``), listed in
                    SHA256SUMS with that file's digest; publish/samples links to ``/``
-  ``paths``        status.json's last_checkpoint points outside the run dir
+  ``paths``        status.json's last_checkpoint points outside the run dir (escapes in it)
   ``text``         rich markup, ESC/CSI, OSC 52, clear-screen and BEL in status and log; a good
                    bundle whose run.yaml names another Hub repo, public
   ``numbers``      step is not a number
@@ -106,7 +106,7 @@ def main():
         status(state="done", stage="publish", step=4, total=4)
     elif MODE == "paths":
         status(state="running", stage="train", step=2, total=4,
-               last_checkpoint=f"{RUN}/../../../../{TARGET.lstrip('/')}")
+               last_checkpoint=f"{RUN}/../../../../{TARGET.lstrip('/')}{EVIL}")
         wait_for_stop(20)
     elif MODE == "text":
         status(state="running", stage=EVIL, step=1, total=4, error=EVIL)

@@ -118,6 +118,7 @@ def test_a_checkpoint_path_outside_the_run_dir_ends_the_run(tmp_path: Path,
     assert "last_checkpoint" in seen["run"]["error"] and "outside the run dir" in result.output
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     assert seen["secret_home"] == 0 and seen["outside_out"] == 0 and seen["traceback"] == 0
+    assert seen["escapes_shown"] == 0, repr(result.output)  # the error quotes the path, cleaned
     assert seen["left_running"] == 0 and seen["run"]["state"] == "failed"
     record_hostile("hostile:checkpoint-path", seen)
 

@@ -9,7 +9,6 @@ within 10% of the cap. Each records its outcome for the tally (category ``hostil
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path

@@ -197,7 +197,8 @@ def test_an_agent_that_ignores_stop_is_stopped_from_home_within_the_cap(
     from controller.spec.loader import load_spec
 
     secret = hostile("ignore_stop")
-    spec_path = write_spec(tmp_path, name="cap", budget=1.0,
+    cap = 3.0  # $6/h: the finish allowance (600 s) is $1, so STOP comes near $2 spent
+    spec_path = write_spec(tmp_path, name="cap", budget=cap,
                            provider={"type": "local", "price_per_hour": 6.0})
     spec = load_spec(spec_path)
     before = outside(tmp_path, tmp_path / "out")
@@ -208,18 +209,22 @@ def test_an_agent_that_ignores_stop_is_stopped_from_home_within_the_cap(
     provider = StoppingProvider(LocalProvider(clock=clock), root)
     orch = Orchestrator(journal, provider, clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
     run_id = orch.create_run(spec, provider.estimate(spec), out_dir=tmp_path / "out")
-    # each poll moves the fake clock 20 s: the cap comes after a few hundred polls
+    # each poll moves the fake clock 20 s: STOP after about 60 polls, the grace 15 more
     outcome = orch.drive(run_id, Options(poll_interval=20.0))
     assert outcome.state == "failed" and outcome.error.startswith("budget:"), outcome.error
     assert provider.stops == 1
     kinds = [e["kind"] for e in journal.events(run_id)]
     assert kinds.index("cap_stop") < kinds.index("stop_ignored")
+    [stop] = journal.events(run_id, kind="cap_stop")
+    grace_usd = 300 * 6.0 / 3600  # budget.stop_grace_s at $6/h
     spent = journal.get_run(run_id)["spend_usd"]
-    assert spent <= 1.0 * 1.10, spent
+    assert stop["detail"]["spend_usd"] > 1.5  # the agent trained until the cap
+    assert spent == pytest.approx(stop["detail"]["spend_usd"] + grace_usd, abs=0.05)
+    assert spent <= cap * 1.10, spent
     seen = observe(tmp_path, tmp_path / "out", outcome.error or "", secret, before)
     assert seen["left_running"] == 0 and seen["outside_out"] == 0
-    record_hostile("hostile:ignores-stop", seen, overruns=int(spent > 1.0 * 1.10),
-                   spend_usd=round(spent, 4), cap_usd=1.0)
+    record_hostile("hostile:ignores-stop", seen, overruns=int(spent > cap * 1.10),
+                   spend_usd=round(spent, 4), cap_usd=cap)
 
 
 def test_ctrl_c_during_the_create_request_leaks_no_instance(fake_vast: Any) -> None:

@@ -31,6 +31,8 @@ EXTRA_TESTS = ["tests/test_security.py"]
 BEGIN, END = "<!-- tally:begin -->", "<!-- tally:end -->"
 COUNTS = ("faults", "orphans", "lost", "overruns")
 TABLES = {"fault": "faults", "hostile": "hostile instance"}
+# What a hostile-instance test measures beyond the three counts; any non-zero is a finding.
+MEASURED_BAD = ("leaks", "tracebacks", "escapes_shown", "uploaded_foreign")
 RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
 
 
@@ -62,7 +64,7 @@ def tally(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             continue  # a passing test that injects no fault (e.g. a pure security check)
         cat = out.setdefault(line.get("category", "fault"), {
             "tests": 0, **{k: 0 for k in COUNTS}, "kept": 0,
-            "outcomes": {k: 0 for k in RANK}, "bad": [], "declared": 0})
+            "outcomes": {k: 0 for k in RANK}, "bad": [], "declared": 0, "measured": {}})
         cat["tests"] += 1
         outcome = line.get("outcome", "passed")
         cat["outcomes"][outcome] = cat["outcomes"].get(outcome, 0) + 1
@@ -71,6 +73,11 @@ def tally(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         cat["kept"] += int(line.get("kept", 0))
         cat["declared"] += bool(line.get("declared"))
         problems = [f"{k} {line[k]}" for k in ("orphans", "lost", "overruns") if line.get(k)]
+        for key, value in (line.get("measured") or {}).items():
+            if key in MEASURED_BAD and isinstance(value, (int, float)):
+                cat["measured"][key] = cat["measured"].get(key, 0) + value
+                if value:
+                    problems.append(f"{key.replace('_', ' ')} {value}")
         if outcome != "passed":
             problems.insert(0, outcome)
         if problems:
@@ -109,6 +116,9 @@ def render(totals: dict[str, dict[str, Any]], returncode: int) -> str:
             f"{c['faults']} | {c['orphans']} | {c['lost']} | {c['overruns']} | {c['kept']} |",
             "",
         ]
+        if c["measured"]:
+            rows += ["Also measured after each test: " + ", ".join(
+                f"{k.replace('_', ' ')} {v:g}" for k, v in sorted(c["measured"].items())) + ".", ""]
         if c["declared"]:
             rows += [f"{c['declared']} test(s) still typed a count instead of observing it.", ""]
         if c["bad"]:

@@ -85,11 +85,14 @@ def verify_bundle(bundle_dir: Path) -> BundleFiles:
 
     sums = read_sums(bundle_dir)
     try:
-        verify_sums(bundle_dir)  # every listed file matches, none points outside the bundle
+        verify_sums(bundle_dir)  # every listed file is a regular file that matches, no links
     except RunError as exc:
         raise RunError(str(exc.message), hint="fetch the bundle again before publishing") from exc
-    if not (bundle_dir / CARD).is_file():
-        raise RunError(f"{bundle_dir}: the bundle has no model card ({CARD})")
+    if CARD not in sums:
+        # only what SHA256SUMS lists (and so verified) is uploaded: an unlisted README.md could
+        # be anything, a link to a file of this machine included
+        raise RunError(f"{bundle_dir}: the model card ({CARD}) is not listed in {SUMS}",
+                       hint="fetch the bundle again; a bundle the agent packed lists its card")
     rest = sorted(name for name in sums if name not in (CARD, SUMS))
     rest.append(SUMS)
     return BundleFiles(root=bundle_dir, card=CARD, rest=rest)
@@ -124,18 +127,19 @@ def record_repo_url(bundle_dir: Path, url: str) -> bool:
     return True
 
 
-def publish_target(bundle_dir: Path) -> dict[str, Any]:
-    """``publish.hf_repo`` and ``publish.hf_private`` from the bundle's ``run.yaml`` (or empty)."""
-    import yaml
+def publish_target(run: dict[str, Any] | None) -> dict[str, Any]:
+    """``publish.hf_repo`` and ``publish.hf_private`` from the journal's copy of the spec the user
+    launched (``run["spec_json"]``), or empty without a run.
 
-    run_yaml = Path(bundle_dir) / "run.yaml"
-    try:
-        spec = yaml.safe_load(run_yaml.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    Never from the bundle: its ``run.yaml`` was written by the instance, which must not choose
+    where (or how publicly) the user's files are pushed."""
+    if not run:
         return {}
-    except yaml.YAMLError as exc:
-        raise RunError(f"{run_yaml}: not YAML: {exc}") from exc
-    publish = (spec or {}).get("publish") if isinstance(spec, dict) else None
+    try:
+        spec = json.loads(run.get("spec_json") or "{}")
+    except ValueError:
+        return {}
+    publish = spec.get("publish") if isinstance(spec, dict) else None
     if not isinstance(publish, dict):
         return {}
     return {key: publish[key] for key in ("hf_repo", "hf_private") if publish.get(key) is not None}

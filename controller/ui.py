@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from controller.run.checklist import checked, label, plain, stage_rows
+from controller.untrusted import clean_text
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -328,7 +329,7 @@ def render_summary(console: Console, outcome: "Outcome") -> None:
         grid.add_row("idle", f"{duration(receipt['idle_after_training_s'])} between the last step "
                              f"and the destroy ({money(receipt.get('idle_after_training_usd'))})")
     if outcome.error:
-        grid.add_row("error", Text(outcome.error, style="red"))
+        grid.add_row("error", Text(clean_text(outcome.error), style="red"))
     console.print(Panel(grid, title=outcome.run_id, title_align="left"))
     if outcome.bundle:  # on its own line, never wrapped: easy to copy
         console.print(Text(f"bundle: {outcome.bundle}"), soft_wrap=True)
@@ -371,7 +372,7 @@ def run_detail(run: dict[str, Any], *, now: float) -> Panel:
     for key, value in rows:
         grid.add_row(key, escape(str(value)))
     if run.get("error"):
-        grid.add_row("error", Text(run["error"], style="red"))
+        grid.add_row("error", Text(clean_text(run["error"]), style="red"))
     return Panel(grid, title=run["run_id"], title_align="left")
 
 

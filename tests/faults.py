@@ -99,8 +99,12 @@ def observe(*, fake: Any = None, exclude: Iterable[int] = (), bundles: Iterable[
 def record(name: str, *, faults: int = 1, orphans: int | None = None, lost: int | None = None,
            overruns: int | None = None, category: str = "fault", fake: Any = None,
            exclude: Iterable[int] = (), bundles: Iterable[Path] = (), kept: bool | None = None,
-           receipt: dict[str, Any] | Path | None = None, budget: float | None = None) -> None:
+           receipt: dict[str, Any] | Path | None = None, budget: float | None = None,
+           measured: dict[str, Any] | None = None) -> None:
     """Count one fault test's result: ``faults`` injected, the rest observed (see the module).
+
+    ``measured`` carries what a test measured beyond the three counts (the hostile-instance
+    tests: files leaked outside the out dir, tracebacks, escapes shown, spend against the cap).
 
     Under pytest the observation is made when the test body ends (pass or fail), so a test may
     call this before its assertions and still be counted when one of them fails. The old call
@@ -111,6 +115,8 @@ def record(name: str, *, faults: int = 1, orphans: int | None = None, lost: int 
                              "declared": {k: int(v) for k, v in (("orphans", orphans),
                                           ("lost", lost), ("overruns", overruns))
                                           if v is not None}}
+    if measured:
+        entry["measured"] = measured
     watch = {"fake": fake, "exclude": list(exclude), "bundles": list(bundles), "kept": kept,
              "receipt": receipt, "budget": budget}
     nodeid = _current_test()

@@ -34,7 +34,8 @@ class CountingHost(ScriptedHost):
         self.failures = failures
         self.downloads: list[str] = []
 
-    def download(self, remote: str, local: Path, *, includes: Any = None) -> Any:
+    def download(self, remote: str, local: Path, *, includes: Any = None,
+                 max_bytes: int | None = None) -> Any:
         if includes is not None:
             return super().download(remote, local, includes=includes)
         self.downloads.append(remote)

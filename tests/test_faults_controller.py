@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from controller.run.fetch import verify_sums
+from controller.run.fetch import STAGING, verify_sums
 from controller.hosts.rsync import PARTIAL_DIR
 from controller.journal import open_journal
 from tests.faults import controller, live_instances, record, use_sshd_key, wait_for
@@ -128,7 +128,8 @@ def slow_rsync_path(tmp_path: Path) -> str:
 def received(out: Path) -> int:
     """Bytes of the big file that arrived so far: rsync writes a hidden temp file until the file
     is whole (a partial one kept from an earlier try waits in the partial dir)."""
-    temps = [*out.glob(f".{BIG}.*"), out / PARTIAL_DIR / BIG]
+    staging = out / STAGING  # the bundle comes home there first (controller.run.fetch)
+    temps = [*staging.glob(f".{BIG}.*"), staging / PARTIAL_DIR / BIG]
     return sum(path.stat().st_size for path in temps if path.is_file())
 
 
@@ -204,7 +205,7 @@ def test_sigkill_in_the_middle_of_the_bundle_download_then_resume(
     assert json.loads(final.stdout)["state"] == "done"
     assert verify_sums(out) >= 4 and (out / BIG).stat().st_size == BIG_BYTES
     if victim == "group":  # the killed rsync's temp file went once the bundle verified
-        assert not list(out.glob(f".{BIG}.*"))
+        assert not list(out.glob(f".{BIG}.*")) and not (out / STAGING).exists()
     creates = fake_vast.calls("PUT", "/api/v0/asks/")
     [row] = journal.instances(run_id)
     assert len(creates) == 1 and row["state"] == "destroyed"

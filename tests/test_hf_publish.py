@@ -137,10 +137,43 @@ def test_sums_paths_must_stay_inside_the_bundle(tmp_path: Path) -> None:
         read_sums(bundle)
 
 
-def test_publish_target_reads_run_yaml(tmp_path: Path) -> None:
+def journal_run(run_dir: Path, *, hf_repo: str | None = "alice/demo-lora",
+                private: bool = True) -> str:
+    """A run in the journal whose launched spec names ``hf_repo``; its out dir is ``run_dir``."""
+    from controller.journal import open_journal
+
+    publish = {"hf_repo": hf_repo, "hf_private": private} if hf_repo else {}
+    open_journal().create_run(run_id="demo-1", name="demo", provider="local", state="done",
+                              spec={"name": "demo", "publish": publish}, out_dir=str(run_dir),
+                              budget_usd=1.0)
+    return "demo-1"
+
+
+def test_publish_target_comes_from_the_journal_not_the_bundle(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "bundle", hf_repo="mallory/stolen")  # the instance's run.yaml
+    spec = {"publish": {"hf_repo": "alice/demo-lora", "hf_private": True}}
+    assert publish_target({"spec_json": json.dumps(spec)}) == {"hf_repo": "alice/demo-lora",
+                                                               "hf_private": True}
+    assert publish_target(None) == {}
+    assert publish_target({"spec_json": "{}"}) == {}
+
+
+def test_an_unlisted_or_linked_card_is_never_uploaded(fake_hub: FakeHub, tmp_path: Path) -> None:
+    secret = tmp_path / "environ"
+    secret.write_text("VAST_API_KEY=laptop-secret\n")
     bundle = write_bundle(tmp_path / "bundle")
-    assert publish_target(bundle) == {"hf_repo": "alice/demo-lora"}
-    assert publish_target(tmp_path) == {}
+    sums = [line for line in (bundle / "SHA256SUMS").read_text().splitlines(True)
+            if not line.endswith("  README.md\n")]
+    (bundle / "SHA256SUMS").write_text("".join(sums))
+    (bundle / "README.md").unlink()
+    (bundle / "README.md").symlink_to(secret)
+    with pytest.raises(RunError, match="not listed"):
+        publish_bundle(bundle, "alice/demo-lora", token=TOKEN)
+    digest = hashlib.sha256(secret.read_bytes()).hexdigest()
+    (bundle / "SHA256SUMS").write_text("".join(sums) + f"{digest}  README.md\n")
+    with pytest.raises(RunError, match="README.md: missing, or not a regular file"):
+        publish_bundle(bundle, "alice/demo-lora", token=TOKEN)
+    assert fake_hub.requests == [] and not fake_hub.commits
 
 
 def _cli() -> typer.Typer:
@@ -149,19 +182,31 @@ def _cli() -> typer.Typer:
     return app
 
 
-def test_cli_publish_uses_run_yaml_repo(
+def test_cli_publish_uses_the_launched_specs_repo(
     fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     run_dir = tmp_path / "runs" / "demo"
-    write_bundle(run_dir / "publish")
-    result = CliRunner().invoke(_cli(), ["publish", str(run_dir), "--json"])
+    write_bundle(run_dir / "publish", hf_repo="mallory/public-dump")  # what the instance wrote
+    journal_run(run_dir)
+    for ref in (str(run_dir), "demo-1"):
+        result = CliRunner().invoke(_cli(), ["publish", ref, "--json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["ok"] and data["repo"] == "alice/demo-lora" and data["private"] is True
+        assert data["url"] == f"{fake_hub.url}/alice/demo-lora"
+        assert TOKEN not in result.output
+    assert set(fake_hub.repos) == {"alice/demo-lora"}
 
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
-    assert data["ok"] and data["repo"] == "alice/demo-lora" and data["private"] is True
-    assert data["url"] == f"{fake_hub.url}/alice/demo-lora"
-    assert TOKEN not in result.output
+
+def test_cli_publish_ignores_the_bundles_run_yaml(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    bundle = write_bundle(tmp_path / "bundle", hf_repo="mallory/public-dump")  # no journal run
+    result = CliRunner().invoke(_cli(), ["publish", str(bundle), "--json"])
+    assert result.exit_code == 2 and "--repo" in json.loads(result.stdout)["message"]
+    assert fake_hub.repos == {}
 
 
 def test_cli_publish_repo_and_public_flags(

@@ -74,10 +74,12 @@ class ScriptedHost:
     def is_alive(self, pid: int) -> bool:
         return pid in self.alive
 
-    def upload(self, local: Path, remote: str, *, delete: bool = False, excludes: Any = ()) -> Any:
+    def upload(self, local: Path, remote: str, *, delete: bool = False, excludes: Any = (),
+               filters: Any = ()) -> Any:
         return _Stats()
 
-    def download(self, remote: str, local: Path, *, includes: Any = None) -> Any:
+    def download(self, remote: str, local: Path, *, includes: Any = None,
+                 max_bytes: int | None = None) -> Any:
         prefix = remote.rstrip("/") + "/"
         if includes is not None:  # only those entries of the directory
             for name in includes:

@@ -55,15 +55,18 @@ def _print_error(exc: FluxRemoteError, problems: list[str] | None) -> None:
     """One problem on the error line; several as a count, then one ``FILE:LINE:COL:`` line each."""
     from rich.markup import escape
 
+    from controller.untrusted import clean_text
+
+    exc_text = clean_text(str(exc))  # a message may quote the instance: no control sequences
     err = console(stderr=True)
     if problems and len(problems) > 1:
         err.print(f"[bold red]error:[/] {len(problems)} problems", soft_wrap=True)
         for problem in problems:
-            err.print(escape(problem), soft_wrap=True)
+            err.print(escape(clean_text(problem)), soft_wrap=True)
         if exc.hint:
-            err.print(f"  hint: {escape(exc.hint)}", soft_wrap=True)
+            err.print(f"  hint: {escape(clean_text(exc.hint))}", soft_wrap=True)
         return
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(exc_text)}", soft_wrap=True)
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -41,7 +41,8 @@ def publish_cmd(
     run_or_bundle: str = typer.Argument(
         ..., help="A fetched bundle, a run folder holding publish/, or a run id (or unique prefix)."),
     repo: Optional[str] = typer.Option(
-        None, "--repo", help="Hub repo id, e.g. alice/my-lora (default: publish.hf_repo in run.yaml)."
+        None, "--repo", help="Hub repo id, e.g. alice/my-lora (default: publish.hf_repo of the "
+                             "spec the run was launched with)."
     ),
     public: bool = typer.Option(False, "--public", help="Create the repo public (default: private)."),
     as_json: bool = JSON_OPTION,
@@ -54,8 +55,14 @@ def publish_cmd(
     from controller.errors import SpecError
     from controller.hf_publish import publish_bundle, publish_target
 
+    from controller.journal import open_journal
+
     bundle, run_id = resolve_bundle(run_or_bundle)
-    target = publish_target(bundle)
+    journal = open_journal()
+    # the repo and its visibility come from the journal's spec, never from the fetched bundle
+    run = journal.get_run(run_id) if run_id else run_of_bundle(journal.list_runs(), bundle)
+    run_id = run["run_id"] if run else None
+    target = publish_target(run)
     repo_id = repo or target.get("hf_repo")
     if not repo_id:
         raise SpecError(f"{bundle}: no repo to publish to",
@@ -63,9 +70,7 @@ def publish_cmd(
     private = not public and bool(target.get("hf_private", True))
     url = publish_bundle(bundle, repo_id, private=private)
     if run_id is not None:
-        from controller.journal import open_journal
-
-        open_journal().add_event(run_id, "published", {"url": url})
+        journal.add_event(run_id, "published", {"url": url})
     if as_json:
         emit_json({"ok": True, "repo": repo_id, "url": url, "private": private, "bundle": str(bundle)})
         return
@@ -102,6 +107,17 @@ def resolve_bundle(ref: str) -> tuple[Path, str | None]:
         raise SpecError(f"run {run['run_id']} ({run['state']}) has no fetched bundle in "
                         f"{run['out_dir']}", hint=f"fetch it first: flux-remote fetch "
                                                   f"{run['run_id']}") from exc
+
+
+def run_of_bundle(runs: list[dict[str, Any]], bundle: Path) -> dict[str, Any] | None:
+    """The journaled run whose bundle (or out dir) is the folder ``bundle``, newest first."""
+    where = bundle.resolve()
+    for run in reversed(runs):
+        for recorded in (run.get("bundle_path"), run.get("out_dir")):
+            if recorded and where in (Path(recorded).resolve(),
+                                      (Path(recorded) / "publish").resolve()):
+                return run
+    return None
 
 
 def find_bundle(path: Path) -> Path:

@@ -457,7 +457,11 @@ def status(
         return
     console().print(run_detail(row, now=time.time()))
     if note:
-        console().print(f"[yellow]{note}[/]")
+        from rich.text import Text
+
+        from controller.untrusted import clean_text
+
+        console().print(Text(clean_text(note), style="yellow"))
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

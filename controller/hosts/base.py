@@ -109,7 +109,8 @@ class Host(Protocol):
         ...
 
     def upload(
-        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = ()
+        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = (),
+        filters: Sequence[str] = (),
     ) -> TransferStats:
         """rsync ``local`` to ``remote``: a directory's contents into the ``remote`` directory, a
         file to the ``remote`` path. Resumable (``--partial-dir``); unchanged files are not sent.
@@ -117,14 +118,20 @@ class Host(Protocol):
         ``delete`` removes files under ``remote`` that ``local`` lacks, and is refused (ValueError)
         unless ``remote`` is an absolute path at least two levels deep. Connection-level failures
         are retried with backoff; others raise TransportError with rsync's stderr tail.
+        ``filters`` (rsync filter rules, after ``excludes``) narrow what is sent (an include list).
         """
         ...
 
     def download(
-        self, remote: str, local: Path, *, includes: Sequence[str] | None = None
+        self, remote: str, local: Path, *, includes: Sequence[str] | None = None,
+        max_bytes: int | None = None,
     ) -> TransferStats:
         """rsync ``remote`` (a directory's contents, or one file) to ``local``; like ``upload``.
         Raises TransportError when ``remote`` does not exist.
+
+        The sender is untrusted: only regular files and directories are created, with this
+        side's owner and default modes (no links, devices, permissions or owners from it), and a
+        file larger than ``max_bytes`` is skipped.
 
         ``includes`` (names of entries directly in the ``remote`` directory) fetches only those
         entries, a directory among them whole, into the ``local`` directory, in one transfer

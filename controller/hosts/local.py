@@ -153,7 +153,8 @@ class LocalHost:
         return process_alive(pid)
 
     def upload(
-        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = ()
+        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = (),
+        filters: Sequence[str] = (),
     ) -> TransferStats:
         local = Path(local)
         if delete:
@@ -164,14 +165,16 @@ class LocalHost:
         else:
             Path(remote).parent.mkdir(parents=True, exist_ok=True)
         argv = rsync.rsync_argv(
-            source, remote, delete=delete, excludes=excludes, extra=self._rsync_args
+            source, remote, delete=delete, excludes=excludes, extra=self._rsync_args,
+            filters=filters,
         )
         return rsync.run_rsync(
             argv, pushing=True, where=self.where, sleep=self._sleep, clock=self._clock
         )
 
     def download(
-        self, remote: str, local: Path, *, includes: Sequence[str] | None = None
+        self, remote: str, local: Path, *, includes: Sequence[str] | None = None,
+        max_bytes: int | None = None,
     ) -> TransferStats:
         local = Path(local)
         is_dir = Path(remote).is_dir()
@@ -181,7 +184,8 @@ class LocalHost:
             raise TransportError(f"cannot pick entries out of {remote}: not a directory")
         (local if is_dir else local.parent).mkdir(parents=True, exist_ok=True)
         source = f"{remote.rstrip('/')}/" if is_dir else remote
-        argv = rsync.rsync_argv(source, str(local), includes=includes, extra=self._rsync_args)
+        argv = rsync.rsync_argv(source, str(local), includes=includes, extra=self._rsync_args,
+                                incoming=True, max_bytes=max_bytes)
         return rsync.run_rsync(
             argv, pushing=True, where=self.where, sleep=self._sleep, clock=self._clock
         )

@@ -25,6 +25,15 @@ RETRYABLE_EXITS = frozenset({10, 12, 30, 35, 255})  # socket I/O, protocol strea
 FATAL_MARKS = ("Host key verification failed", "Permission denied", "command not found")
 VANISHED_SOURCE = 24  # some source files vanished before they were sent: not an error
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+IO_TIMEOUT_S = 120  # rsync --timeout: a peer silent this long ends the attempt (exit 30)
+# Wall-clock limit of one attempt: a host that trickles a byte now and then defeats --timeout.
+ATTEMPT_TIMEOUT_S = 3 * 3600.0
+# What comes home from an instance (a stranger's machine) creates nothing but regular files and
+# directories with our own owner and default modes: no symlinks (a link in publish/ could point
+# at any laptop file), no devices or specials, no permissions, owners or groups from the sender.
+# rsync(1): --no-OPTION turns off an option implied by -a; --chmod applies to the received files.
+INCOMING_FLAGS = ("--no-links", "--no-perms", "--no-owner", "--no-group", "--no-devices",
+                  "--no-specials", "--chmod=D755,F644")
 
 _STAT_LINES = {
     "files_sent": re.compile(r"^Number of regular files transferred:\s*([\d,.]+)", re.M),
@@ -139,11 +148,17 @@ def rsync_argv(
     excludes: Sequence[str] = (),
     includes: Sequence[str] | None = None,
     extra: Sequence[str] = (),
+    incoming: bool = False,
+    max_bytes: int | None = None,
+    filters: Sequence[str] = (),
 ) -> list[str]:
     """The rsync command line. ``source``/``dest`` are passed as they are (add trailing ``/``
     for "contents of"); ``ssh_command`` is the ``-e`` value for remote transfers. ``includes``
     (names of entries at the top of a source directory) limits the transfer to those entries;
-    ``excludes`` still take precedence over them."""
+    ``excludes`` still take precedence over them. ``incoming`` (a download from an instance)
+    adds :data:`INCOMING_FLAGS`; ``max_bytes`` skips any file larger than that (``--max-size``).
+    ``filters`` are rsync filter rules (``"+ */"``, ``"- *"``), applied after ``excludes``, with
+    ``--prune-empty-dirs`` so a folder of skipped files is not created."""
     argv = [
         "rsync",
         "-a",
@@ -152,7 +167,12 @@ def rsync_argv(
         f"--partial-dir={PARTIAL_DIR}",
         "--stats",
         "--no-motd",
+        f"--timeout={IO_TIMEOUT_S}",
     ]
+    if incoming:
+        argv += INCOMING_FLAGS
+    if max_bytes is not None:
+        argv.append(f"--max-size={int(max_bytes)}")
     if ssh_command is not None:
         argv += ["-e", ssh_command]
     if delete:
@@ -160,6 +180,8 @@ def rsync_argv(
     argv += [f"--exclude={pattern}" for pattern in excludes]
     if includes is not None:
         argv += include_rules(includes)
+    if filters:
+        argv += [*(f"--filter={rule}" for rule in filters), "--prune-empty-dirs"]
     argv += list(extra)
     argv += ["--", source, dest]
     return argv
@@ -178,10 +200,12 @@ def run_rsync(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     before_attempt: Callable[[], None] | None = None,
+    attempt_timeout_s: float = ATTEMPT_TIMEOUT_S,
 ) -> TransferStats:
     """Run rsync until it succeeds, retrying connection-level failures with backoff (each retry
     resumes from the partial files). ``before_attempt`` runs before each try (SshHost uses it to
-    make sure the host key is pinned). Raises TransportError with rsync's stderr tail."""
+    make sure the host key is pinned). An attempt running past ``attempt_timeout_s`` is killed and
+not retried. Raises TransportError with rsync's stderr tail."""
     env = {**os.environ, "LC_ALL": "C"}  # numbers in --stats without locale separators
     started = clock()
     attempt = 0
@@ -191,8 +215,15 @@ def run_rsync(
             before_attempt()
         try:
             proc = subprocess.run(
-                list(argv), capture_output=True, text=True, errors="replace", env=env, check=False
+                list(argv), capture_output=True, text=True, errors="replace", env=env, check=False,
+                timeout=attempt_timeout_s,
             )
+        except subprocess.TimeoutExpired as exc:
+            raise TransportError(
+                f"rsync {'to' if pushing else 'from'} {where} ran past {attempt_timeout_s:.0f} s "
+                f"(attempt {attempt}) and was stopped",
+                hint="a slow or stalling host; the next try resumes from the partial files",
+            ) from exc
         except FileNotFoundError as exc:
             raise TransportError(
                 "rsync is not installed on this machine", hint="install rsync (apt install rsync)"

@@ -405,7 +405,8 @@ class SshHost:
         return shlex.join(ssh_argv(self.target, connect_timeout=self._connect_timeout))
 
     def upload(
-        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = ()
+        self, local: Path, remote: str, *, delete: bool = False, excludes: Sequence[str] = (),
+        filters: Sequence[str] = (),
     ) -> TransferStats:
         local = Path(local)
         if not local.exists():
@@ -422,12 +423,14 @@ class SshHost:
             ssh_command=self._ssh_command(),
             delete=delete,
             excludes=excludes,
+            filters=filters,
             extra=(f"--rsync-path={rsync_path}", *self._rsync_args),
         )
         return self._rsync(argv, pushing=True)
 
     def download(
-        self, remote: str, local: Path, *, includes: Sequence[str] | None = None
+        self, remote: str, local: Path, *, includes: Sequence[str] | None = None,
+        max_bytes: int | None = None,
     ) -> TransferStats:
         local = Path(local)
         if includes is not None:
@@ -439,6 +442,8 @@ class SshHost:
                 ssh_command=self._ssh_command(),
                 includes=includes,
                 extra=self._rsync_args,
+                incoming=True,
+                max_bytes=max_bytes,
             )
             return self._rsync(argv, pushing=False)
         quoted = shlex.quote(remote)
@@ -457,6 +462,8 @@ class SshHost:
             str(local),
             ssh_command=self._ssh_command(),
             extra=self._rsync_args,
+            incoming=True,
+            max_bytes=max_bytes,
         )
         return self._rsync(argv, pushing=False)
 

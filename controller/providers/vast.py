@@ -336,7 +336,10 @@ class VastProvider:
         if row is None:
             return
         if row["state"] == INSTANCE_CREATING:
-            self.reconcile(journal)
+            # a create interrupted before its answer (Ctrl-C): Vast may list the instance late,
+            # so look for the label as patiently as a lost create does before giving up on it
+            self._settle_create(journal, row, "released while its create was under way",
+                                patient=True)
             row = journal.current_instance(run_id)
             if row is None:
                 return
@@ -375,12 +378,25 @@ class VastProvider:
 
     # ---- reconciliation and gc -------------------------------------------------------------
 
-    def _settle_create(self, journal: "Journal", row: dict[str, Any], why: str) -> str:
-        """A create intent without a result: the label says whether the instance exists."""
+    def _settle_create(self, journal: "Journal", row: dict[str, Any], why: str, *,
+                       patient: bool = False) -> str:
+        """A create intent without a result: the label says whether the instance exists.
+
+        ``patient``: look again on the client's ``CREATE_READ_BACK_S`` schedule (the window a
+        lost create answer is read back in: Vast can list a new instance late) before the
+        create is marked failed."""
+        from controller.vast.client import CREATE_READ_BACK_S
+
         label = row.get("label") or instance_label(row["run_id"])
         known = {r["instance_id"] for r in journal.instances() if r.get("instance_id")}
-        found = [i for i in self.client.list_instances(label) if i.get("label") == label
-                 and str(i.get("id")) not in known]
+        found: list[dict[str, Any]] = []
+        for delay in (0.0, *(CREATE_READ_BACK_S if patient else ())):
+            if delay:
+                self.sleep(delay)
+            found = [i for i in self.client.list_instances(label) if i.get("label") == label
+                     and str(i.get("id")) not in known]
+            if found:
+                break
         if found:
             newest = max(found, key=lambda i: int(i.get("id") or 0))
             journal.instance_created(int(row["id"]), newest["id"], billing_started_at=self.clock())

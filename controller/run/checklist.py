@@ -14,13 +14,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
+from controller.untrusted import clean_text
 from remote.status import STAGES
 
 STAGE_STATES = ("pending", "running", "done", "failed", "stopped", "skipped")
-# C0 and C1 control characters, DEL, and the escape sequences they start: nothing of them may
-# reach a terminal (a status field could otherwise move the cursor or retitle the window).
-_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|"
-                      r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 MAX_TEXT = 200
 S = TypeVar("S")
 
@@ -29,7 +26,7 @@ def plain(text: Any, *, limit: int = MAX_TEXT) -> str:
     """Instance text made safe to show on one line: control sequences gone, its lines joined
     with "; ", runs of blanks as one, at most ``limit`` characters. Not markup-escaped: draw it
     with rich ``Text``."""
-    lines = (" ".join(line.split()) for line in _CONTROL.sub("", str(text)).split("\n"))
+    lines = (" ".join(line.split()) for line in clean_text(text).split("\n"))
     cleaned = "; ".join(line for line in lines if line)
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
 

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from controller.errors import RunError, TransportError
 from controller.hosts.ssh import Unreachable
+from controller.untrusted import (UntrustedInput, clean_text, decode, inside_run_dir, integer,
+                                  number, text_field)
 from remote.progress import checkpoint_step
 from remote.stop_request import GRACEFUL, HARD, StopRequest
 
@@ -45,10 +47,18 @@ HARD_FINISH_ALLOWANCE_S = 180.0  # after a hard STOP: publish what exists, fetch
 LOST_CONTACT_S = 600.0  # give up following after this long without one good poll
 SPEND_SAMPLE_S = 30.0  # a spend sample is journaled at most this often (the total every poll)
 CHECKPOINT_FETCHED = "checkpoint_fetched"  # journal event: {"path", "local", "step"}
+STATUS_MAX_BYTES = 1 << 20  # a real status.json is a few kB; a bigger one is not read
+LOG_CHUNK_MAX_BYTES = 1 << 20  # at most this much of agent.log per poll (the rest next poll)
+LOG_LINE_MAX_CHARS = 4000  # a longer log line is cut before it is shown
 
 
 class MachineLost(RunError):
     """The provider says the run's machine is gone or will not come back (outbid, exited)."""
+
+
+class StopIgnored(RunError):
+    """The cap's STOP went unanswered for its grace period: the instance must be stopped from
+    home, through the provider's API (the agent, or whatever replaced it, ignores STOP)."""
 
 
 class Reporter(Protocol):
@@ -157,33 +167,78 @@ def meter(price_per_hour: float, billing_started_at: float, now: float,
     return max(0.0, now - billing_started_at) / 3600.0 * price_per_hour + bandwidth_usd
 
 
-def read_json(host: "Host", path: str) -> dict[str, Any] | None:
-    data = host.read_bytes(path)
+def abandoned_usd(journal: "Journal", run_id: str, *, current_row: int | None) -> float:
+    """What the run's other instances billed: offers given up during readiness (each billed from
+    its create to its destroy while it loaded), metered with the run so the cap counts them."""
+    total = 0.0
+    for row in journal.instances(run_id):
+        started, ended = row.get("billing_started_at"), row.get("destroyed_at")
+        if row["id"] != current_row and started and ended:
+            total += max(0.0, float(ended) - float(started)) / 3600 * float(row["dph_total"] or 0)
+    return total
+
+
+def read_json(host: "Host", path: str, *, strict: bool = False) -> dict[str, Any] | None:
+    """A JSON object file from the instance, read with a size limit (``STATUS_MAX_BYTES``).
+
+    None when it is missing or not (yet) whole JSON (a writer that is not atomic; the next poll
+    reads it whole). A file over the limit or not UTF-8 is ``UntrustedInput`` with ``strict``
+    (the follow loop), else None (a one-off read on the way to a fetch or a destroy)."""
+    data = host.read_bytes(path, 0, STATUS_MAX_BYTES + 1)
     if not data:
         return None
     try:
-        value = json.loads(data.decode("utf-8"))
+        if len(data) > STATUS_MAX_BYTES:
+            raise UntrustedInput(f"{posixpath.basename(path)} from the instance is larger than "
+                                 f"{STATUS_MAX_BYTES} bytes")
+        text = decode(data, where=posixpath.basename(path))
+    except UntrustedInput:
+        if strict:
+            raise
+        return None
+    try:
+        value = json.loads(text)
     except ValueError:
-        return None  # a writer that is not atomic; the next poll reads it whole
+        return None
     return value if isinstance(value, dict) else None
 
 
 def read_int(host: "Host", path: str) -> int | None:
-    data = host.read_bytes(path)
+    """A small integer file (pid, exit code); None when missing or not a number."""
+    data = host.read_bytes(path, 0, 32)
     try:
-        return int(data.decode().strip()) if data else None
-    except ValueError:
+        return int(data.decode("ascii").strip()) if data else None
+    except (ValueError, UnicodeDecodeError):
         return None
 
 
 def log_lines(chunk: bytes) -> list[str]:
-    """Whole lines of a log chunk; of a progress bar redrawn with ``\r`` only its last state."""
+    """Whole lines of a log chunk; of a progress bar redrawn with ``\r`` only its last state.
+    The lines are data from the instance: undecodable bytes are replaced, terminal control
+    sequences removed, each line cut at ``LOG_LINE_MAX_CHARS``."""
     lines = []
     for raw in chunk.decode("utf-8", errors="replace").split("\n")[:-1]:
-        line = raw.rstrip("\r").rsplit("\r", 1)[-1]
+        line = clean_text(raw.rstrip("\r").rsplit("\r", 1)[-1], limit=LOG_LINE_MAX_CHARS,
+                          keep_newlines=False)
         if line.strip():
             lines.append(line)
     return lines
+
+
+def status_values(status: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``status.json`` the controller uses, checked: numbers are finite numbers,
+    text is safe for a terminal. Raises UntrustedInput naming the field."""
+    where = "status.json"
+    return {
+        "agent_state": text_field(status.get("state"), limit=40),
+        "stage": text_field(status.get("stage"), limit=80),
+        "step": integer(status.get("step"), field="step", where=where),
+        "total": integer(status.get("total"), field="total", where=where),
+        "loss": number(status.get("loss"), field="loss", where=where),
+        "s_per_step": number(status.get("s_per_step"), field="s_per_step", where=where),
+        "eta_s": number(status.get("eta_s"), field="eta_s", where=where),
+        "error": text_field(status.get("error")),
+    }
 
 
 def request_stop(host: "Host", paths: RunPaths, reason: str, *, hard: bool = False) -> None:
@@ -218,10 +273,12 @@ class Follower:
     def __init__(self, host: "Host", paths: RunPaths, *, journal: "Journal", run_id: str,
                  price_per_hour: float, billing_started_at: float, budget_usd: float,
                  max_hours: float | None = None, bandwidth_usd: float = 0.0,
+                 abandoned_usd: float = 0.0,
                  poll_interval: float = 2.0, finish_allowance_s: float = FINISH_ALLOWANCE_S,
                  lost_contact_s: float = LOST_CONTACT_S, reporter: Reporter | None = None,
                  health: Callable[[], str | None] | None = None, on_cap: str | None = None,
-                 checkpoint_dir: Path | None = None,
+                 stop_grace_s: float = 300.0, checkpoint_dir: Path | None = None,
+                 checkpoint_max_bytes: int | None = None,
                  transfer_cost: Callable[[Any], float] | None = None,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep) -> None:
@@ -234,6 +291,7 @@ class Follower:
         self.budget_usd = budget_usd
         self.max_hours = max_hours
         self.bandwidth_usd = bandwidth_usd
+        self.abandoned_usd = abandoned_usd  # see abandoned_usd(): billed before this machine
         self.poll_interval = poll_interval
         self.lost_contact_s = lost_contact_s
         self.reporter = reporter or NullReporter()
@@ -247,9 +305,16 @@ class Follower:
                                    if self.hard_cap else finish_allowance_s)
         self.offset = int(run.get("log_offset") or 0)
         self.stop_requested = bool(run.get("stop_requested"))
+        self.stop_grace_s = stop_grace_s
+        # when the cap's STOP must have been obeyed (journaled: a reattaching controller keeps it)
+        stops = journal.events(run_id, kind="cap_stop")
+        self.stop_deadline: float | None = (
+            float(stops[-1]["detail"]["deadline"]) if stops and
+            stops[-1]["detail"].get("deadline") is not None else None)
         self._last_sample: float | None = None
         # None: checkpoints stay on the host; transfer_cost journals a download, returns its USD
         self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_max_bytes = checkpoint_max_bytes
         self.transfer_cost = transfer_cost
         home = fetched_checkpoint(journal, run_id) if checkpoint_dir is not None else None
         self.fetched: str | None = home["path"] if home else None  # the remote path brought home
@@ -257,12 +322,14 @@ class Follower:
         self._failed_noted: str | None = None  # the checkpoint whose failed download was noted
 
     def _tail_log(self) -> list[str]:
-        data = self.host.read_bytes(self.paths.log, self.offset)
+        data = self.host.read_bytes(self.paths.log, self.offset, LOG_CHUNK_MAX_BYTES)
         if not data:
             return []
         cut = data.rfind(b"\n")
-        if cut < 0:
+        if cut < 0 and len(data) < LOG_CHUNK_MAX_BYTES:
             return []  # half a line: wait for its end
+        if cut < 0:  # one line longer than a whole chunk: show it cut, go on after it
+            data, cut = data + b"\n", len(data)
         chunk = data[: cut + 1]
         self.offset += len(chunk)
         return log_lines(chunk)
@@ -281,14 +348,15 @@ class Follower:
 
         One download attempt per poll; a failure is noted once and tried again next poll. Only
         the file fetched before (inside ``checkpoint_dir``) is ever deleted, after a success."""
-        remote = status.get("last_checkpoint")
-        if self.checkpoint_dir is None or not isinstance(remote, str) or not remote \
-                or remote == self.fetched:
+        reported = status.get("last_checkpoint")
+        if self.checkpoint_dir is None or not reported or reported == self.fetched:
             return
-        target = self.checkpoint_dir / posixpath.basename(remote.rstrip("/"))
+        remote = inside_run_dir(reported, self.paths.run_dir, field="last_checkpoint",
+                                where="status.json")
+        target = self.checkpoint_dir / posixpath.basename(remote)
         try:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            stats = self.host.download(remote, target)
+            stats = self.host.download(remote, target, max_bytes=self.checkpoint_max_bytes)
         except (TransportError, OSError) as exc:
             if self._failed_noted != remote:
                 self._failed_noted = remote
@@ -299,9 +367,9 @@ class Follower:
             self.bandwidth_usd += self.transfer_cost(stats)
         step = checkpoint_step(remote)
         step = status.get("step") if step is None else step
-        previous, self.fetched, self.fetched_local = self.fetched_local, remote, target
+        previous, self.fetched, self.fetched_local = self.fetched_local, reported, target
         self.journal.add_event(self.run_id, CHECKPOINT_FETCHED,
-                               {"path": remote, "local": str(target), "step": step})
+                               {"path": reported, "local": str(target), "step": step})
         self.reporter.note(f"checkpoint of step {step} is home: {target}")
         if previous is not None and previous != target \
                 and previous.parent == self.checkpoint_dir and previous.is_file():
@@ -318,17 +386,17 @@ class Follower:
         alive: bool | None = False if rc is not None else None
         if rc is None and pid is not None:
             alive = self.host.is_alive(pid)
-        status = read_json(self.host, self.paths.status) or {}
+        status = read_json(self.host, self.paths.status, strict=True) or {}
+        values = status_values(status)  # raises UntrustedInput: the run ends in its release path
         lines = self._tail_log()
         self.host.write_bytes(self.paths.heartbeat, f"{now:.3f}\n".encode())
-        spend = meter(self.price_per_hour, self.billing_started_at, now, self.bandwidth_usd)
+        spend = meter(self.price_per_hour, self.billing_started_at, now,
+                      self.bandwidth_usd + self.abandoned_usd)
         snap = Snapshot(
-            run_id=self.run_id, agent_state=status.get("state"), stage=status.get("stage"),
-            step=status.get("step"), total=status.get("total"), loss=status.get("loss"),
-            s_per_step=status.get("s_per_step"), eta_s=status.get("eta_s"), spend_usd=spend,
+            run_id=self.run_id, **values, spend_usd=spend,
             budget_usd=self.budget_usd, price_per_hour=self.price_per_hour,
             elapsed_s=max(0.0, now - self.billing_started_at), agent_alive=alive, agent_rc=rc,
-            error=status.get("error"), status=status, stop_requested=self.stop_requested,
+            status=status, stop_requested=self.stop_requested,
         )
         if not self.stop_requested and not snap.finished:
             reason = self._cap_reached(spend, now)
@@ -336,9 +404,11 @@ class Follower:
                 kind = HARD if self.hard_cap else GRACEFUL
                 request_stop(self.host, self.paths, reason, hard=self.hard_cap)
                 self.stop_requested = snap.stop_requested = True
+                self.stop_deadline = now + self._grace(spend)
                 self.journal.update_run(self.run_id, stop_requested=1)
-                self.journal.add_event(self.run_id, "cap_stop", {"reason": reason, "kind": kind,
-                                                                 "spend_usd": spend})
+                self.journal.add_event(self.run_id, "cap_stop", {
+                    "reason": reason, "kind": kind, "spend_usd": spend,
+                    "deadline": self.stop_deadline})
                 how = "at once (on_cap: hard_stop)" if self.hard_cap else "gracefully"
                 self.reporter.note(f"{reason}: asked the agent to stop {how}")
         self.journal.update_run(self.run_id, log_offset=self.offset, stage=snap.stage,
@@ -353,7 +423,19 @@ class Follower:
         if not snap.finished and snap.agent_state not in AGENT_TERMINAL:
             self._fetch_checkpoint(status)  # after the cap: a download must not delay a STOP
         self.reporter.update(snap)
+        if not snap.finished and self.stop_deadline is not None and now >= self.stop_deadline:
+            self.journal.add_event(self.run_id, "stop_ignored", {"spend_usd": spend})
+            raise StopIgnored(f"the agent did not stop within {self.stop_grace_s:.0f} s of the "
+                              f"budget cap's STOP (${spend:.2f} of ${self.budget_usd:.2f} spent)")
         return snap
+
+    def _grace(self, spend: float) -> float:
+        """How long the agent may take to obey the cap's STOP: ``stop_grace_s``, but never longer
+        than what the money left buys at this price."""
+        if self.price_per_hour <= 0:
+            return self.stop_grace_s
+        left_s = max(0.0, self.budget_usd - spend) / self.price_per_hour * 3600
+        return min(self.stop_grace_s, left_s)
 
     def _problem(self, exc: TransportError) -> str | None:
         """Why the machine is lost: what the SSH reconnect loop already heard from its ``give_up``

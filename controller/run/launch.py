@@ -24,6 +24,7 @@ from controller.run import states as R
 from controller.errors import BudgetError, FluxRemoteError, SpecError
 
 if TYPE_CHECKING:
+    from controller.hosts.rsync_version import RsyncVerdict
     from controller.journal import Journal
     from controller.run.orchestrator import Options, Orchestrator, Outcome
     from controller.providers.base import Estimate
@@ -50,9 +51,15 @@ class MachineCheck:
 
 
 def machine_checks(spec: "RunSpec", *, env: Optional[Mapping[str, str]] = None,
-                   which: Callable[[str], Optional[str]] = shutil.which) -> list[MachineCheck]:
-    """What this machine needs to launch ``spec``: Python, ssh and rsync for remote providers,
-    the Vast.ai key, HF_TOKEN for the gated flux-dev and for publishing, WANDB_API_KEY."""
+                   which: Callable[[str], Optional[str]] = shutil.which,
+                   rsync_verdict: Optional[Callable[[], "RsyncVerdict"]] = None,
+                   ) -> list[MachineCheck]:
+    """What this machine needs to launch ``spec``: Python, ssh and rsync for remote providers
+    (rsync with the fixes for the January 2025 CVEs: a warning, or a refusal for a build known to
+    be unfixed), the Vast.ai key, a Hub token for the gated flux-dev and for publishing,
+    WANDB_API_KEY."""
+    from controller.hosts.rsync_version import check_rsync
+
     env = os.environ if env is None else env
     checks = [MachineCheck("python", sys.version.split()[0])]
     if spec.provider.type in ("vast", "ssh"):
@@ -60,6 +67,12 @@ def machine_checks(spec: "RunSpec", *, env: Optional[Mapping[str, str]] = None,
             found = which(tool)
             checks.append(MachineCheck(tool, found or "missing: install it", found is not None,
                                        brief="ok" if found else "missing"))
+        if which("rsync"):
+            verdict = (rsync_verdict or check_rsync)()
+            if verdict.message:
+                checks.append(MachineCheck("rsync version", verdict.message, not verdict.refuse,
+                                           brief=f"{verdict.version}: "
+                                                 f"{'unfixed' if verdict.refuse else 'warning'}"))
     if spec.provider.type == "vast":
         from controller.vast.client import find_api_key
 
@@ -70,10 +83,10 @@ def machine_checks(spec: "RunSpec", *, env: Optional[Mapping[str, str]] = None,
             checks.append(MachineCheck("Vast.ai key", str(exc), False, brief="missing"))
     if (spec.provider.type in ("vast", "ssh") and spec.base_model == "flux-dev"
             and spec.training.trainer == "ai-toolkit"):
-        token = bool(env.get("HF_TOKEN"))
+        token = bool(env.get("HF_READ_TOKEN") or env.get("HF_TOKEN"))
         checks.append(MachineCheck("HF_TOKEN", "set" if token else
-                                   "not set: FLUX.1-dev is gated (export HF_TOKEN=hf_... of an "
-                                   "account that accepted its license)", token,
+                                   "not set: FLUX.1-dev is gated (export HF_READ_TOKEN=hf_... , a "
+                                   "read token of an account that accepted its license)", token,
                                    brief=None if token else "not set"))
     if spec.wandb.enabled:
         mode = env.get("WANDB_MODE", "online")

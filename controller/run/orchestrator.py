@@ -24,16 +24,18 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from controller.run import states as R
 from controller.errors import (FluxRemoteError, HostKeyError, ProviderError, RunError,
-                               TransportError)
+                               SpecError, TransportError)
 from controller.run.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_receipt,
                               fetch_bundle, fetch_extras, has_bundle)
 from controller.run.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
-                               NullReporter, Reporter, RunPaths, Snapshot, fetched_checkpoint,
-                               meter, read_int, read_json, request_stop)
+                               NullReporter, Reporter, RunPaths, Snapshot, StopIgnored,
+                               abandoned_usd, fetched_checkpoint, meter, read_int, read_json,
+                               request_stop)
+from controller.untrusted import UntrustedInput, clean_text, number, text_field
 from controller.hosts.ssh import SshHost
 from controller.run.states import run_lock
-from controller.run.ship import (remove_secrets, secrets_path, secrets_payload, start_agent,
-                             upload_run, write_plan)
+from controller.run.ship import (remove_secrets, secrets_for, secrets_path, secrets_payload,
+                                start_agent, upload_run, write_plan)
 
 if TYPE_CHECKING:
     from controller.journal import Journal
@@ -256,10 +258,15 @@ class Orchestrator:
             machine = self.machine(run_id)
             host, paths = machine.host, RunPaths(f"{machine.root}/{run_id}")
             self.reporter.note(f"shipping the agent and the dataset to {paths.run_dir}")
-            for stats in upload_run(host, paths, Path(spec.dataset.path)):
+            for stats in upload_run(host, paths, Path(spec.dataset.path),
+                                    caption_ext=spec.dataset.caption_ext,
+                                    max_files=spec.dataset.max_files):
                 self._transfer_cost(run_id, machine, "up", stats)
             secrets_file = None
-            secrets = secrets_payload(self.env)
+            values, warnings = secrets_for(spec, self.env)
+            for warning in warnings:
+                self.reporter.note(warning)
+            secrets = secrets_payload(values)
             if secrets:
                 secrets_file = secrets_path(machine.root, run_id)
                 host.write_bytes(secrets_file, secrets, mode=0o600)
@@ -270,7 +277,7 @@ class Orchestrator:
                 billing_started_at=machine.billing_started_at, secrets_file=secrets_file,
                 instance=machine.info))
             self._start_agent(run_id, machine, paths)
-        except (TransportError, ProviderError) as exc:
+        except (TransportError, ProviderError, SpecError) as exc:
             self._fail(run_id, f"shipping to the machine failed: {exc}")
             raise
         self._set(run_id, R.RUNNING, remote_run_dir=paths.run_dir)
@@ -296,7 +303,11 @@ class Orchestrator:
                         billing_started_at=machine.billing_started_at,
                         budget_usd=run["budget_usd"], max_hours=spec.budget.max_hours,
                         bandwidth_usd=self.bandwidth_usd(run["run_id"]),
+                        abandoned_usd=abandoned_usd(self.journal, run["run_id"],
+                                                    current_row=machine.instance_row),
                         poll_interval=options.poll_interval,
+                        stop_grace_s=spec.budget.stop_grace_s,
+                        checkpoint_max_bytes=spec.publish.max_checkpoint_mb << 20,
                         finish_allowance_s=options.finish_allowance_s,
                         lost_contact_s=options.lost_contact_s, reporter=self.reporter,
                         health=lambda: self.provider.health(run["run_id"], self.journal),
@@ -318,6 +329,17 @@ class Orchestrator:
                         raise  # the run stays `running`: `resume` tries again later
                     raise MachineLost(f"{exc} ({problem})") from exc
                 snap = self._follow_watching(follower)
+            except StopIgnored as exc:
+                self._stop_from_home(run, exc)
+                return
+            except (UntrustedInput, ValueError, TypeError, UnicodeError) as exc:
+                # the instance sent something unusable: end the run in its release path (fetch
+                # what verifies, then destroy or stop), never with a traceback
+                message = f"the instance sent unusable data: {clean_text(exc)}"
+                self.journal.add_event(run_id, "untrusted_input", {"error": message})
+                self.reporter.note(f"{message}; ending the run")
+                self._set(run_id, R.FETCHING)
+                return
             except MachineLost as exc:
                 # Whatever is on its disk cannot be reached: keep it (stopped) when it still
                 # exists, so a later fetch can try; nothing keeps billing for compute.
@@ -350,6 +372,20 @@ class Orchestrator:
                 f"  to continue from it: copy it into the dataset folder {dataset} and launch "
                 f"again with training.resume_from_checkpoint: {local.name}")
 
+    def _stop_from_home(self, run: dict[str, Any], exc: StopIgnored) -> None:
+        """The budget is enforced from home: the agent ignored the cap's STOP, so the instance is
+        stopped through the provider's API (its disk, and what was trained, is kept) and the run
+        ends ``failed`` with a budget error that says how to fetch and then destroy it."""
+        run_id = run["run_id"]
+        message = (f"budget: {exc}; the instance was stopped through the provider's API (its "
+                   f"disk is kept)\n  fetch what it holds: flux-remote fetch {run_id}\n"
+                   f"  then destroy it:    flux-remote down {run_id}")
+        self.reporter.note(message)
+        machine = self._machines.get(run_id)
+        if machine is not None:
+            remove_secrets(machine.host, machine.root, run_id)
+        self._fail(run_id, message, keep_data=True)
+
     @staticmethod
     def _follow_watching(follower: Follower) -> Snapshot:
         """``follower.follow()`` with the provider's health as the SSH host's ``give_up`` hook:
@@ -380,19 +416,25 @@ class Orchestrator:
         machine = self.machine(run_id)
         host, paths = machine.host, self.paths(run)
         out_dir = Path(run["out_dir"])
+        spec = spec_of(run)
         status = read_json(host, paths.status) or {}
-        agent_state = status.get("state") or "failed"
+        agent_state = text_field(status.get("state")) or "failed"
+        # the follow loop ended on unusable data from the instance: the run fails, with that error
+        flagged = self.journal.events(run_id, kind="untrusted_input")
+        untrusted = flagged[-1]["detail"].get("error") if flagged else None
         extras: list[str] = []
         fetched = None
         if has_bundle(host, paths):
             self.reporter.note(f"fetching the bundle into {out_dir}")
             try:
-                fetched = fetch_bundle(host, paths, out_dir)
+                fetched = fetch_bundle(host, paths, out_dir,
+                                       max_bytes=spec.publish.max_bundle_mb << 20)
                 self._transfer_cost(run_id, machine, "down", fetched.stats)
             except (TransportError, RunError) as exc:
                 return self._keep_for_later(run, exc)
         extras = fetch_extras(host, paths, out_dir,
-                              checkpoint=None if fetched else status.get("last_checkpoint"))
+                              checkpoint=None if fetched else status.get("last_checkpoint"),
+                              checkpoint_max_bytes=spec.publish.max_checkpoint_mb << 20)
         instance = self.journal.get_instance(machine.instance_row)
         remove_secrets(host, machine.root, run_id)
         try:
@@ -404,7 +446,8 @@ class Orchestrator:
             raise
         destroyed_at = self.clock()
         spend = meter(machine.price_per_hour, machine.billing_started_at, destroyed_at,
-                      self.bandwidth_usd(run_id))
+                      self.bandwidth_usd(run_id) +
+                      abandoned_usd(self.journal, run_id, current_row=machine.instance_row))
         self.journal.add_spend_sample(run_id, usd=spend, dph_total=machine.price_per_hour,
                                       bandwidth_usd=self.bandwidth_usd(run_id))
         receipt = None
@@ -416,10 +459,13 @@ class Orchestrator:
             from remote.plan import write_json_atomic
 
             write_json_atomic(out_dir / CONTROLLER_RECEIPT, receipt)
-        if status.get("s_per_step") and machine.info.get("gpu_name"):
-            self.journal.record_s_per_step(machine.info["gpu_name"], float(status["s_per_step"]),
-                                           run_id)
-        if fetched is not None and agent_state in ("done", "stopped"):
+        s_per_step = self._safe_number(status.get("s_per_step"))
+        if s_per_step and not untrusted and machine.info.get("gpu_name"):
+            self.journal.record_s_per_step(machine.info["gpu_name"], s_per_step, run_id)
+        if untrusted:
+            self._set(run_id, R.FAILED, error=untrusted, ended_at=self.clock(),
+                      **({"bundle_path": str(out_dir)} if fetched is not None else {}))
+        elif fetched is not None and agent_state in ("done", "stopped"):
             final = R.DONE if agent_state == "done" else R.STOPPED
             self._set(run_id, final, bundle_path=str(out_dir), ended_at=self.clock())
             self._publish_to_hub(run_id, out_dir)
@@ -452,12 +498,23 @@ class Orchestrator:
         self.reporter.note(f"published: {url}")
 
     @staticmethod
+    def _safe_number(value: Any) -> float | None:
+        """A number the agent reported, or None when it is not one (only a statistic here)."""
+        try:
+            return number(value, field="s_per_step", where="status.json")
+        except UntrustedInput:
+            return None
+
+    @staticmethod
     def _agent_error(host: Any, paths: RunPaths, status: dict[str, Any]) -> str:
-        if status.get("state") in ("failed", "done", "stopped"):
-            error = status.get("error") or f"the agent ended {status['state']} without a bundle"
-            return f"{error} (cause: {status['cause']})" if status.get("cause") else error
+        state = text_field(status.get("state"), limit=40)
+        if state in ("failed", "done", "stopped"):
+            error = text_field(status.get("error")) or f"the agent ended {state} without a bundle"
+            cause = text_field(status.get("cause"), limit=80)
+            return f"{error} (cause: {cause})" if cause else error
         rc = read_int(host, paths.rc)
-        out = (host.read_bytes(paths.out) or b"").decode("utf-8", errors="replace")
+        out = clean_text((host.read_bytes(paths.out, 0, 1 << 20) or b"")
+                         .decode("utf-8", errors="replace"))
         tail = "\n".join(out.strip().splitlines()[-15:])
         return (f"the agent exited with code {rc} before finishing" if rc is not None else
                 "the agent is gone without an exit code") + (f":\n{tail}" if tail else "")
@@ -469,15 +526,18 @@ class Orchestrator:
         run = self._run(run_id)
         machine = self.machine(run_id)
         paths, out_dir = self.paths(run), Path(run["out_dir"])
+        spec = spec_of(run)
         if has_bundle(machine.host, paths):
-            fetched = fetch_bundle(machine.host, paths, out_dir)
+            fetched = fetch_bundle(machine.host, paths, out_dir,
+                                   max_bytes=spec.publish.max_bundle_mb << 20)
             self.journal.update_run(run_id, bundle_path=str(out_dir))
             self.journal.add_event(run_id, "fetched", {"files_verified": fetched.files_verified})
             return {"bundle": str(out_dir), "files_verified": fetched.files_verified,
                     "extras": fetch_extras(machine.host, paths, out_dir)}
         status = read_json(machine.host, paths.status) or {}
         extras = fetch_extras(machine.host, paths, out_dir,
-                              checkpoint=status.get("last_checkpoint"))
+                              checkpoint=status.get("last_checkpoint"),
+                              checkpoint_max_bytes=spec.publish.max_checkpoint_mb << 20)
         return {"bundle": None, "files_verified": 0, "extras": extras}
 
     def down(self, run_id: str, *, force: bool = False) -> Outcome:
@@ -507,6 +567,9 @@ class Orchestrator:
                    f"The instance was stopped, not destroyed, so the files are kept.\n"
                    f"  fetch it later:  flux-remote fetch {run_id}\n"
                    f"  then destroy it: flux-remote down {run_id}")
+        machine = self._machines.get(run_id)
+        if machine is not None:
+            remove_secrets(machine.host, machine.root, run_id)  # also when the disk is kept
         try:
             self.provider.release(run_id, self.journal, keep_data=True)
         except FluxRemoteError as stop_exc:

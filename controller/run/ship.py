@@ -17,9 +17,13 @@ from controller.run.follow import RunPaths, read_int
 
 if TYPE_CHECKING:
     from controller.hosts.base import Host
+    from controller.spec.model import RunSpec
     from controller.hosts.rsync import TransferStats
 
-SECRET_VARS = ("HF_TOKEN", "WANDB_API_KEY")
+SECRET_VARS = ("HF_TOKEN", "WANDB_API_KEY")  # the names the agent reads (remote/secrets.py)
+READ_TOKEN_ENV = "HF_READ_TOKEN"  # a read-only Hub token for the instance; HF_TOKEN stays home
+# The captioner a spec gets by default: a public repo, no token needed to download it.
+PUBLIC_CAPTIONERS = ("Salesforce/blip-image-captioning-large",)
 # Controller environment variables handed to the agent (test and tuning knobs, never secrets).
 FORWARDED_PREFIXES = ("FLUX_REMOTE_TINY_", "FLUX_REMOTE_AGENT_", "FLUX_REMOTE_SKIP_",
                       "FLUX_REMOTE_VENV_")
@@ -33,9 +37,41 @@ def remote_package_dir() -> Path:
     return Path(remote.__file__).resolve().parent
 
 
-def secrets_payload(env: Mapping[str, str]) -> bytes:
+def needs_hub_token(spec: "RunSpec") -> bool:
+    """Whether the instance downloads from a repo that may be gated: FLUX.1-dev (gated), a custom
+    base model on the Hub, or a captioning model other than the public default."""
+    if spec.base_model == "flux-dev":
+        return True
+    if spec.base_model != "flux-schnell" and not spec.base_model_path.startswith(("/", ".", "~")):
+        return True  # a custom model on the Hub: it may be gated
+    return spec.captioning.mode == "model" and spec.captioning.model not in PUBLIC_CAPTIONERS
+
+
+def secrets_for(spec: "RunSpec", env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The fewest secrets the instance needs, and warnings to show.
+
+    ``HF_TOKEN`` on the instance is ``HF_READ_TOKEN`` when set (publishing happens from this
+    machine, so a write token never needs to leave it), else ``HF_TOKEN`` with a warning that it
+    is sent; only when :func:`needs_hub_token`. ``WANDB_API_KEY`` only when W&B is on."""
+    values: dict[str, str] = {}
+    warnings = []
+    if needs_hub_token(spec):
+        if env.get(READ_TOKEN_ENV):
+            values["HF_TOKEN"] = env[READ_TOKEN_ENV]
+        elif env.get("HF_TOKEN"):
+            values["HF_TOKEN"] = env["HF_TOKEN"]
+            warnings.append(f"HF_TOKEN is sent to the instance to download the model; set "
+                            f"{READ_TOKEN_ENV} to a read-only token so that a write token "
+                            "never leaves this machine")
+    if spec.wandb.enabled and env.get("WANDB_API_KEY"):
+        values["WANDB_API_KEY"] = env["WANDB_API_KEY"]
+    return values, warnings
+
+
+def secrets_payload(values: Mapping[str, str]) -> bytes:
     """The 0600 env file's content (``KEY=value`` lines); empty when there are no secrets."""
-    return "".join(f"{name}={env[name]}\n" for name in SECRET_VARS if env.get(name)).encode()
+    return "".join(f"{name}={values[name]}\n" for name in SECRET_VARS
+                   if values.get(name)).encode()
 
 
 def secrets_path(root: str, run_id: str) -> str:
@@ -52,12 +88,24 @@ def remove_secrets(host: "Host", root: str, run_id: str) -> bool:
     return True
 
 
-def upload_run(host: "Host", paths: RunPaths, dataset: Path) -> list["TransferStats"]:
-    """rsync the agent package and the dataset into the run dir (``--delete`` inside it only)."""
+def upload_run(host: "Host", paths: RunPaths, dataset: Path, *, caption_ext: str = "txt",
+               max_files: int = 10000) -> list["TransferStats"]:
+    """rsync the agent package and the dataset into the run dir (``--delete`` inside it only).
+
+    Of the dataset only images and their ``.<caption_ext>`` sidecars are sent (no dotfiles, no
+    other file); a folder that must not be uploaded (home, ``/``, one holding ``.ssh``...) is
+    refused with SpecError first (``controller.spec.dataset_guard``)."""
+    from controller.errors import SpecError
+    from controller.spec.dataset_guard import refusal, upload_filters
+
+    problem = refusal(dataset, max_files=max_files)
+    if problem:
+        raise SpecError(f"dataset.path: {problem}")
     return [
         host.upload(remote_package_dir(), f"{paths.run_dir}/remote", delete=True,
                     excludes=REMOTE_EXCLUDES),
-        host.upload(dataset, f"{paths.run_dir}/dataset", delete=True),
+        host.upload(dataset, f"{paths.run_dir}/dataset", delete=True,
+                    filters=upload_filters(caption_ext)),
     ]
 
 

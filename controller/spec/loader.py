@@ -189,7 +189,9 @@ def _validate_run(doc: _Document, data: dict[str, Any], origins: dict, label: st
     raw_path = dataset.get("path") if isinstance(dataset, dict) else None
     folder = None
     if isinstance(raw_path, str) and raw_path:  # checked even when other fields are wrong
-        folder = _check_dataset(doc, raw_path, origins, label, problems)
+        max_files = dataset.get("max_files") if isinstance(dataset, dict) else None
+        folder = _check_dataset(doc, raw_path, origins, label, problems,
+                                max_files=max_files if isinstance(max_files, int) else 10000)
     if spec is None or folder is None:
         return None
     spec.dataset.path = folder
@@ -376,8 +378,11 @@ def _pointless_sweep(dotted: str) -> str | None:
 
 
 def _check_dataset(doc: _Document, raw_path: str, origins: dict, label: str,
-                   problems: list[str]) -> Path | None:
-    """The absolute dataset folder if it exists and holds images, else None and a problem."""
+                   problems: list[str], *, max_files: int = 10000) -> Path | None:
+    """The absolute dataset folder if it exists, may be uploaded (``dataset_guard``) and holds
+    images, else None and a problem."""
+    from controller.spec.dataset_guard import refusal
+
     folder = Path(raw_path).expanduser()
     if not folder.is_absolute():
         folder = (doc.path.parent / folder).resolve()
@@ -387,6 +392,8 @@ def _check_dataset(doc: _Document, raw_path: str, origins: dict, label: str,
         problem = f"no such folder: {folder}"
     elif not folder.is_dir():
         problem = f"not a folder: {folder}"
+    elif (refused := refusal(folder, max_files=max_files)) is not None:
+        problem = refused
     elif not any(p.suffix.lower() in IMAGE_EXTS for p in folder.iterdir() if p.is_file()):
         problem = f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTS))})"
     else:

@@ -77,6 +77,8 @@ class DatasetSpec(_Model):
     cache_latents_to_disk: bool = Field(True, description="encode images once and cache the latents")
     max_side: int = Field(2048, ge=256, le=8192,
                           description="ingest downscales larger images (never up)")
+    max_files: int = Field(10000, ge=1, description="a dataset folder holding more files than "
+                                                    "this is refused (a wrong path, e.g. home)")
 
 
 class CaptioningSpec(_Model):
@@ -289,6 +291,10 @@ class BudgetSpec(_Model):
         "graceful_stop", description="graceful: checkpoint, publish")
     safety_margin: float = Field(0.15, ge=0.0, le=2.0,
                                  description="estimates are multiplied by 1 + this")
+    stop_grace_s: float = Field(
+        300.0, ge=0.0, description="after the cap's STOP, the agent has this long (never more "
+                                   "than the money left buys) before the instance is stopped "
+                                   "through the provider's API")
 
 
 class ProviderSpec(_Model):
@@ -339,6 +345,11 @@ class PublishSpec(_Model):
         False, description="copy each new checkpoint to <out>/checkpoints/ while training (only "
                            "the newest is kept): costs download bandwidth, keeps the progress "
                            "home if the host dies")
+    max_bundle_mb: int = Field(4096, ge=1, description="a bundle larger than this is not "
+                                                       "brought home (the instance is untrusted)")
+    max_checkpoint_mb: int = Field(4096, ge=1,
+                                   description="checkpoint files larger than this stay on the "
+                                               "instance")
 
 
 class RunSpec(_Model):

@@ -86,14 +86,15 @@ def record_hostile(name: str, seen: dict[str, Any], *, overruns: int = 0, **extr
                      "escapes_shown": seen["escapes_shown"], **extra})
 
 
-def launch(tmp_path: Path, hostile: Any, mode: str, name: str,
+def launch(tmp_path: Path, hostile: Any, mode: str, name: str, *flags: str,
            **spec: Any) -> tuple[Any, dict[str, Any], Path]:
-    """``flux-remote launch`` with the hostile agent playing ``mode``: (result, observed, out)."""
+    """``flux-remote launch`` with the hostile agent playing ``mode``: (result, observed, out).
+    ``-v`` among ``flags`` shows the agent's raw log lines too (the hostile text's way in)."""
     secret = hostile(mode)
     out = tmp_path / "out"
     spec_path = write_spec(tmp_path, name=name, **spec)
     before = outside(tmp_path, out)
-    result = invoke("launch", spec_path, "--yes", "--out", out, "--poll-interval", "0.1")
+    result = invoke("launch", spec_path, "--yes", "--out", out, "--poll-interval", "0.1", *flags)
     return result, observe(tmp_path, out, result.output, secret, before), out
 
 
@@ -127,7 +128,7 @@ def test_markup_and_escapes_are_shown_as_text_and_publishing_stays_home(
     from tests.fakehub import FAKE_TOKEN
 
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    result, seen, out = launch(tmp_path, hostile, "text", "txt",
+    result, seen, out = launch(tmp_path, hostile, "text", "txt", "-v",
                                publish={"hf_repo": "alice/txt-lora"})
     assert result.exit_code == 0, result.output
     assert seen["escapes_shown"] == 0, repr(result.output)

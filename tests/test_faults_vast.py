@@ -263,7 +263,7 @@ def test_an_instance_outbid_mid_run_is_stopped_and_the_user_told(
         orch2.drive(run_id, Options(poll_interval=0))
     run = orch2.journal.get_run(run_id)
     assert run["state"] == "failed" and f"flux-remote fetch {run_id}" in run["error"]
-    assert fake_vast.instances[iid]["actual_status"] == "stopped"  # kept, not billing compute
+    assert fake_vast.instances[iid]["actual_status"] == "exited"  # kept, not billing compute
     assert orch2.journal.current_instance(run_id)["state"] == "stopped"
     assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 1  # nothing rented in its place
     assert live_instances(fake_vast) == []
@@ -277,7 +277,7 @@ def test_a_stopped_instance_is_started_again_to_fetch(tmp_path: Path, fake_vast:
     assert orch.drive(run_id, Options(detach=True), estimate).detached
     [iid] = fake_vast.instances
     orch.provider.release(run_id, orch.journal, keep_data=True)  # kept for a later fetch
-    assert fake_vast.instances[iid]["actual_status"] == "stopped"
+    assert fake_vast.instances[iid]["actual_status"] == "exited"
     orch2 = Orchestrator(open_journal(), vast_provider(fake_vast, sshd), reporter=Recorder())
     orch2.fetch_now(run_id)
     starts = [c for c in fake_vast.calls("PUT", f"/api/v0/instances/{iid}/")

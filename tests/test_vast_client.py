@@ -313,18 +313,18 @@ def test_fakevast_lifecycle_through_the_client(fake_vast: FakeVast) -> None:
                                    "order": [["dph_total", "asc"]], "limit": 5})
     assert [o["id"] for o in offers] == [35365119, 50821030]
     iid = client.create_instance(35365119, image="img", disk_gb=40, label="flux-remote:r1",
-                                 env={"RUN": "1"}, onstart="touch /x")
+                                 env={"RUN": "1"}, onstart="true")
     assert [o["id"] for o in client.search_offers({})].count(35365119) == 0
     states = [client.show_instance(iid)["actual_status"] for _ in range(4)]
     assert states == [None, "loading", "loading", "running"]
     inst = client.show_instance(iid)
     assert inst["ports"]["22/tcp"][0]["HostPort"] == "2222"
-    assert inst["onstart"] == "touch /x" and inst["extra_env"] == [["RUN", "1"]]
+    assert inst["onstart"] == "true" and inst["extra_env"] == [["RUN", "1"]]
     client.attach_ssh_key(iid, "ssh-ed25519 AAAA x")
     assert fake_vast.ssh_keys[iid] == ["ssh-ed25519 AAAA x"]
     assert [i["id"] for i in client.list_instances("flux-remote:")] == [iid]
     client.stop_instance(iid)
-    assert client.show_instance(iid)["actual_status"] == "stopped"
+    assert client.show_instance(iid)["actual_status"] == "exited"  # never "stopped" (vast-cli)
     client.destroy_instance(iid)
     assert client.show_instance(iid) is None
     client.destroy_instance(iid)  # again: already gone is success

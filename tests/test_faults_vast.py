@@ -18,7 +18,7 @@ import pytest
 from controller.errors import ProviderError
 from controller.journal import open_journal
 from controller.run.orchestrator import Options, Orchestrator
-from controller.providers.vast import ONSTART, VastProvider
+from controller.providers.vast import VastProvider
 from controller.run.states import instance_label
 from controller.spec.loader import load_spec
 from controller.vast.client import CREATE_READ_BACK_S, VastClient
@@ -294,7 +294,8 @@ def test_create_asks_for_rsync_at_boot_and_bids_only_when_interruptible(
     orch, run_id, estimate = _detached_run(tmp_path, fake_vast, sshd, "boot")
     assert orch.drive(run_id, Options(detach=True), estimate).detached
     [create] = fake_vast.creates
-    assert create["onstart"] == ONSTART and "rsync" in ONSTART
+    assert "rsync" in create["onstart"] and "onstart.done" in create["onstart"]
+    assert "container-key" not in create["onstart"]  # names $CONTAINER_API_KEY, holds no key
     assert "price" not in create  # on-demand: no bid
     assert all(o.fits for o in orch.provider._candidates(load_spec(vast_spec(tmp_path, "boot")),
                                                          estimate))

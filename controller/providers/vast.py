@@ -316,6 +316,7 @@ class VastProvider:
         if row is None or not row.get("instance_id"):
             raise RunError(f"run {run_id} has no live instance in the journal")
         instance = self.client.show_instance(int(row["instance_id"]))
+        restarted = False
         if instance is None:
             journal.instance_destroyed(int(row["id"]))  # a fact now, whoever destroyed it
             raise ProviderError(f"instance {row['instance_id']} of run {run_id} no longer exists")
@@ -327,6 +328,7 @@ class VastProvider:
                                                        "status": instance.get("actual_status")})
             self.client.start_instance(int(row["instance_id"]))
             journal.add_event(run_id, "start_result", {"instance_id": row["instance_id"]})
+            restarted = True
             instance = wait_until_running(self.client, int(row["instance_id"]),
                                           deadlines=self.deadlines, clock=self.monotonic,
                                           sleep=self.sleep)
@@ -354,7 +356,7 @@ class VastProvider:
                        instance_row=int(row["id"]),
                        info=self._info(spec, python, gpu_name=row["gpu_name"],
                                        num_gpus=row["num_gpus"], offer_id=row["offer_id"],
-                                       instance_id=row["instance_id"]))
+                                       instance_id=row["instance_id"], restarted=restarted))
 
     def health(self, run_id: str, journal: "Journal") -> str | None:
         row = journal.current_instance(run_id)

@@ -473,12 +473,29 @@ class Orchestrator:
             fetched = fetch_bundle(machine.host, paths, out_dir)
             self.journal.update_run(run_id, bundle_path=str(out_dir))
             self.journal.add_event(run_id, "fetched", {"files_verified": fetched.files_verified})
-            return {"bundle": str(out_dir), "files_verified": fetched.files_verified,
-                    "extras": fetch_extras(machine.host, paths, out_dir)}
+            result = {"bundle": str(out_dir), "files_verified": fetched.files_verified,
+                      "extras": fetch_extras(machine.host, paths, out_dir)}
+            if machine.info.get("restarted"):
+                self._done_after_restart(run_id, out_dir)
+            return result
         status = read_json(machine.host, paths.status) or {}
         extras = fetch_extras(machine.host, paths, out_dir,
                               checkpoint=status.get("last_checkpoint"))
+        if machine.info.get("restarted"):
+            # Started only to fetch (its container restarted, so no agent runs): stop it again;
+            # the disk is kept for `resume` or `down`.
+            self._machines.pop(run_id, None)
+            self.provider.release(run_id, self.journal, keep_data=True)
         return {"bundle": None, "files_verified": 0, "extras": extras}
+
+    def _done_after_restart(self, run_id: str, out_dir: Path) -> None:
+        """A stopped instance was started only to bring its verified bundle home: the run is
+        done, and the instance is destroyed now rather than left billing storage."""
+        machine = self._machines.pop(run_id)
+        remove_secrets(machine.host, machine.root, run_id)
+        self.provider.release(run_id, self.journal)
+        if self.state(run_id) in R.ACTIVE_STATES:
+            self._set(run_id, R.DONE, bundle_path=str(out_dir), ended_at=self.clock())
 
     def down(self, run_id: str, *, force: bool = False) -> Outcome:
         """Destroy the run's machine now; first fetch what can be fetched unless ``force``."""

@@ -328,7 +328,7 @@ def test_fakevast_lifecycle_through_the_client(fake_vast: FakeVast) -> None:
     client.destroy_instance(iid)
     assert client.show_instance(iid) is None
     client.destroy_instance(iid)  # again: already gone is success
-    assert client.balance() == 25.0
+    assert client.account_money() == {"credit": 25.0, "balance": 0.0}
     assert all(r["headers"]["Authorization"] == f"Bearer {fake_vast.api_key}"
                for r in fake_vast.requests)
 

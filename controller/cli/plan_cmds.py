@@ -62,6 +62,22 @@ def search_live(spec: "RunSpec") -> list[dict[str, Any]]:
     return offers
 
 
+def account_line(out: Any) -> None:
+    """The account's money as Vast reports it: both fields, since which one is spendable is not
+    documented (``VastClient.account_money``); nothing is refused on it."""
+    from controller.errors import FluxRemoteError
+    from controller.vast.client import VastClient
+
+    try:
+        money = VastClient().account_money()
+    except FluxRemoteError as exc:
+        out.print(f"account: could not read it ({exc})", markup=False)
+        return
+    shown = ", ".join(f"{name} ${value:.2f}" for name, value in money.items() if value is not None)
+    out.print(f"account: {shown or 'no credit or balance reported'} (Vast does not document "
+              "which is spendable; both shown, nothing refused on them)", markup=False)
+
+
 WIDE_TABLE = 110  # narrower consoles get the "why" column as lines under the table
 
 
@@ -150,4 +166,6 @@ def register(app: typer.Typer) -> None:
             emit_json({"ok": True, **data})
             return
         render_plan(result, console(), top=top)
+        if offers is None:
+            account_line(console())
         result.require_chosen()

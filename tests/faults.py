@@ -31,9 +31,12 @@ def record(name: str, *, faults: int = 1, orphans: int = 0, lost: int = 0,
 
 
 def live_instances(fake: Any) -> list[int]:
-    """FakeVast instances that still exist and are not stopped (would bill for compute)."""
+    """FakeVast instances that still exist and are not stopped (would bill for compute).
+
+    Stopped through the API means intended_status "stopped"; Vast then reports actual_status
+    "exited", never "stopped" (tests/fakevast.py)."""
     return [iid for iid, inst in fake.instances.items()
-            if inst.get("actual_status") != "stopped"]
+            if inst.get("intended_status") != "stopped"]
 
 
 def use_sshd_key(sshd: Any) -> None:

@@ -181,7 +181,7 @@ def test_keep_data_does_not_sweep_and_a_later_release_does(fake_vast: Any) -> No
         int(fake_vast.offers[0]["id"]), image="img", disk_gb=10, label="flux-remote:keep2")
     lists = len(fake_vast.calls("GET", "/api/v1/instances/"))
     provider.release("keep", journal, keep_data=True)
-    assert fake_vast.instances[current]["actual_status"] == "stopped"
+    assert fake_vast.instances[current]["actual_status"] == "exited"
     assert fake_vast.instances[duplicate]["intended_status"] == "running"  # untouched
     assert len(fake_vast.calls("GET", "/api/v1/instances/")) == lists  # no sweep at all
     provider.release("keep", journal)  # `down` later: destroys, then sweeps the label
@@ -283,7 +283,10 @@ def test_a_stopped_instance_is_started_again_to_fetch(tmp_path: Path, fake_vast:
     starts = [c for c in fake_vast.calls("PUT", f"/api/v0/instances/{iid}/")
               if (c["json"] or {}).get("state") == "running"]
     assert len(starts) == 1
-    assert orch2.journal.current_instance(run_id)["state"] == "live"
+    # No bundle yet (the run was cut mid-way): the checkpoint and logs come home and the
+    # instance is stopped again rather than left billing compute; `down` destroys it.
+    assert orch2.journal.current_instance(run_id)["state"] == "stopped"
+    assert fake_vast.instances[iid]["intended_status"] == "stopped"
     orch2.down(run_id, force=True)
     assert fake_vast.instances == {}
     record("vast:stopped-then-fetched", orphans=len(fake_vast.instances))

@@ -356,6 +356,13 @@ class FakeVast:
                 storage = float(o.get("dph_total", 0)) - float(o.get("dph_base", 0))
                 o["dph_base"] = o.get("min_bid", o.get("dph_base"))
                 o["dph_total"] = float(o["dph_base"]) + storage
+        if query.get("allocated_storage") is not None:
+            # Reference README: dph_total includes the disk asked for: dph_base + storage_cost
+            # x allocated_storage GB / 720 (the reference offers were captured with 8 GB).
+            for o in offers:
+                o["dph_total"] = float(o.get("dph_base") or 0.0) + float(
+                    o.get("storage_cost") or 0.0) * float(query["allocated_storage"]) \
+                    / HOURS_PER_MONTH
         found = [o for o in offers if offer_matches(o, query)]
         for field, direction in reversed(query.get("order") or []):
             found.sort(key=lambda o: (o.get(field) is None, o.get(field) or 0),

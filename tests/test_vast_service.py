@@ -156,3 +156,40 @@ def test_a_run_on_an_image_whose_python_is_only_on_its_path_finishes(
     assert time.monotonic() - began >= 2.0  # the first rsync waited for onstart
     assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 1  # null at first: not a 2nd rent
     assert fake_vast.instances == {}
+
+
+def test_the_metered_spend_of_a_finished_run_matches_the_fakes_own_bill(
+        tmp_path: Path, fake_vast: Any, sshd: Any) -> None:
+    """Hours x dph_total (storage at the allocated disk included) + GB x inet_down_cost: what the
+    controller meters (receipt) is within 5% of what the service bills. One clock for both,
+    30x faster than real time, so that GPU hours weigh as they do in a real run."""
+    from controller.planning.planner import boot_download_gb
+
+    t0 = time.time()
+
+    def fast() -> float:
+        return t0 + (time.time() - t0) * 30
+
+    fake_vast.ssh_endpoint = (sshd.host, sshd.port)
+    fake_vast.clock = fast
+    spec = load_spec(write_spec(tmp_path, name="bill", budget=5.0, provider={
+        "type": "vast", "remote_root": str(tmp_path / "instance-root"),
+        "remote_python": sys.executable}))
+    fake_vast.image_gb = boot_download_gb(spec)  # what this host's image, pip and hub pulls weigh
+    journal = open_journal()
+    provider = vast_provider(fake_vast, sshd, clock=fast)
+    orch = Orchestrator(journal, provider, reporter=Recorder(), clock=fast)
+    estimate = provider.estimate(spec)
+    out = tmp_path / "bundle"
+    run_id = orch.create_run(spec, estimate, out_dir=out)
+    assert orch.drive(run_id, Options(poll_interval=0.1), estimate).state == "done"
+    [row] = journal.instances(run_id)
+    iid = int(row["instance_id"])
+    shipped = sum(p.stat().st_size for sub in ("dataset", "remote")
+                  for p in (tmp_path / "instance-root" / run_id / sub).rglob("*") if p.is_file())
+    fake_vast.receive(iid, shipped / 1e9)  # the rsync uploads, as the host's NIC counted them
+    bill = fake_vast.bill(iid)
+    assert bill["gpu"] > 0 and bill["storage"] > 0 and bill["bandwidth"] > 0
+    receipt = json.loads((out / "controller_receipt.json").read_text())
+    assert receipt["metered_usd"] == pytest.approx(bill["total"], rel=0.05), (receipt, bill)
+    assert receipt["bandwidth_usd"] == pytest.approx(bill["bandwidth"], rel=0.05)

@@ -274,6 +274,12 @@ def _image_gb(image: str) -> float:
     return IMAGE_GB_OTHER
 
 
+def boot_download_gb(spec: RunSpec) -> float:
+    """GB an instance downloads for a run besides the dataset: the image, the installs and the
+    weights (what the estimate counts at ``inet_down_cost``)."""
+    return _image_gb(spec.gpu.image) + INSTALL_GB + WEIGHTS_GB
+
+
 def _transfer_s(gb: float, mbps: float) -> float:
     return gb * 8000.0 / max(mbps, 1.0)
 
@@ -335,7 +341,7 @@ def estimate(spec: RunSpec, offer: dict[str, Any], *,
     hours = total_s / 3600
 
     dph = _num(offer, "dph_total")
-    down_gb = image_gb + INSTALL_GB + WEIGHTS_GB + dataset_gb
+    down_gb = boot_download_gb(spec) + dataset_gb
     up_gb = BUNDLE_GB
     compute_usd = dph * hours
     bandwidth_usd = _num(offer, "inet_down_cost") * down_gb + _num(offer, "inet_up_cost") * up_gb

@@ -234,6 +234,20 @@ class VastProvider:
         return {**info, "python": python,
                 "env_file": instance_env_file(spec.provider.remote_root)}
 
+    @staticmethod
+    def _bill_boot_download(run_id: str, spec: "RunSpec", journal: "Journal",
+                            offer: dict[str, Any] | None) -> None:
+        """Vast bills what the instance downloads at ``inet_down_cost`` $/GB: the image pull, the
+        installs and the weights. The controller cannot see those bytes, so the planner's
+        figure goes into the meter as a ``transfer`` event (``estimated``), with the uploads."""
+        from controller.planning.planner import boot_download_gb
+
+        gb = boot_download_gb(spec)
+        price = _bandwidth_prices(offer)["inet_down_cost"]
+        journal.add_event(run_id, "transfer", {"direction": "down", "estimated": True,
+                                               "what": "image, installs and weights",
+                                               "bytes_sent": int(gb * 1e9), "usd": gb * price})
+
     def acquire(self, run_id: str, spec: "RunSpec", estimate: Estimate, journal: "Journal",
                 notify: Notify) -> Machine:
         from controller.vast.readiness import ssh_endpoint, wait_until_running
@@ -293,6 +307,7 @@ class VastProvider:
                 self._destroy_row(journal, row)  # the image's fault: another offer fares no better
                 raise
             notify("", f"instance {instance_id}: the agent runs with {python}")
+            self._bill_boot_download(run_id, spec, journal, offer.offer)
             journal.add_event(run_id, "remote_python", {"instance_id": str(instance_id),
                                                         "python": python})
             current = journal.get_instance(row) or {}

@@ -13,8 +13,8 @@ On Vast the variables are not in the agent's environment: SSH sessions do not ge
 container's variables (docs.vast.ai, instances/docker-environment), so the onstart script writes
 them to a 0600 file (``plan["instance"]["env_file"]``) that :func:`instance_env` reads; PID 1's
 environment is the fallback. Without them (ssh or local provider) it only stops the training,
-and on Vast the checks stage fails instead (nothing would stop a forgotten instance). Every action is an
-event. Clock, sleep and the HTTP opener are injectable. After the run the agent exits (the
+and on Vast the checks stage fails instead (nothing would stop a forgotten instance).
+Every action is an event. Clock, sleep and the HTTP opener are injectable. After the run the agent exits (the
 controller fetches when it does) and on Vast hands the watch to ``python -m remote.watchdog``
 (:func:`linger`), which ends when the instance is stopped or a new agent starts on the run.
 """

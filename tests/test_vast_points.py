@@ -19,6 +19,7 @@ from controller.vast.onstart import (find_python, instance_env_file, onstart_mar
 from controller.vast.readiness import Deadlines, wait_until_running
 from remote.watchdog import instance_env
 from tests.fakevast import FakeVast, reference_offers
+from tests.test_readiness import Clock
 from tests.test_launch_local import write_spec
 
 NO_WAIT = {k: 0.0 for k in ("show", "create", "destroy", "list", "search", "other")}
@@ -27,17 +28,6 @@ NO_WAIT = {k: 0.0 for k in ("show", "create", "destroy", "list", "search", "othe
 def _client(fake: FakeVast) -> VastClient:
     return VastClient(fake.api_key, fake.url, timeout=5, min_intervals=NO_WAIT,
                       sleep=lambda s: None)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class ScriptedHost:

@@ -17,6 +17,7 @@ Three facts of the service shape this module (sources in ``docs/launch.md``):
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 from typing import TYPE_CHECKING, Callable
@@ -34,6 +35,7 @@ KNOWN_PYTHONS = ("/opt/conda/bin/python3", "/opt/conda/bin/python", "/usr/local/
                  "/usr/bin/python3")
 # What the agent needs from the interpreter before bootstrap: Python 3.10+ and the image's torch.
 PYTHON_PROBE = "import sys, torch; assert sys.version_info >= (3, 10)"
+SAFE_PATH = re.compile(r"/[A-Za-z0-9._+/-]{1,250}")
 
 
 def instance_dir(remote_root: str) -> str:
@@ -55,7 +57,8 @@ def onstart_script(remote_root: str, vast_url: str | None = None) -> str:
 
     ``vast_url``: where the agent's self-stop goes when it is not Vast's own API (tests)."""
     d = shlex.quote(instance_dir(remote_root))
-    env, marker = shlex.quote(instance_env_file(remote_root)), shlex.quote(onstart_marker(remote_root))
+    env = shlex.quote(instance_env_file(remote_root))
+    marker = shlex.quote(onstart_marker(remote_root))
     url = (vast_url or DEFAULT_VAST_URL).rstrip("/")
     lines = [
         f"mkdir -p {d} && chmod 700 {d}",
@@ -124,7 +127,9 @@ def find_python(host: "Host", remote_root: str, explicit: str | None = None) -> 
     interpreter tried when none has Python 3.10+ with torch."""
     result = host.run(_probe_script(remote_root, explicit), timeout=120, check=False)
     lines = [line.strip() for line in (result.stdout or "").splitlines()]
-    found = [line[3:] for line in lines if line.startswith("OK ")]
+    # What the instance prints is untrusted: only a plain absolute path is taken.
+    found = [line[3:] for line in lines
+             if line.startswith("OK ") and SAFE_PATH.fullmatch(line[3:])]
     if found:
         return found[0]
     tried = sorted({line[3:] for line in lines if line.startswith("NO ")})

@@ -513,7 +513,7 @@ class Orchestrator:
         if run_id in self._machines:
             remove_secrets(self._machines[run_id].host, self._machines[run_id].root, run_id)
         self.provider.release(run_id, self.journal)
-        if run["state"] in R.ACTIVE_STATES:
+        if self.state(run_id) in R.ACTIVE_STATES:  # a fetch may have ended it (done)
             self._set(run_id, R.STOPPED, error="taken down by the user", ended_at=self.clock(),
                       **({"bundle_path": fetched["bundle"]} if fetched.get("bundle") else {}))
         return self._outcome(self._run(run_id), extras=fetched.get("extras") or [])

@@ -254,11 +254,12 @@ class VastClient:
                 )
 
     def account_money(self) -> dict[str, float | None]:
-        """``GET /api/v0/users/current/``: the account's ``credit`` and ``balance`` in dollars
-        (None when absent). Which one is the spendable prepaid amount is not documented: the
-        docs' schema names only ``balance`` ("the current balance of the user"), the vastai CLI's
-        ``show user`` prints both. Callers show both and refuse nothing on them."""
-        data = self._call("other", "GET", "/api/v0/users/current/", what="read the account")
+        """``GET /api/v0/users/current`` (as vast-cli ``show_user`` calls it): the account's
+        ``credit`` and ``balance`` in dollars (None when absent). Which one is the spendable
+        prepaid amount is not documented: the docs' schema names only ``balance`` ("the current
+        balance of the user"), the vastai CLI's ``show user`` prints both. Callers show both and
+        refuse nothing on them."""
+        data = self._call("other", "GET", "/api/v0/users/current", what="read the account")
 
         def money(key: str) -> float | None:
             try:

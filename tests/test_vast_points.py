@@ -251,3 +251,18 @@ def test_find_python_really_probes_on_this_machine(tmp_path: Path) -> None:
     assert find_python(ScriptedHost(run), root) == f"{conda}/python3"
     assert json.dumps(find_python(ScriptedHost(run), root, sys.executable)) == \
         json.dumps(sys.executable)
+
+
+def test_plan_shows_both_credit_and_balance_and_refuses_nothing_on_them(
+        tmp_path: Path, fake_vast: FakeVast) -> None:
+    from typer.testing import CliRunner
+
+    from controller.cli.main import app
+
+    fake_vast.credit, fake_vast.balance = 0.01, 0.0  # far below the estimate: still no refusal
+    spec = write_spec(tmp_path, name="acct", budget=5.0, provider={"type": "vast"})
+    shown = CliRunner().invoke(app, ["plan", str(spec)])
+    assert shown.exit_code == 0, shown.output
+    assert "credit $0.01, balance $0.00" in " ".join(shown.output.split())
+    as_json = CliRunner().invoke(app, ["plan", str(spec), "--json"])
+    assert json.loads(as_json.output)["account"] == {"credit": 0.01, "balance": 0.0}

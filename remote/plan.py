@@ -18,7 +18,9 @@ Keys:
     billing_started_at epoch seconds when billing started (create succeeded)
     heartbeat_grace_s  the watchdog acts after the controller has been silent this long
     provider           "vast" | "ssh" | "local"
-    instance           {"gpu_name", "num_gpus", "offer_id", "instance_id"} (what the controller knows)
+    instance           {"gpu_name", "num_gpus", "offer_id", "instance_id"} (what the controller knows);
+                       on Vast also "python" (the image's interpreter found on the instance) and
+                       "env_file" (the 0600 file onstart wrote with CONTAINER_ID/_API_KEY)
 """
 
 from __future__ import annotations

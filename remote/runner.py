@@ -42,7 +42,7 @@ from remote.stages.orphans import trainer_pids
 from remote.stages.training import STATUS_MIN_INTERVAL_S
 from remote.status import FINISHED_STATES, STAGES, AgentLog, RunRecorder, StageFailed
 from remote.stop_request import read_stop
-from remote.watchdog import Watchdog
+from remote.watchdog import Watchdog, instance_env
 
 __all__ = ["EXIT_BAD_PLAN", "EXIT_DONE", "EXIT_FAILED", "STAGE_BODIES", "STATUS_MIN_INTERVAL_S",
            "RunLock", "Runner", "hand_over_watch", "run_plan", "trainer_pids"]
@@ -117,7 +117,8 @@ class Runner:
         self._stop_lock = threading.Lock()
         self.ingest_result: Any = None  # ingest's result, for caption and quality_gate
         self.watchdog = Watchdog(
-            self.run_dir, grace_s=float(plan.get("heartbeat_grace_s") or 900), env=self.env,
+            self.run_dir, grace_s=float(plan.get("heartbeat_grace_s") or 900),
+            env=instance_env(plan, self.env),
             event=self.recorder.event, is_finished=self._finished,
             cap_reached=self.guard.cap_reached, stop_training=self.cap_stop, clock=clock)
 

@@ -9,8 +9,12 @@ more will happen) or the cap / ``max_hours`` is reached, the watchdog
   ``CONTAINER_API_KEY`` (``PUT /api/v0/instances/$CONTAINER_ID/ {"state": "stopped"}``). Stop, not
   destroy: the disk and the bundle survive for a later ``flux-remote fetch``.
 
-Without the Vast variables (ssh or local provider) it only stops the training. Every action is an
-event. Clock, sleep and the HTTP opener are injectable. After the run the agent exits (the
+On Vast the variables are not in the agent's environment: SSH sessions do not get the
+container's variables (docs.vast.ai, instances/docker-environment), so the onstart script writes
+them to a 0600 file (``plan["instance"]["env_file"]``) that :func:`instance_env` reads; PID 1's
+environment is the fallback. Without them (ssh or local provider) it only stops the training,
+and on Vast the checks stage fails instead (nothing would stop a forgotten instance).
+Every action is an event. Clock, sleep and the HTTP opener are injectable. After the run the agent exits (the
 controller fetches when it does) and on Vast hands the watch to ``python -m remote.watchdog``
 (:func:`linger`), which ends when the instance is stopped or a new agent starts on the run.
 """
@@ -28,6 +32,41 @@ from typing import Any, Callable, Mapping
 
 DEFAULT_VAST_URL = "https://console.vast.ai"
 CHECK_INTERVAL_S = 30.0
+INSTANCE_VARS = ("CONTAINER_ID", "CONTAINER_API_KEY", "VAST_URL")
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def _pid1_env(path: Path = Path("/proc/1/environ")) -> dict[str, str]:
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split("=", 1) for item in raw.decode("utf-8", "replace").split("\0")
+             if "=" in item)
+    return {key: value for key, value in pairs}
+
+
+def instance_env(plan: Mapping[str, Any], env: Mapping[str, str], *,
+                 pid1_environ: Path = Path("/proc/1/environ")) -> dict[str, str]:
+    """``env`` plus the container variables: from the environment itself, else the file the
+    onstart script wrote, else PID 1's environment (each only when it has both id and key)."""
+    merged = dict(env)
+    if merged.get("CONTAINER_ID") and merged.get("CONTAINER_API_KEY"):
+        return merged
+    env_file = (plan.get("instance") or {}).get("env_file")
+    for source in (_read_env_file(Path(env_file)) if env_file else {}, _pid1_env(pid1_environ)):
+        if source.get("CONTAINER_ID") and source.get("CONTAINER_API_KEY"):
+            merged.update({k: source[k] for k in INSTANCE_VARS if source.get(k)})
+            break
+    return merged
 
 
 def stop_instance_request(env: Mapping[str, str]) -> urllib.request.Request | None:
@@ -165,7 +204,7 @@ def linger(plan: dict[str, Any], *, env: Mapping[str, str],
     def ended() -> bool:
         return (read_status(run_dir) or {}).get("state") in (*FINISHED_STATES, "failed")
 
-    dog = Watchdog(run_dir, grace_s=grace, env=env,
+    dog = Watchdog(run_dir, grace_s=grace, env=instance_env(plan, env),
                    event=lambda kind, **data: append_event(run_dir, kind, clock=clock, **data),
                    is_finished=ended, cap_reached=lambda: False, stop_training=lambda _: None,
                    clock=clock, sleep=sleep, opener=opener,

@@ -7,25 +7,38 @@ Use it through ``VAST_URL`` (the ``fake_vast`` fixture sets it and ``VAST_API_KE
         iid = client.create_instance(fake.offers[0]["id"], image="img", disk_gb=40, label="x")
 
 Payloads follow the real shapes in ``shared/reference/vast/``: offers are the reference search
-results, instances are built like ``SYNTHETIC_instance_lifecycle.json``.
+results, instances are built like ``SYNTHETIC_instance_lifecycle.json``. Each behaviour below
+names its source next to the code (vast-ai/vast-cli ``vastai/`` package, docs.vast.ai, or the
+reference payloads); where the service's behaviour is not documented the comment says so.
 
 State
     ``offers``        list of offer dicts; search filters them (``{"field": {"op": v}}``), orders
                       and limits like the API (``type: bid`` prices them at ``min_bid``); a
-                      rented offer leaves the list
+                      rented offer leaves the list. A filter on a field that is neither one the
+                      vastai CLI knows nor one the offers carry is refused (400).
     ``instances``     id -> instance dict (``{"instances": null}`` once destroyed)
     ``requests``      every request: ``{"method", "path", "query", "headers", "json"}``
     ``ssh_keys``      instance id -> public keys attached with ``POST .../ssh/``
-    ``balance``       the account's credit
+    ``credit``, ``balance``  the two money fields of ``GET /api/v0/users/current/``
+    ``onstart_runs``  instance id -> ``[(returncode, output)]``, one per container start
 
 Behaviour
-    A new instance has ``actual_status`` null. Each show call moves it on: the first still
-    sees null, the next ``loading_polls`` see ``loading``, then it is ``running`` (at once
-    when ``loading_polls`` is 0) with ``public_ipaddr`` / ``ports["22/tcp"]``
-    from ``ssh_endpoint`` (host, port) and ``ssh_host``/``ssh_port`` (the proxy) set to the
-    same values. Stop sets actual/intended ``stopped``; destroy removes it.
-    ``env`` and ``onstart`` of each create are kept on the instance (``extra_env`` as Vast
-    lists them, plus ``onstart``) and in ``creates`` (the raw bodies).
+    A new instance is not listed at all for ``unlisted_polls`` show calls (``{"instances":
+    null}``, absent from the list), then has ``actual_status`` null once, ``loading`` for
+    ``loading_polls`` shows, then ``running`` with the direct endpoint (``public_ipaddr`` +
+    ``ports["22/tcp"]`` from ``ssh_endpoint``) and Vast's proxy (``ssh_host``/``ssh_port`` from
+    ``proxy_endpoint``: a different address). Once running, the onstart script really runs
+    (``bash -c``, after ``onstart_delay_s``) with the container variables (``CONTAINER_ID``,
+    ``CONTAINER_API_KEY``, ...) and the image's ``PATH`` (``image_path``); SSH sessions get none
+    of them (the test sshd passes no environment). Stop makes it ``exited`` (intended
+    ``stopped``); start goes ``scheduling`` (``scheduling_polls`` shows) -> ``loading`` ->
+    ``running`` and runs onstart again. The per-instance key (the create answer's
+    ``instance_api_key``, in the container as ``CONTAINER_API_KEY``) may show, stop, start and
+    destroy that one instance and nothing else.
+    ``bill(iid)``: GPU hours x the rented ``dph_base`` while running, storage
+    (``storage_cost`` $/GB/month x ``disk``) in every state until destroyed, and GB received x
+    ``inet_down_cost`` (``image_gb`` at the first start, plus ``receive(iid, gb)``); the
+    instance's ``dph_total`` is re-priced with its own disk, as ``allocated_storage`` does.
 
 Fault knobs
     ``api_key``                     the Bearer key accepted (anything else: 401 auth_error,
@@ -41,6 +54,8 @@ Fault knobs
     ``image_pull_error(instance_id)`` loading with the daemon's pull error, then
                                     intended_status stopped (SYNTHETIC_instance_image_pull_failed)
     ``list_page_size``              instances per page of ``GET /api/v1/instances/``
+    ``on_state(iid, status)``       called (outside the lock) when an instance stops or starts
+                                    (a test stops its sshd with it: a stopped container has none)
 """
 
 from __future__ import annotations
@@ -48,10 +63,13 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
+import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 _HERE = Path(__file__).resolve()
@@ -70,6 +88,11 @@ def reference_offers() -> list[dict[str, Any]]:
             + copy.deepcopy(reference("search_offers_bid.json")["offers"]))
 
 
+# The PATH a plain Debian-based image sets (the sshd default is similar); ``image_path`` is
+# where a test puts e.g. a conda bin dir first, as pytorch/pytorch's Dockerfile does with ENV.
+DEFAULT_IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOURS_PER_MONTH = 720.0  # reference README: dph_total = dph_base + storage_cost * GB / 720
+
 _OPS = {
     "eq": lambda a, b: a == b,
     "neq": lambda a, b: a != b,
@@ -83,6 +106,26 @@ _OPS = {
 # Query fields the API accepts under another name than the offer's field.
 _ALIASES = {"verified": ("verification", lambda v: v == "verified")}
 _NOT_FILTERS = {"order", "type", "limit", "allocated_storage"}
+# vast-cli vastai/api/query.py ``offers_fields``: the filter fields the CLI knows (it warns,
+# "Unrecognized field", and sends the rest anyway). The service's answer to an unknown field is
+# not documented; this fake refuses a field that is neither there nor in the offers it returns,
+# so that a misspelt filter fails here instead of silently matching everything.
+CLI_OFFER_FIELDS = frozenset("""
+    bw_nvlink compute_cap cpu_arch cpu_cores cpu_cores_effective cpu_ghz cpu_ram cuda_max_good
+    datacenter direct_port_count driver_version disk_bw disk_space dlperf dlperf_per_dphtotal
+    dph_total duration external flops_per_dphtotal gpu_arch gpu_display_active gpu_frac
+    gpu_mem_bw gpu_name gpu_ram gpu_total_ram gpu_max_power gpu_max_temp has_avx host_id id
+    inet_down inet_down_cost inet_up inet_up_cost machine_id min_bid mobo_name num_gpus pci_gen
+    pcie_bw reliability rentable rented storage_cost static_ip total_flops ubuntu_version
+    verification verified vms_enabled geolocation cluster_id""".split())
+
+
+def unknown_fields(query: dict[str, Any], offers: list[dict[str, Any]]) -> list[str]:
+    """Filter fields of ``query`` that neither the CLI nor any offer knows."""
+    known = set(CLI_OFFER_FIELDS) | _NOT_FILTERS
+    for offer in offers:
+        known.update(offer)
+    return sorted(f for f in query if f not in known)
 
 
 def offer_matches(offer: dict[str, Any], query: dict[str, Any]) -> bool:
@@ -93,10 +136,8 @@ def offer_matches(offer: dict[str, Any], query: dict[str, Any]) -> bool:
         if field in _ALIASES:
             src, conv = _ALIASES[field]
             value: Any = conv(offer.get(src))
-        elif field in offer:
-            value = offer[field]
         else:
-            continue  # a filter on a field the fake does not model is ignored
+            value = offer.get(field)  # a field this offer lacks compares as null (no match)
         for op, expected in cond.items():
             check = _OPS.get(op)
             if check is None:
@@ -114,21 +155,39 @@ class FakeVast:
 
     def __init__(self, *, api_key: str = "fake-vast-key-0123456789abcdef",
                  offers: list[dict[str, Any]] | None = None, loading_polls: int = 2,
-                 ssh_endpoint: tuple[str, int] = ("127.0.0.1", 22)) -> None:
+                 ssh_endpoint: tuple[str, int] = ("127.0.0.1", 22),
+                 proxy_endpoint: tuple[str, int] = ("ssh4.vast.ai.invalid", 10000),
+                 unlisted_polls: int = 0, scheduling_polls: int = 1,
+                 onstart_delay_s: float = 0.0, image_path: str = DEFAULT_IMAGE_PATH,
+                 image_gb: float = 0.0, clock: Callable[[], float] = time.time) -> None:
         self.api_key = api_key
         self.offers = offers if offers is not None else reference_offers()
         self.instances: dict[int, dict[str, Any]] = {}
         self.requests: list[dict[str, Any]] = []
         self.creates: list[dict[str, Any]] = []
         self.ssh_keys: dict[int, list[str]] = {}
-        self.balance = 25.0
+        self.credit = 25.0
+        self.balance = 0.0
         self.loading_polls = loading_polls
         self.ssh_endpoint = ssh_endpoint
+        self.proxy_endpoint = proxy_endpoint
+        self.unlisted_polls = unlisted_polls
+        self.scheduling_polls = scheduling_polls
+        self.onstart_delay_s = onstart_delay_s
+        self.image_path = image_path
+        self.image_gb = image_gb
+        self.clock = clock
+        self.on_state: Callable[[int, str], None] | None = None
+        self.onstart_runs: dict[int, list[tuple[int, str]]] = {}
+        self._meters: dict[int, dict[str, Any]] = {}
+        self._container_keys: dict[str, int] = {}
+        self._onstart_threads: list[threading.Thread] = []
         self.offer_gone_ids: set[int] = set()
         self.drop_create_response = False
         self.auth_error_status = 401
         self.list_page_size = 25
         self._faults: list[dict[str, Any]] = []
+        self._changed: list[tuple[int, str]] = []
         self._polls: dict[int, int] = {}
         self._pull_errors: set[int] = set()
         self._ids = itertools.count(40000001)
@@ -157,6 +216,8 @@ class FakeVast:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        for thread in self._onstart_threads:
+            thread.join(timeout=30)
 
     def __enter__(self) -> "FakeVast":
         return self.start()
@@ -184,11 +245,32 @@ class FakeVast:
         with self._lock:
             self.instances[instance_id]["actual_status"] = status
             self.instances[instance_id]["cur_state"] = status
+            self._stop_meter(instance_id)
 
     def image_pull_error(self, instance_id: int) -> None:
         """Make the instance fail its image pull the way Vast reports it."""
         with self._lock:
             self._pull_errors.add(instance_id)
+
+    def receive(self, instance_id: int, gb: float) -> None:
+        """The instance downloaded ``gb`` (pip, weights): billed at the offer's inet_down_cost."""
+        with self._lock:
+            self._meters[instance_id]["down_gb"] += gb
+
+    def bill(self, instance_id: int) -> dict[str, float]:
+        """What Vast charges this instance so far (or in all, once destroyed), in dollars.
+
+        Reference README: GPU time while running at the rented price, storage in every state
+        (stopped and loading included), bandwidth extra at ``inet_down_cost`` $/GB."""
+        with self._lock:
+            m = self._meters[instance_id]
+            now = m["ended"] if m["ended"] is not None else self.clock()
+            gpu_s = m["gpu_s"] + (now - m["running_since"] if m["running_since"] else 0.0)
+            gpu = gpu_s / 3600 * m["dph_base"]
+            storage = (now - m["created"]) / 3600 * m["storage_dph"]
+            bandwidth = m["down_gb"] * m["inet_down_cost"]
+            return {"gpu": gpu, "storage": storage, "bandwidth": bandwidth,
+                    "total": gpu + storage + bandwidth, "hours": gpu_s / 3600}
 
     def calls(self, method: str, path_prefix: str = "") -> list[dict[str, Any]]:
         """The logged requests with this method and path prefix."""
@@ -207,10 +289,23 @@ class FakeVast:
             fault = self._take_fault(method, path)
             if fault is not None:
                 return fault
-            if headers.get("Authorization") != f"Bearer {self.api_key}":
+            auth = headers.get("Authorization") or ""
+            scoped = self._container_keys.get(auth.removeprefix("Bearer "))
+            if scoped is not None:
+                # docs.vast.ai (instances/docker-environment, CONTAINER_API_KEY): the
+                # per-instance key can start, stop or destroy its own instance, nothing more.
+                if path.rstrip("/") != f"/api/v0/instances/{scoped}":
+                    return 401, {"success": False, "error": "auth_error",
+                                 "msg": "key not permitted for this endpoint"}
+            elif auth != f"Bearer {self.api_key}":
                 return self.auth_error_status, {"success": False, "error": "auth_error",
                                                 "msg": "Invalid user key"}
-            return self._route(method, path, query, body)
+            answer = self._route(method, path, query, body)
+            changed, self._changed = self._changed, []
+        for iid, status in changed:  # outside the lock: the callback may be slow (sshd)
+            if self.on_state is not None:
+                self.on_state(iid, status)
+        return answer
 
     def _take_fault(self, method: str, path: str) -> tuple[int, Any] | None:
         for fault in self._faults:
@@ -225,6 +320,10 @@ class FakeVast:
                body: Any) -> tuple[int, Any] | None:
         parts = [p for p in path.split("/") if p]
         if method == "POST" and path == "/api/v0/bundles/":
+            unknown = unknown_fields(body or {}, self.offers)
+            if unknown:
+                return 400, {"success": False, "error": "invalid_args",
+                             "msg": f"Unrecognized field(s): {', '.join(unknown)}"}
             return 200, {"offers": self._search(body or {})}
         if method == "PUT" and parts[:3] == ["api", "v0", "asks"] and len(parts) == 4:
             return self._create(int(parts[3]), body or {})
@@ -233,8 +332,11 @@ class FakeVast:
         if method == "GET" and path == "/api/v0/instances/":
             return 410, {"success": False, "error": "deprecated_endpoint",
                          "msg": "/api/v0/instances/ is deprecated. Use /api/v1/instances/ instead."}
-        if method == "GET" and path == "/api/v0/users/current":
-            return 200, {"id": 1, "email": "fake@example.com", "credit": self.balance}
+        if method == "GET" and path.rstrip("/") == "/api/v0/users/current":
+            # vast-cli vastai/cli/display.py user_fields shows both "balance" and "credit";
+            # docs.vast.ai's schema names "balance" only.
+            return 200, {"id": 1, "email": "fake@example.com", "credit": self.credit,
+                         "balance": self.balance}
         if parts[:3] == ["api", "v0", "instances"] and len(parts) >= 4:
             iid = int(parts[3])
             if len(parts) == 5 and parts[4] == "ssh" and method == "POST":
@@ -254,6 +356,13 @@ class FakeVast:
                 storage = float(o.get("dph_total", 0)) - float(o.get("dph_base", 0))
                 o["dph_base"] = o.get("min_bid", o.get("dph_base"))
                 o["dph_total"] = float(o["dph_base"]) + storage
+        if query.get("allocated_storage") is not None:
+            # Reference README: dph_total includes the disk asked for: dph_base + storage_cost
+            # x allocated_storage GB / 720 (the reference offers were captured with 8 GB).
+            for o in offers:
+                o["dph_total"] = float(o.get("dph_base") or 0.0) + float(
+                    o.get("storage_cost") or 0.0) * float(query["allocated_storage"]) \
+                    / HOURS_PER_MONTH
         found = [o for o in offers if offer_matches(o, query)]
         for field, direction in reversed(query.get("order") or []):
             found.sort(key=lambda o: (o.get(field) is None, o.get(field) or 0),
@@ -269,6 +378,12 @@ class FakeVast:
         self.offers.remove(offer)
         self.creates.append(copy.deepcopy(body))
         iid = next(self._ids)
+        disk = float(body.get("disk") or 0.0)
+        # Reference README: dph_total = dph_base + storage_cost * allocated GB / 720; the
+        # instance is priced with its own disk (a bid at its own price, vast-cli create).
+        dph_base = float(body["price"]) if body.get("price") is not None else \
+            float(offer.get("dph_base") or 0.0)
+        storage_dph = float(offer.get("storage_cost") or 0.0) * disk / HOURS_PER_MONTH
         self.instances[iid] = {
             "id": iid,
             "actual_status": None,
@@ -285,7 +400,11 @@ class FakeVast:
             "ports": {},
             "direct_port_start": -1,
             "direct_port_end": -1,
-            "dph_total": offer.get("dph_total"),
+            "dph_base": dph_base,
+            "dph_total": dph_base + storage_dph,
+            "storage_cost": offer.get("storage_cost"),
+            "inet_down_cost": offer.get("inet_down_cost"),
+            "inet_up_cost": offer.get("inet_up_cost"),
             "gpu_name": offer.get("gpu_name"),
             "num_gpus": offer.get("num_gpus"),
             "machine_id": offer.get("machine_id"),
@@ -294,43 +413,107 @@ class FakeVast:
             "image_uuid": body.get("image"),
             "disk_space": body.get("disk"),
         }
+        self._meters[iid] = {"created": self.clock(), "ended": None, "running_since": None,
+                             "gpu_s": 0.0, "dph_base": dph_base, "storage_dph": storage_dph,
+                             "down_gb": 0.0, "pulled": False,
+                             "inet_down_cost": float(offer.get("inet_down_cost") or 0.0)}
         self._polls[iid] = 0
+        key = f"container-key-{iid}"
+        self._container_keys[key] = iid
         if self.drop_create_response:
             self.drop_create_response = False
             return None
-        return 200, {"success": True, "new_contract": iid,
-                     "instance_api_key": f"container-key-{iid}"}
+        # create_instance_response.json: the answer carries the per-instance key.
+        return 200, {"success": True, "new_contract": iid, "instance_api_key": key}
 
     def _show(self, iid: int) -> dict[str, Any] | None:
         inst = self.instances.get(iid)
         if inst is None:
             return None
         self._polls[iid] += 1
-        if inst["intended_status"] == "running" and inst["actual_status"] in (None, "loading"):
+        if self._polls[iid] <= self.unlisted_polls and inst["actual_status"] is None:
+            # Issue 14 point 8 and the client's CREATE_READ_BACK_S: a new instance can read
+            # back as {"instances": null} (and be absent from the list) for a while.
+            return None
+        polls = self._polls[iid] - self.unlisted_polls
+        if inst["intended_status"] == "running" and inst["actual_status"] in (
+                None, "loading", "scheduling"):
             if iid in self._pull_errors:
                 inst.update(actual_status="loading", intended_status="stopped",
                             cur_state="stopped", status_msg="Error response from daemon: "
                             f"manifest for {inst['image_uuid']} not found")
-            elif self.loading_polls <= 0 or self._polls[iid] > self.loading_polls + 1:
-                self._make_running(inst)
-            elif self._polls[iid] > 1:  # the first look still sees it provisioning (null)
+            elif inst["actual_status"] == "scheduling" and polls <= self.scheduling_polls:
+                pass  # vast-cli `start instance` epilog: a start waits in "scheduling"
+            elif self.loading_polls <= 0 or polls > self.loading_polls + (
+                    self.scheduling_polls if inst.get("_restarted") else 1):
+                self._make_running(iid, inst)
+            elif polls > 1 or inst["actual_status"] == "scheduling":
+                # SYNTHETIC_instance_lifecycle.json: null -> loading (image pull) -> running
                 inst.update(actual_status="loading",
                             status_msg=f"Pulling from {inst['image_uuid']}")
-        return copy.deepcopy(inst)
+        return self._public(inst)
 
-    def _make_running(self, inst: dict[str, Any]) -> None:
+    @staticmethod
+    def _public(inst: dict[str, Any]) -> dict[str, Any]:
+        return {k: copy.deepcopy(v) for k, v in inst.items() if not k.startswith("_")}
+
+    def _make_running(self, iid: int, inst: dict[str, Any]) -> None:
         host, port = self.ssh_endpoint
+        proxy_host, proxy_port = self.proxy_endpoint
+        # Reference README: direct SSH is public_ipaddr + ports["22/tcp"][0]["HostPort"] (a
+        # string); ssh_host/ssh_port is Vast's proxy, another address.
         inst.update(
             actual_status="running", cur_state="running",
             status_msg=f"success, running {inst['image_uuid']}/ssh",
-            public_ipaddr=host, ssh_host=host, ssh_port=port,
+            public_ipaddr=host, ssh_host=proxy_host, ssh_port=proxy_port + iid % 10000,
             ports={"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)},
                               {"HostIp": "::", "HostPort": str(port)}]},
             direct_port_start=port, direct_port_end=port,
         )
+        meter = self._meters[iid]
+        meter["running_since"] = self.clock()
+        if not meter["pulled"]:  # the image is pulled once per machine; its bytes are billed
+            meter["pulled"] = True
+            meter["down_gb"] += self.image_gb
+        self._changed.append((iid, "running"))
+        self._start_onstart(iid, inst)
+
+    def _start_onstart(self, iid: int, inst: dict[str, Any]) -> None:
+        """Run the onstart script like the container does: after "running" is reported, with the
+        container's variables (docs.vast.ai instances/docker-environment: set for PID 1 and the
+        onstart script; SSH sessions do not get them) and the image's own PATH."""
+        script = inst.get("onstart") or ""
+        if not script:
+            return
+        env = {"PATH": self.image_path, "HOME": os.path.expanduser("~"), "LANG": "C.UTF-8",
+               "CONTAINER_ID": str(iid), "CONTAINER_API_KEY": f"container-key-{iid}",
+               "VAST_CONTAINERLABEL": f"C.{iid}", "PUBLIC_IPADDR": str(inst["public_ipaddr"]),
+               **{str(k): str(v) for k, v in inst["extra_env"]}}
+        delay = self.onstart_delay_s
+
+        def run() -> None:
+            if delay:
+                time.sleep(delay)
+            proc = subprocess.run(["bash", "-c", script], env=env, cwd="/", check=False,
+                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+            with self._lock:
+                self.onstart_runs.setdefault(iid, []).append(
+                    (proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace")))
+
+        thread = threading.Thread(target=run, name=f"onstart-{iid}", daemon=True)
+        self._onstart_threads.append(thread)
+        thread.start()
+
+    def _stop_meter(self, iid: int) -> None:
+        meter = self._meters[iid]
+        if meter["running_since"] is not None:
+            meter["gpu_s"] += self.clock() - meter["running_since"]
+            meter["running_since"] = None
 
     def _list(self, query: dict[str, list[str]]) -> tuple[int, Any]:
-        ordered = [copy.deepcopy(self.instances[i]) for i in sorted(self.instances)]
+        ordered = [self._public(self.instances[i]) for i in sorted(self.instances)
+                   if self._polls[i] >= self.unlisted_polls
+                   or self.instances[i]["actual_status"] is not None]
         # Vast's cursor: the answer's next_token comes back as after_token (as the vastai CLI
         # sends it); any other parameter is ignored, so a client that misnames it sees page one.
         start = int((query.get("after_token") or ["0"])[0])
@@ -351,11 +534,19 @@ class FakeVast:
         inst = self.instances.get(iid)
         if inst is None:
             return 404, {"success": False, "error": "no_such_instance", "msg": "no such instance"}
-        if body.get("state") == "stopped":
-            inst.update(actual_status="stopped", intended_status="stopped", cur_state="stopped")
-        elif body.get("state") == "running":
-            inst["intended_status"] = "running"
-            self._make_running(inst)
+        if body.get("state") == "stopped" and inst["intended_status"] != "stopped":
+            # A stopped container reports "exited" (vast-cli instances.py _STATUS_COLORS has
+            # running/loading/exited/created; SkyPilot's Vast provisioner treats exited as
+            # stopped); its ports go away with it.
+            self._stop_meter(iid)
+            inst.update(actual_status="exited", intended_status="stopped", cur_state="stopped",
+                        status_msg="Exited (0)", ports={})
+            self._changed.append((iid, "exited"))
+        elif body.get("state") == "running" and inst["actual_status"] != "running":
+            # vast-cli `start instance` epilog: "scheduling" first, then the container loads.
+            self._polls[iid] = self.unlisted_polls
+            inst.update(actual_status="scheduling", intended_status="running",
+                        cur_state="running", status_msg=None, _restarted=True)
         if "label" in body:
             inst["label"] = body["label"]
         return 200, {"success": True}
@@ -363,6 +554,9 @@ class FakeVast:
     def _destroy(self, iid: int) -> tuple[int, Any]:
         if self.instances.pop(iid, None) is None:
             return 404, {"success": False, "error": "no_such_instance", "msg": "no such instance"}
+        self._stop_meter(iid)
+        self._meters[iid]["ended"] = self.clock()
+        self._changed.append((iid, "destroyed"))
         return 200, {"success": True}
 
 

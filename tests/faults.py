@@ -179,9 +179,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
 
 
 def live_instances(fake: Any) -> list[int]:
-    """FakeVast instances that still exist and are not stopped (would bill for compute)."""
+    """FakeVast instances that still exist and are not stopped (would bill for compute).
+
+    Stopped through the API means intended_status "stopped"; Vast then reports actual_status
+    "exited", never "stopped" (tests/fakevast.py)."""
     return [iid for iid, inst in fake.instances.items()
-            if inst.get("actual_status") != "stopped"]
+            if inst.get("intended_status") != "stopped"]
 
 
 def use_sshd_key(sshd: Any) -> None:

@@ -322,7 +322,7 @@ def test_a_vast_host_that_dies_mid_run_is_stopped_and_the_run_retried_elsewhere(
         # and nothing bills for compute: it is the only instance left at Vast.
         assert [i["state"] for i in journal.instances(first["run_id"])] == ["stopped"]
         assert list(fake_vast.instances) == [died["iid"]]
-        assert fake_vast.instances[died["iid"]]["actual_status"] == "stopped"
+        assert fake_vast.instances[died["iid"]]["intended_status"] == "stopped"  # "exited" now
         assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 2
     finally:
         sshd.start()

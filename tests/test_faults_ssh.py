@@ -88,27 +88,8 @@ def test_sshd_down_past_the_window_the_watchdog_stops_the_instance_and_resume_fe
 
     iid = 40000001  # the first id FakeVast hands out
     container_key = f"container-key-{iid}"
-    # What Vast puts in every instance's environment: the instance id and its own key.
-    with open(sshd.config_path, "a", encoding="utf-8") as fh:
-        fh.write(f"SetEnv CONTAINER_ID={iid} CONTAINER_API_KEY={container_key} "
-                 f"VAST_URL={fake_vast.url}\n")
-    sshd.stop()
-    sshd.start()
-    handle = fake_vast.handle
-    self_stops: list[str] = []  # the Authorization of every self-stop, as sent
-
-    def per_instance_key(method: str, path: str, query: Any, headers: dict[str, str],
-                         body: Any) -> Any:
-        from_agent = "Python-urllib" in headers.get("User-Agent", "")
-        if from_agent and isinstance(body, dict) and body.get("state") == "stopped":
-            self_stops.append(headers.get("Authorization", ""))
-        if headers.get("Authorization") == f"Bearer {container_key}":
-            if method != "PUT" or path != f"/api/v0/instances/{iid}/":
-                return 401, {"success": False, "error": "auth_error", "msg": "scope"}
-            headers = {**headers, "Authorization": f"Bearer {fake_vast.api_key}"}
-        return handle(method, path, query, headers, body)
-
-    fake_vast.handle = per_instance_key  # type: ignore[method-assign]
+    # SSH sessions do not get the container's variables (the sshd passes none, as on Vast): the
+    # agent reads them from the file the onstart script wrote (FakeVast runs it with them).
     fake_vast.ssh_endpoint = (sshd.host, sshd.port)
     spec = load_spec(write_spec(tmp_path, name="quiet", budget=5.0, steps=4, provider={
         "type": "vast", "remote_root": str(tmp_path / "instance-root"),
@@ -128,9 +109,12 @@ def test_sshd_down_past_the_window_the_watchdog_stops_the_instance_and_resume_fe
     assert journal.get_run(run_id)["state"] == "running"
     assert journal.events(run_id, kind="lost_contact")
 
-    assert wait_for(lambda: fake_vast.instances[iid]["actual_status"] == "stopped",
+    assert wait_for(lambda: fake_vast.instances[iid]["actual_status"] == "exited",
                     timeout=60, interval=0.5), "the agent's watchdog never stopped the instance"
     # the agent used the instance's own key, never the account key
+    self_stops = [r["headers"].get("Authorization") for r in fake_vast.calls("PUT")
+                  if "Python-urllib" in r["headers"].get("User-Agent", "")
+                  and (r["json"] or {}).get("state") == "stopped"]
     assert self_stops and set(self_stops) == {f"Bearer {container_key}"}
 
     sshd.start()

@@ -18,7 +18,7 @@ import pytest
 from controller.errors import ProviderError
 from controller.journal import open_journal
 from controller.run.orchestrator import Options, Orchestrator
-from controller.providers.vast import ONSTART, VastProvider
+from controller.providers.vast import VastProvider
 from controller.run.states import instance_label
 from controller.spec.loader import load_spec
 from controller.vast.client import CREATE_READ_BACK_S, VastClient
@@ -181,7 +181,7 @@ def test_keep_data_does_not_sweep_and_a_later_release_does(fake_vast: Any) -> No
         int(fake_vast.offers[0]["id"]), image="img", disk_gb=10, label="flux-remote:keep2")
     lists = len(fake_vast.calls("GET", "/api/v1/instances/"))
     provider.release("keep", journal, keep_data=True)
-    assert fake_vast.instances[current]["actual_status"] == "stopped"
+    assert fake_vast.instances[current]["actual_status"] == "exited"
     assert fake_vast.instances[duplicate]["intended_status"] == "running"  # untouched
     assert len(fake_vast.calls("GET", "/api/v1/instances/")) == lists  # no sweep at all
     provider.release("keep", journal)  # `down` later: destroys, then sweeps the label
@@ -263,7 +263,7 @@ def test_an_instance_outbid_mid_run_is_stopped_and_the_user_told(
         orch2.drive(run_id, Options(poll_interval=0))
     run = orch2.journal.get_run(run_id)
     assert run["state"] == "failed" and f"flux-remote fetch {run_id}" in run["error"]
-    assert fake_vast.instances[iid]["actual_status"] == "stopped"  # kept, not billing compute
+    assert fake_vast.instances[iid]["actual_status"] == "exited"  # kept, not billing compute
     assert orch2.journal.current_instance(run_id)["state"] == "stopped"
     assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 1  # nothing rented in its place
     assert live_instances(fake_vast) == []
@@ -277,13 +277,16 @@ def test_a_stopped_instance_is_started_again_to_fetch(tmp_path: Path, fake_vast:
     assert orch.drive(run_id, Options(detach=True), estimate).detached
     [iid] = fake_vast.instances
     orch.provider.release(run_id, orch.journal, keep_data=True)  # kept for a later fetch
-    assert fake_vast.instances[iid]["actual_status"] == "stopped"
+    assert fake_vast.instances[iid]["actual_status"] == "exited"
     orch2 = Orchestrator(open_journal(), vast_provider(fake_vast, sshd), reporter=Recorder())
     orch2.fetch_now(run_id)
     starts = [c for c in fake_vast.calls("PUT", f"/api/v0/instances/{iid}/")
               if (c["json"] or {}).get("state") == "running"]
     assert len(starts) == 1
-    assert orch2.journal.current_instance(run_id)["state"] == "live"
+    # No bundle yet (the run was cut mid-way): the checkpoint and logs come home and the
+    # instance is stopped again rather than left billing compute; `down` destroys it.
+    assert orch2.journal.current_instance(run_id)["state"] == "stopped"
+    assert fake_vast.instances[iid]["intended_status"] == "stopped"
     orch2.down(run_id, force=True)
     assert fake_vast.instances == {}
     record("vast:stopped-then-fetched", orphans=len(fake_vast.instances))
@@ -294,7 +297,8 @@ def test_create_asks_for_rsync_at_boot_and_bids_only_when_interruptible(
     orch, run_id, estimate = _detached_run(tmp_path, fake_vast, sshd, "boot")
     assert orch.drive(run_id, Options(detach=True), estimate).detached
     [create] = fake_vast.creates
-    assert create["onstart"] == ONSTART and "rsync" in ONSTART
+    assert "rsync" in create["onstart"] and "onstart.done" in create["onstart"]
+    assert "container-key" not in create["onstart"]  # names $CONTAINER_API_KEY, holds no key
     assert "price" not in create  # on-demand: no bid
     assert all(o.fits for o in orch.provider._candidates(load_spec(vast_spec(tmp_path, "boot")),
                                                          estimate))

@@ -32,7 +32,9 @@ def make_spec(**sections: Any) -> RunSpec:
 
 def offer(offer_id: int, **fields: Any) -> dict[str, Any]:
     o = copy.deepcopy(TEMPLATE)
-    o.update(id=offer_id, ask_contract_id=offer_id, **fields)
+    # The template's host contract ends 3.3 h after the capture (its ``duration``); these made-up
+    # offers stay rentable for a month unless a test says otherwise.
+    o.update(id=offer_id, ask_contract_id=offer_id, duration=30 * 86400.0, **fields)
     return o
 
 

@@ -108,7 +108,7 @@ def test_5xx_is_retried_then_gives_up(client: VastClient, clock: FakeClock, rsps
     flaky = VastClient(KEY, URL, sleep=clock.sleep, clock=clock, max_attempts=3)
     rsps.add(responses.GET, f"{URL}/api/v0/users/current", status=503, body="down")
     with pytest.raises(ProviderError, match="gave up after 3 attempts"):
-        flaky.balance()
+        flaky.account_money()
 
 
 def test_backoff_is_capped_and_grows(client: VastClient) -> None:
@@ -130,7 +130,7 @@ def test_bad_key_is_a_credentials_error(client: VastClient, rsps, case_status: i
     rsps.add(responses.GET, f"{URL}/api/v0/users/current", status=case_status,
              json=ERRORS["bad_key"]["json"])
     with pytest.raises(CredentialsError) as info:
-        client.balance()
+        client.account_money()
     assert "VAST_API_KEY" in str(info.value)
     assert KEY not in str(info.value)
     assert len(rsps.calls) == 1
@@ -251,7 +251,7 @@ def test_stop_attach_and_balance_bodies(client: VastClient, rsps) -> None:
     rsps.add(responses.GET, f"{URL}/api/v0/users/current", json={"credit": 12.5})
     client.stop_instance(5)
     client.attach_ssh_key(5, "ssh-ed25519 AAAA me\n")
-    assert client.balance() == 12.5
+    assert client.account_money() == {"credit": 12.5, "balance": None}
     assert _body(rsps.calls[0]) == {"state": "stopped"}
     assert _body(rsps.calls[1]) == {"ssh_key": "ssh-ed25519 AAAA me"}
 
@@ -288,7 +288,7 @@ def test_key_is_read_lazily(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     client = VastClient(base_url=URL)  # no key anywhere: constructing is fine
     with pytest.raises(CredentialsError):
-        client.balance()
+        client.account_money()
 
 
 def test_base_url_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,22 +313,22 @@ def test_fakevast_lifecycle_through_the_client(fake_vast: FakeVast) -> None:
                                    "order": [["dph_total", "asc"]], "limit": 5})
     assert [o["id"] for o in offers] == [35365119, 50821030]
     iid = client.create_instance(35365119, image="img", disk_gb=40, label="flux-remote:r1",
-                                 env={"RUN": "1"}, onstart="touch /x")
+                                 env={"RUN": "1"}, onstart="true")
     assert [o["id"] for o in client.search_offers({})].count(35365119) == 0
     states = [client.show_instance(iid)["actual_status"] for _ in range(4)]
     assert states == [None, "loading", "loading", "running"]
     inst = client.show_instance(iid)
     assert inst["ports"]["22/tcp"][0]["HostPort"] == "2222"
-    assert inst["onstart"] == "touch /x" and inst["extra_env"] == [["RUN", "1"]]
+    assert inst["onstart"] == "true" and inst["extra_env"] == [["RUN", "1"]]
     client.attach_ssh_key(iid, "ssh-ed25519 AAAA x")
     assert fake_vast.ssh_keys[iid] == ["ssh-ed25519 AAAA x"]
     assert [i["id"] for i in client.list_instances("flux-remote:")] == [iid]
     client.stop_instance(iid)
-    assert client.show_instance(iid)["actual_status"] == "stopped"
+    assert client.show_instance(iid)["actual_status"] == "exited"  # never "stopped" (vast-cli)
     client.destroy_instance(iid)
     assert client.show_instance(iid) is None
     client.destroy_instance(iid)  # again: already gone is success
-    assert client.balance() == 25.0
+    assert client.account_money() == {"credit": 25.0, "balance": 0.0}
     assert all(r["headers"]["Authorization"] == f"Bearer {fake_vast.api_key}"
                for r in fake_vast.requests)
 
@@ -370,7 +370,7 @@ def test_fakevast_faults(fake_vast: FakeVast) -> None:
         client.create_instance(38450985, image="i", disk_gb=40, label="l")
     fake_vast.auth_error_status = 404
     with pytest.raises(CredentialsError):
-        VastClient("wrong-key-123456", fake_vast.url, min_intervals=NO_WAIT).balance()
+        VastClient("wrong-key-123456", fake_vast.url, min_intervals=NO_WAIT).account_money()
 
 
 def test_fakevast_list_pages(fake_vast: FakeVast) -> None:

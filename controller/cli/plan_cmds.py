@@ -62,6 +62,28 @@ def search_live(spec: "RunSpec") -> list[dict[str, Any]]:
     return offers
 
 
+def read_account() -> dict[str, Any]:
+    """The account's money as Vast reports it: ``credit`` and ``balance`` both, since which one
+    is spendable is not documented (``VastClient.account_money``); nothing is refused on them.
+    ``{"error": ...}`` when it cannot be read (the plan does not depend on it)."""
+    from controller.errors import FluxRemoteError
+    from controller.vast.client import VastClient
+
+    try:
+        return dict(VastClient().account_money())
+    except FluxRemoteError as exc:
+        return {"error": str(exc)}
+
+
+def account_line(account: dict[str, Any]) -> str:
+    if "error" in account:
+        return f"account: could not read it ({account['error']})"
+    shown = ", ".join(f"{name} ${value:.2f}" for name, value in account.items()
+                      if value is not None)
+    return (f"account: {shown or 'no credit or balance reported'} (Vast does not document "
+            "which is spendable; both shown, nothing refused on them)")
+
+
 WIDE_TABLE = 110  # narrower consoles get the "why" column as lines under the table
 
 
@@ -140,8 +162,11 @@ def register(app: typer.Typer) -> None:
         spec = load_run_spec(file)
         found = load_offers_file(offers) if offers is not None else search_live(spec)
         result = plan_offers(spec, found, measured_s_per_step=measured_speeds())
+        account = read_account() if offers is None else None
         if as_json:
             data = result.to_dict()
+            if account is not None:
+                data["account"] = account
             data["offers"] = data["offers"][:top]
             if result.chosen is None:
                 emit_json({"ok": False, "error": "BudgetError", "message": result.refusal(),
@@ -150,4 +175,6 @@ def register(app: typer.Typer) -> None:
             emit_json({"ok": True, **data})
             return
         render_plan(result, console(), top=top)
+        if account is not None:
+            console().print(account_line(account), markup=False)
         result.require_chosen()

@@ -21,6 +21,8 @@ Every constant of the cost model is here with the reason for its value; the per-
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -272,6 +274,12 @@ def _image_gb(image: str) -> float:
     return IMAGE_GB_OTHER
 
 
+def boot_download_gb(spec: RunSpec) -> float:
+    """GB an instance downloads for a run besides the dataset: the image, the installs and the
+    weights (what the estimate counts at ``inet_down_cost``)."""
+    return _image_gb(spec.gpu.image) + INSTALL_GB + WEIGHTS_GB
+
+
 def _transfer_s(gb: float, mbps: float) -> float:
     return gb * 8000.0 / max(mbps, 1.0)
 
@@ -333,7 +341,7 @@ def estimate(spec: RunSpec, offer: dict[str, Any], *,
     hours = total_s / 3600
 
     dph = _num(offer, "dph_total")
-    down_gb = image_gb + INSTALL_GB + WEIGHTS_GB + dataset_gb
+    down_gb = boot_download_gb(spec) + dataset_gb
     up_gb = BUNDLE_GB
     compute_usd = dph * hours
     bandwidth_usd = _num(offer, "inet_down_cost") * down_gb + _num(offer, "inet_up_cost") * up_gb
@@ -396,6 +404,24 @@ def _why(est: OfferEstimate, best: OfferEstimate | None) -> str:
     return f"+${est.est_usd - best.est_usd:.2f}: {reason}"
 
 
+# After the estimate (with the safety margin): time to fetch the bundle before the host's
+# contract ends (an instance whose contract ends is stopped and cannot be started again).
+CONTRACT_MARGIN_S = 3600.0
+ENDS_TOO_SOON = "offer ends too soon"
+
+
+def seconds_left(offer: dict[str, Any], now: float) -> float | None:
+    """How long the offer's machine stays rentable: ``duration`` (seconds left as of the search;
+    vast-cli query.py ``offers_mult`` turns the CLI's days into these seconds), else
+    ``end_date`` (epoch seconds) minus ``now``; None when the offer says neither."""
+    for key, base in (("duration", 0.0), ("end_date", now)):
+        try:
+            return float(offer[key]) - base
+        except (KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
 def plan_offers(
     spec: RunSpec,
     offers: list[dict[str, Any]],
@@ -403,6 +429,7 @@ def plan_offers(
     measured_s_per_step: dict[str, float] | None = None,
     dataset_gb: float = DEFAULT_DATASET_GB,
     num_images: int = DEFAULT_IMAGES,
+    now: float | None = None,
 ) -> PlanResult:
     """Filter ``offers`` locally and rank them by estimated dollars for the whole run.
 
@@ -427,8 +454,13 @@ def plan_offers(
     estimates.sort(key=lambda e: (e.est_usd, -_reliability(e.offer), e.offer_id))
 
     budget = spec.budget
+    now = time.time() if now is None else now
     for est in estimates:
-        if est.est_usd * (1 + budget.safety_margin) > budget.max_usd:
+        left = seconds_left(est.offer, now)
+        needed = est.est_hours * 3600 * (1 + budget.safety_margin) + CONTRACT_MARGIN_S
+        if left is not None and left < needed:
+            est.fits, est.refused = False, ENDS_TOO_SOON
+        elif est.est_usd * (1 + budget.safety_margin) > budget.max_usd:
             est.fits, est.refused = False, "budget"
         elif budget.max_hours is not None and est.est_hours > budget.max_hours:
             est.fits, est.refused = False, "max_hours"

@@ -21,6 +21,7 @@ from controller.journal import (INSTANCE_CREATING, INSTANCE_DESTROYED, INSTANCE_
                                 INSTANCE_LIVE, INSTANCE_STOPPED)
 from controller.providers.base import Estimate, Machine, Notify
 from controller.run.states import ACTIVE_STATES, instance_label
+from controller.vast.client import CREATE_READ_BACK_S
 
 if TYPE_CHECKING:
     from controller.hosts.base import Host
@@ -30,13 +31,13 @@ if TYPE_CHECKING:
 LABEL_PREFIX = "flux-remote:"
 MAX_OFFERS_TRIED = 5
 LOST_STATUSES = ("exited", "offline", "unknown", "stopped")  # never become running by themselves
+# A stopped instance reports "exited" (vast-cli instances.py _STATUS_COLORS; SkyPilot's Vast
+# provisioner resumes exited, stopped and frozen): these can be started again, keeping the disk.
+RESUMABLE_STATUSES = ("exited", "stopped", "frozen")
 SSH_READY_S = 300.0  # after "running": Vast can take a minute more to install the key
 SSH_RECONNECT_S = 20.0  # one readiness probe's reconnect window (the wait loop retries it)
 SSH_RUN_RECONNECT_S = 120.0  # the run's connection: how long a dropped one is retried
-# Pytorch images may lack rsync (ship and fetch need it on both ends): install it at boot.
-ONSTART = ("command -v rsync >/dev/null 2>&1 || (apt-get update -qq && "
-           "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync openssh-client) "
-           ">/var/log/flux-remote-onstart.log 2>&1")
+DEFAULT_REMOTE_PYTHON = "python3"  # the spec's default: find the image's own Python instead
 
 
 def _bandwidth_prices(offer: dict[str, Any] | None) -> dict[str, float]:
@@ -80,6 +81,7 @@ class VastProvider:
                  known_hosts_path: Path | None = None, deadlines: Any = None,
                  ssh_ready_s: float = SSH_READY_S, ssh_retry_s: float = 5.0,
                  reconnect_window_s: float = SSH_RUN_RECONNECT_S,
+                 onstart_s: float | None = None,
                  max_offers: int = MAX_OFFERS_TRIED,
                  measured_s_per_step: dict[str, float] | None = None,
                  offer_claims: OfferClaims | None = None,
@@ -95,6 +97,7 @@ class VastProvider:
         self.ssh_ready_s = ssh_ready_s
         self.ssh_retry_s = ssh_retry_s
         self.reconnect_window_s = reconnect_window_s
+        self.onstart_s = onstart_s
         self.max_offers = max_offers
         self.measured_s_per_step = measured_s_per_step or {}
         self.offer_claims = offer_claims  # a batch's shared claims (None: a lone run)
@@ -201,6 +204,50 @@ class VastProvider:
             probe.close()
         return self._host(address, port)
 
+    def _onstart(self, spec: "RunSpec") -> str:
+        from controller.vast.onstart import DEFAULT_VAST_URL, onstart_script
+
+        url = str(getattr(self.client, "base_url", "") or DEFAULT_VAST_URL)
+        return onstart_script(spec.provider.remote_root,
+                              None if url.rstrip("/") == DEFAULT_VAST_URL else url)
+
+    def _python(self, host: "Host", spec: "RunSpec") -> str:
+        """The image's Python on the instance (the spec's, verified, when it names one)."""
+        from controller.vast.onstart import find_python
+
+        named = spec.provider.remote_python
+        return find_python(host, spec.provider.remote_root,
+                           None if named == DEFAULT_REMOTE_PYTHON else named)
+
+    def _booted(self, host: "Host", spec: "RunSpec", instance_id: Any, notify: Notify) -> None:
+        """Wait for the onstart script's marker: ``running`` comes before onstart has run."""
+        from controller.vast.onstart import ONSTART_S, wait_for_onstart
+
+        waited = wait_for_onstart(host, spec.provider.remote_root,
+                                  deadline_s=ONSTART_S if self.onstart_s is None else
+                                  self.onstart_s, clock=self.monotonic, sleep=self.sleep)
+        notify("", f"instance {instance_id}: boot script done ({waited:.0f} s after SSH)")
+
+    def _info(self, spec: "RunSpec", python: str, **info: Any) -> dict[str, Any]:
+        from controller.vast.onstart import instance_env_file
+
+        return {**info, "python": python,
+                "env_file": instance_env_file(spec.provider.remote_root)}
+
+    @staticmethod
+    def _bill_boot_download(run_id: str, spec: "RunSpec", journal: "Journal",
+                            offer: dict[str, Any] | None) -> None:
+        """Vast bills what the instance downloads at ``inet_down_cost`` $/GB: the image pull, the
+        installs and the weights. The controller cannot see those bytes, so the planner's
+        figure goes into the meter as a ``transfer`` event (``estimated``), with the uploads."""
+        from controller.planning.planner import boot_download_gb
+
+        gb = boot_download_gb(spec)
+        price = _bandwidth_prices(offer)["inet_down_cost"]
+        journal.add_event(run_id, "transfer", {"direction": "down", "estimated": True,
+                                               "what": "image, installs and weights",
+                                               "bytes_sent": int(gb * 1e9), "usd": gb * price})
+
     def acquire(self, run_id: str, spec: "RunSpec", estimate: Estimate, journal: "Journal",
                 notify: Notify) -> Machine:
         from controller.vast.readiness import ssh_endpoint, wait_until_running
@@ -222,7 +269,7 @@ class VastProvider:
             try:
                 instance_id = self.client.create_instance(
                     int(offer.offer_id), image=spec.gpu.image, disk_gb=spec.gpu.disk_gb,
-                    label=label, onstart=ONSTART, known_ids=known,
+                    label=label, onstart=self._onstart(spec), known_ids=known,
                     price=offer.breakdown.get("bid_price") if offer.interruptible else None)
             except OfferGoneError:
                 journal.instance_failed(row, "offer gone")
@@ -239,12 +286,14 @@ class VastProvider:
             try:
                 instance = wait_until_running(self.client, int(instance_id),
                                               deadlines=self.deadlines, clock=self.monotonic,
-                                              sleep=self.sleep)
+                                              sleep=self.sleep,
+                                              unlisted_grace_s=sum(CREATE_READ_BACK_S))
                 self.client.attach_ssh_key(int(instance_id), public_key)
                 address, port = ssh_endpoint(instance)
                 journal.update_instance(row, ssh_host=address, ssh_port=int(port))
                 # A new instance on an address Vast handed out before: its key is new too.
                 host = self._wait_ssh(address, int(port), str(instance_id), new_instance=True)
+                self._booted(host, spec, instance_id, notify)
             except HostKeyError:
                 self._destroy_row(journal, row)
                 raise
@@ -252,16 +301,26 @@ class VastProvider:
                 notify("", f"instance {instance_id} did not become ready ({exc}); destroying it")
                 self._destroy_row(journal, row)
                 continue
+            try:
+                python = self._python(host, spec)
+            except (ProviderError, TransportError):
+                self._destroy_row(journal, row)  # the image's fault: another offer fares no better
+                raise
+            notify("", f"instance {instance_id}: the agent runs with {python}")
+            self._bill_boot_download(run_id, spec, journal, offer.offer)
+            journal.add_event(run_id, "remote_python", {"instance_id": str(instance_id),
+                                                        "python": python})
             current = journal.get_instance(row) or {}
             return Machine(host=host, root=spec.provider.remote_root,
-                           python=spec.provider.remote_python,
+                           python=python,
                            price_per_hour=float(offer.dph_total),
                            billing_started_at=float(current.get("billing_started_at") or
                                                     self.clock()),
                            instance_row=row,
-                           info={"gpu_name": offer.gpu_name, "num_gpus": offer.num_gpus,
-                                 "offer_id": offer.offer_id, "instance_id": instance_id,
-                                 **_bandwidth_prices(offer.offer)})
+                           info=self._info(spec, python, gpu_name=offer.gpu_name,
+                                           num_gpus=offer.num_gpus, offer_id=offer.offer_id,
+                                           instance_id=instance_id,
+                                           **_bandwidth_prices(offer.offer)))
         raise ProviderError(f"none of the {tried} offers tried became a ready instance",
                             hint="run `flux-remote plan` again later; offers change by the minute")
 
@@ -272,14 +331,19 @@ class VastProvider:
         if row is None or not row.get("instance_id"):
             raise RunError(f"run {run_id} has no live instance in the journal")
         instance = self.client.show_instance(int(row["instance_id"]))
+        restarted = False
         if instance is None:
             journal.instance_destroyed(int(row["id"]))  # a fact now, whoever destroyed it
             raise ProviderError(f"instance {row['instance_id']} of run {run_id} no longer exists")
-        if instance.get("actual_status") == "stopped" or \
+        if instance.get("actual_status") in RESUMABLE_STATUSES or \
                 row["state"] == INSTANCE_STOPPED:
-            # Kept for a later fetch (or stopped by the agent's watchdog): start it again.
-            journal.add_event(run_id, "start_intent", {"instance_id": row["instance_id"]})
+            # Kept for a later fetch, or stopped by the agent's watchdog, the user or the host:
+            # start it again (GPU billing resumes: journaled before and after).
+            journal.add_event(run_id, "start_intent", {"instance_id": row["instance_id"],
+                                                       "status": instance.get("actual_status")})
             self.client.start_instance(int(row["instance_id"]))
+            journal.add_event(run_id, "start_result", {"instance_id": row["instance_id"]})
+            restarted = True
             instance = wait_until_running(self.client, int(row["instance_id"]),
                                           deadlines=self.deadlines, clock=self.monotonic,
                                           sleep=self.sleep)
@@ -297,13 +361,17 @@ class VastProvider:
         journal.update_instance(int(row["id"]), ssh_host=address, ssh_port=int(port))
         host = self._wait_ssh(address, int(port), str(row["instance_id"]),
                               new_instance=first_contact)
+        # No marker wait here: onstart finished once on this container (the run got this far)
+        # and what it left (rsync, the variables file) persists on the container's disk.
+        python = self._python(host, spec)
         return Machine(host=host, root=spec.provider.remote_root,
-                       python=spec.provider.remote_python,
+                       python=python,
                        price_per_hour=float(row["dph_total"] or 0.0),
                        billing_started_at=float(row["billing_started_at"] or self.clock()),
                        instance_row=int(row["id"]),
-                       info={"gpu_name": row["gpu_name"], "num_gpus": row["num_gpus"],
-                             "offer_id": row["offer_id"], "instance_id": row["instance_id"]})
+                       info=self._info(spec, python, gpu_name=row["gpu_name"],
+                                       num_gpus=row["num_gpus"], offer_id=row["offer_id"],
+                                       instance_id=row["instance_id"], restarted=restarted))
 
     def health(self, run_id: str, journal: "Journal") -> str | None:
         row = journal.current_instance(run_id)

@@ -532,13 +532,30 @@ class Orchestrator:
                                    max_bytes=spec.publish.max_bundle_mb << 20)
             self.journal.update_run(run_id, bundle_path=str(out_dir))
             self.journal.add_event(run_id, "fetched", {"files_verified": fetched.files_verified})
-            return {"bundle": str(out_dir), "files_verified": fetched.files_verified,
-                    "extras": fetch_extras(machine.host, paths, out_dir)}
+            result = {"bundle": str(out_dir), "files_verified": fetched.files_verified,
+                      "extras": fetch_extras(machine.host, paths, out_dir)}
+            if machine.info.get("restarted"):
+                self._done_after_restart(run_id, out_dir)
+            return result
         status = read_json(machine.host, paths.status) or {}
         extras = fetch_extras(machine.host, paths, out_dir,
                               checkpoint=status.get("last_checkpoint"),
                               checkpoint_max_bytes=spec.publish.max_checkpoint_mb << 20)
+        if machine.info.get("restarted"):
+            # Started only to fetch (its container restarted, so no agent runs): stop it again;
+            # the disk is kept for `resume` or `down`.
+            self._machines.pop(run_id, None)
+            self.provider.release(run_id, self.journal, keep_data=True)
         return {"bundle": None, "files_verified": 0, "extras": extras}
+
+    def _done_after_restart(self, run_id: str, out_dir: Path) -> None:
+        """A stopped instance was started only to bring its verified bundle home: the run is
+        done, and the instance is destroyed now rather than left billing storage."""
+        machine = self._machines.pop(run_id)
+        remove_secrets(machine.host, machine.root, run_id)
+        self.provider.release(run_id, self.journal)
+        if self.state(run_id) in R.ACTIVE_STATES:
+            self._set(run_id, R.DONE, bundle_path=str(out_dir), ended_at=self.clock())
 
     def down(self, run_id: str, *, force: bool = False) -> Outcome:
         """Destroy the run's machine now; first fetch what can be fetched unless ``force``."""
@@ -556,7 +573,7 @@ class Orchestrator:
         if run_id in self._machines:
             remove_secrets(self._machines[run_id].host, self._machines[run_id].root, run_id)
         self.provider.release(run_id, self.journal)
-        if run["state"] in R.ACTIVE_STATES:
+        if self.state(run_id) in R.ACTIVE_STATES:  # a fetch may have ended it (done)
             self._set(run_id, R.STOPPED, error="taken down by the user", ended_at=self.clock(),
                       **({"bundle_path": fetched["bundle"]} if fetched.get("bundle") else {}))
         return self._outcome(self._run(run_id), extras=fetched.get("extras") or [])

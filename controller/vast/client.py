@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from controller.errors import CredentialsError, ProviderError
 from controller.redact import redact
@@ -70,10 +70,16 @@ def _never_connected(exc: Exception) -> bool:
     return isinstance(reason, NewConnectionError)
 
 
-def key_paths() -> list[Path]:
-    """Where the vastai CLI keeps the key, in the order it looks."""
+def key_paths(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Where the vastai CLI keeps the key, in the order it looks (vast-cli ``vastai/_base.py``
+    ``_resolve_api_key``): ``$XDG_CONFIG_HOME/vastai/vast_api_key`` (the xdg package's
+    ``xdg_config_home()``: the variable when it is an absolute path, else ``~/.config``), then
+    the legacy ``~/.vast_api_key``."""
+    env = os.environ if env is None else env
     home = Path.home()
-    return [home / ".config" / "vastai" / "vast_api_key", home / ".vast_api_key"]
+    xdg = env.get("XDG_CONFIG_HOME") or ""
+    config = Path(xdg) if os.path.isabs(xdg) else home / ".config"
+    return [config / "vastai" / "vast_api_key", home / ".vast_api_key"]
 
 
 def find_api_key() -> str:
@@ -247,10 +253,20 @@ class VastClient:
                     hint=f"check https://cloud.vast.ai/instances/ and destroy {instance_id} by hand",
                 )
 
-    def balance(self) -> float:
-        """``GET /api/v0/users/current``: the account's credit in dollars."""
-        data = self._call("other", "GET", "/api/v0/users/current", what="read balance")
-        return float(data.get("credit") or 0.0)
+    def account_money(self) -> dict[str, float | None]:
+        """``GET /api/v0/users/current`` (as vast-cli ``show_user`` calls it): the account's
+        ``credit`` and ``balance`` in dollars (None when absent). Which one is the spendable
+        prepaid amount is not documented: the docs' schema names only ``balance`` ("the current
+        balance of the user"), the vastai CLI's ``show user`` prints both. Callers show both and
+        refuse nothing on them."""
+        data = self._call("other", "GET", "/api/v0/users/current", what="read the account")
+
+        def money(key: str) -> float | None:
+            try:
+                return float(data[key])
+            except (KeyError, TypeError, ValueError):
+                return None
+        return {"credit": money("credit"), "balance": money("balance")}
 
     # -- plumbing --------------------------------------------------------------------------
 

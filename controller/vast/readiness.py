@@ -37,6 +37,8 @@ _PHASES = {
     None: Phase.PROVISIONING,
     "": Phase.PROVISIONING,
     "created": Phase.PROVISIONING,
+    # A start of a stopped instance waits for its GPU here (vast-cli `start instance` epilog).
+    "scheduling": Phase.PROVISIONING,
     "loading": Phase.LOADING,
     "rebooting": Phase.LOADING,
     "running": Phase.RUNNING,
@@ -140,18 +142,24 @@ def wait_until_running(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     on_change: Callable[[Phase, dict[str, Any]], None] | None = None,
+    unlisted_grace_s: float = 0.0,
 ) -> dict[str, Any]:
     """Poll until the instance is ready and return its record.
 
     Raises InstanceNotReadyError (with ``instance_id``) when it fails, disappears, or stays in
     one phase past its deadline. ``on_change(phase, instance)`` is called on each phase change.
+    ``unlisted_grace_s``: right after a create Vast may answer ``{"instances": null}`` for a
+    while; until this many seconds have passed that means "not listed yet", not "gone".
     """
     limits = deadlines or Deadlines()
     timed_phase: Phase | None = None  # the phase whose deadline runs (UNKNOWN keeps the last)
     seen: Phase | None = None
-    phase_started = clock()
+    began = phase_started = clock()
     while True:
         inst = client.show_instance(instance_id)
+        if inst is None and seen is None and clock() - began < unlisted_grace_s:
+            sleep(limits.poll_s)
+            continue
         if inst is None:
             raise InstanceNotReadyError(f"instance {instance_id} disappeared while starting",
                                         instance_id=instance_id, reason="gone")

@@ -24,6 +24,13 @@ def checks(run: "Runner") -> tuple[str, dict[str, Any]]:
             run.recorder.event("warning", check=check.name, message=check.detail,
                                value=check.value, threshold=check.threshold)
     run.recorder.event("mount_choice", **report.mount_choice)
+    if run.plan.get("provider") == "vast" and not run.watchdog.can_stop_instance:
+        # Without CONTAINER_ID/CONTAINER_API_KEY nothing stops this instance if the laptop goes
+        # away: refuse to train rather than bill silently (remote.watchdog.instance_env).
+        env_file = (run.plan.get("instance") or {}).get("env_file") or "(none in the plan)"
+        raise StageFailed("self-stop is impossible: CONTAINER_ID / CONTAINER_API_KEY are not in "
+                          f"the environment, in {env_file} (written by the onstart script) or "
+                          "in PID 1's environment", cause="checks")
     if report.failed:
         names = ", ".join(f"{c.name}{check_numbers(c)}: {c.detail}".rstrip(": ")
                           for c in report.failed)

@@ -223,6 +223,7 @@ class Follower:
                  health: Callable[[], str | None] | None = None, on_cap: str | None = None,
                  checkpoint_dir: Path | None = None,
                  transfer_cost: Callable[[Any], float] | None = None,
+                 prior_usd: float = 0.0,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.host = host
@@ -234,6 +235,7 @@ class Follower:
         self.budget_usd = budget_usd
         self.max_hours = max_hours
         self.bandwidth_usd = bandwidth_usd
+        self.prior_usd = prior_usd  # the run's earlier machines (controller.run.relaunch)
         self.poll_interval = poll_interval
         self.lost_contact_s = lost_contact_s
         self.reporter = reporter or NullReporter()
@@ -255,6 +257,7 @@ class Follower:
         self.fetched: str | None = home["path"] if home else None  # the remote path brought home
         self.fetched_local: Path | None = Path(home["local"]) if home else None
         self._failed_noted: str | None = None  # the checkpoint whose failed download was noted
+        self.seen_checkpoint: str | None = None  # the newest one a status named, home or not
 
     def _tail_log(self) -> list[str]:
         data = self.host.read_bytes(self.paths.log, self.offset)
@@ -321,7 +324,10 @@ class Follower:
         status = read_json(self.host, self.paths.status) or {}
         lines = self._tail_log()
         self.host.write_bytes(self.paths.heartbeat, f"{now:.3f}\n".encode())
-        spend = meter(self.price_per_hour, self.billing_started_at, now, self.bandwidth_usd)
+        spend = self.prior_usd + meter(self.price_per_hour, self.billing_started_at, now,
+                                       self.bandwidth_usd)
+        if isinstance(status.get("last_checkpoint"), str) and status["last_checkpoint"]:
+            self.seen_checkpoint = status["last_checkpoint"]
         snap = Snapshot(
             run_id=self.run_id, agent_state=status.get("state"), stage=status.get("stage"),
             step=status.get("step"), total=status.get("total"), loss=status.get("loss"),

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from controller.run import relaunch
 from controller.run import states as R
 from controller.errors import (FluxRemoteError, HostKeyError, ProviderError, RunError,
                                TransportError)
@@ -198,7 +199,12 @@ class Orchestrator:
             machine = None
             if self.journal.current_instance(run_id) is not None:
                 machine = self._reattach_or_release(run_id, spec)
-            if machine is None:
+            if machine is None and relaunch.continuation(self.journal, run_id) is not None:
+                self._set(run_id, R.RENTING)  # after a lost machine: what is left, money left
+                machine = relaunch.acquire_next(self, run, spec, self._notify(run_id))
+                if machine is None:
+                    return  # no offer fits: the run ended (budget_end)
+            elif machine is None:
                 self._set(run_id, R.RENTING)
                 estimate = estimate or self.provider.estimate(spec)
                 machine = self.provider.acquire(run_id, spec, estimate, self.journal,
@@ -219,6 +225,15 @@ class Orchestrator:
             self.reporter.note(f"the earlier machine is not usable ({exc}); releasing it")
             self.provider.release(run_id, self.journal)
             return None
+
+    def forget_machine(self, run_id: str) -> None:
+        """Drop this process's handle on the run's machine (it is lost or let go)."""
+        machine = self._machines.pop(run_id, None)
+        if machine is not None:
+            machine.host.close()
+
+    def adopt_machine(self, run_id: str, machine: "Machine") -> None:
+        self._machines[run_id] = machine
 
     def machine(self, run_id: str) -> "Machine":
         """The run's machine, reconnecting through the journal when this process has none."""
@@ -258,13 +273,17 @@ class Orchestrator:
             self.reporter.note(f"shipping the agent and the dataset to {paths.run_dir}")
             for stats in upload_run(host, paths, Path(spec.dataset.path)):
                 self._transfer_cost(run_id, machine, "up", stats)
+            shipped = relaunch.ship_checkpoint(self, run, machine, f"{paths.run_dir}/dataset")
+            if shipped is not None:
+                self._transfer_cost(run_id, machine, "up", shipped)
             secrets_file = None
             secrets = secrets_payload(self.env)
             if secrets:
                 secrets_file = secrets_path(machine.root, run_id)
                 host.write_bytes(secrets_file, secrets, mode=0o600)
             write_plan(host, paths, make_plan(
-                run_id=run_id, spec=json.loads(run["spec_json"]), run_dir=paths.run_dir,
+                run_id=run_id, spec=relaunch.plan_spec(self, run, machine),
+                run_dir=paths.run_dir,
                 dataset_dir=f"{paths.run_dir}/dataset", provider=self.provider.name,
                 price_per_hour=machine.price_per_hour,
                 billing_started_at=machine.billing_started_at, secrets_file=secrets_file,
@@ -290,7 +309,8 @@ class Orchestrator:
         follow loop does, not a one-off poll such as ``status``."""
         machine = self.machine(run["run_id"])
         spec = spec_of(run)
-        fetch = checkpoints and spec.publish.fetch_checkpoints
+        # a run that continues after a lost machine needs its checkpoints home to go on from
+        fetch = checkpoints and (spec.publish.fetch_checkpoints or relaunch.continues(spec))
         return Follower(machine.host, self.paths(run), journal=self.journal, run_id=run["run_id"],
                         price_per_hour=machine.price_per_hour,
                         billing_started_at=machine.billing_started_at,
@@ -303,11 +323,14 @@ class Orchestrator:
                         checkpoint_dir=Path(run["out_dir"]) / "checkpoints" if fetch else None,
                         transfer_cost=lambda stats: self._transfer_cost(run["run_id"], machine,
                                                                         "down", stats),
+                        prior_usd=relaunch.earlier_machines_usd(self.journal, run["run_id"],
+                                                                self.clock()),
                         clock=self.clock, sleep=self.sleep)
 
     def _follow(self, run: dict[str, Any], options: Options) -> None:
         run_id = run["run_id"]
         restarts = 0
+        follower: Follower | None = None
         while True:
             try:
                 try:
@@ -319,6 +342,10 @@ class Orchestrator:
                     raise MachineLost(f"{exc} ({problem})") from exc
                 snap = self._follow_watching(follower)
             except MachineLost as exc:
+                if relaunch.continues(spec_of(run)):
+                    relaunch.after_loss(self, run, exc, seen_checkpoint=(
+                        follower.seen_checkpoint if follower is not None else None))
+                    return
                 # Whatever is on its disk cannot be reached: keep it (stopped) when it still
                 # exists, so a later fetch can try; nothing keeps billing for compute.
                 message = self._lost_message(run, exc)
@@ -403,8 +430,10 @@ class Orchestrator:
                                               f"down {run_id} --force", ended_at=self.clock())
             raise
         destroyed_at = self.clock()
-        spend = meter(machine.price_per_hour, machine.billing_started_at, destroyed_at,
-                      self.bandwidth_usd(run_id))
+        spend = relaunch.earlier_machines_usd(self.journal, run_id, destroyed_at,
+                                              current_row=machine.instance_row) + meter(
+            machine.price_per_hour, machine.billing_started_at, destroyed_at,
+            self.bandwidth_usd(run_id))
         self.journal.add_spend_sample(run_id, usd=spend, dph_total=machine.price_per_hour,
                                       bandwidth_usd=self.bandwidth_usd(run_id))
         receipt = None
@@ -415,6 +444,7 @@ class Orchestrator:
                                          files_verified=fetched.files_verified)
             from remote.plan import write_json_atomic
 
+            receipt["machines"] = relaunch.machines(self.journal, run_id, destroyed_at)
             write_json_atomic(out_dir / CONTROLLER_RECEIPT, receipt)
         if status.get("s_per_step") and machine.info.get("gpu_name"):
             self.journal.record_s_per_step(machine.info["gpu_name"], float(status["s_per_step"]),

@@ -38,6 +38,9 @@ Fault knobs
     ``offer_gone_ids``              creates on these offer ids answer 404 ``no_such_ask``
     ``interrupt(instance_id, status="exited")``
                                     the host dies: actual_status becomes ``status``
+    ``outbid(instance_id)``         a higher bid takes an interruptible instance's GPU: it stops
+                                    (actual ``exited``, intended ``stopped``) and a start leaves
+                                    it stopped while outbid
     ``image_pull_error(instance_id)`` loading with the daemon's pull error, then
                                     intended_status stopped (SYNTHETIC_instance_image_pull_failed)
     ``list_page_size``              instances per page of ``GET /api/v1/instances/``
@@ -131,6 +134,7 @@ class FakeVast:
         self._faults: list[dict[str, Any]] = []
         self._polls: dict[int, int] = {}
         self._pull_errors: set[int] = set()
+        self._outbid: set[int] = set()
         self._ids = itertools.count(40000001)
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
@@ -184,6 +188,16 @@ class FakeVast:
         with self._lock:
             self.instances[instance_id]["actual_status"] = status
             self.instances[instance_id]["cur_state"] = status
+
+    def outbid(self, instance_id: int) -> None:
+        """A higher bid took the machine. vast-cli ``vastai/SKILL.md`` (Interruptible section):
+        "When outbid, the instance moves to `stopped` (not destroyed) and storage charges
+        continue. Resume by raising the bid"; the container's processes end with it. Shown as
+        ``actual_status`` exited (the container has exited) with ``intended_status`` stopped."""
+        with self._lock:
+            self._outbid.add(instance_id)
+            self.instances[instance_id].update(actual_status="exited", intended_status="stopped",
+                                               cur_state="stopped")
 
     def image_pull_error(self, instance_id: int) -> None:
         """Make the instance fail its image pull the way Vast reports it."""
@@ -355,7 +369,8 @@ class FakeVast:
             inst.update(actual_status="stopped", intended_status="stopped", cur_state="stopped")
         elif body.get("state") == "running":
             inst["intended_status"] = "running"
-            self._make_running(inst)
+            if iid not in self._outbid:  # outbid: stays exited until its bid wins (outbid())
+                self._make_running(inst)
         if "label" in body:
             inst["label"] = body["label"]
         return 200, {"success": True}

@@ -391,3 +391,16 @@ def test_the_receipt_machine_list_prices_each_row(tmp_path: Path) -> None:
     assert [m["usd"] for m in relaunch.machines(journal, "r", 9000.0)] == \
         pytest.approx([7199 / 7200, 1.5])
     assert relaunch.earlier_machines_usd(journal, "r", 9000.0) == pytest.approx(7199 / 7200)
+
+
+def test_a_bid_machine_gets_the_planners_save_every_unless_the_spec_sets_one(
+        tmp_path: Path) -> None:
+    orch, fleet, agent, run_id = setup(tmp_path, [])
+    machine = Machine(host=Host(), root="/r", python="python3", price_per_hour=0.6,
+                      billing_started_at=0.0, instance_row=0, info={"save_every": 7})
+    run = orch.journal.get_run(run_id)
+    assert relaunch.plan_spec(orch, run, machine)["training"]["save_every"] == 4  # the spec's
+    data = json.loads(run["spec_json"])
+    data["training"]["save_every"] = None
+    open_run = {**run, "spec_json": json.dumps(data)}
+    assert relaunch.plan_spec(orch, open_run, machine)["training"]["save_every"] == 7

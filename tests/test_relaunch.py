@@ -148,6 +148,7 @@ class Fleet:
         self.estimates: list[Any] = []  # the specs priced
         self.released: list[tuple[int, bool]] = []
         self.restartable = False  # an outbid machine that is started again comes back
+        self.failing_releases = 0  # the next releases fail (the API is down)
 
     def estimate(self, spec: Any) -> Estimate:
         self.estimates.append(spec)
@@ -192,6 +193,9 @@ class Fleet:
         row = journal.current_instance(run_id)
         if row is None:
             return
+        if self.failing_releases:
+            self.failing_releases -= 1
+            raise ProviderError("the Vast API answered 503")
         self.released.append((row["id"], keep_data))
         if keep_data:
             journal.instance_stopped(row["id"])
@@ -404,3 +408,16 @@ def test_a_bid_machine_gets_the_planners_save_every_unless_the_spec_sets_one(
     data["training"]["save_every"] = None
     open_run = {**run, "spec_json": json.dumps(data)}
     assert relaunch.plan_spec(orch, open_run, machine)["training"]["save_every"] == 7
+
+
+def test_a_failed_destroy_after_a_loss_is_finished_by_resume(tmp_path: Path) -> None:
+    orch, fleet, agent, run_id = setup(tmp_path, [30])
+    fleet.failing_releases = 1
+    with pytest.raises(ProviderError):
+        orch.drive(run_id, Options(poll_interval=0))
+    assert orch.journal.get_run(run_id)["state"] == "renting"  # decided, journaled, not done
+    assert len(fleet.hosts) == 1  # nothing rented while the lost machine may still bill
+    outcome = orch.drive(run_id, Options(poll_interval=0))
+    assert outcome.state == "done", outcome.error
+    assert len(fleet.hosts) == 2 and agent.starts[1]["step"] == 24
+    every_machine_destroyed(orch, run_id)

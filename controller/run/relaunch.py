@@ -137,13 +137,15 @@ def after_loss(orch: "Orchestrator", run: dict[str, Any], exc: "MachineLost", *,
             _try_restart(orch, run, seen_checkpoint):
         return
     orch.forget_machine(run_id)
-    orch.provider.release(run_id, journal)
     step = int(home["step"]) if home else 0
+    # Decided and journaled before the destroy: a controller killed in between resumes in
+    # `renting`, where the old machine is reattached or released before anything is rented.
     journal.add_event(run_id, CONTINUE, {
         "step": step, "local": home["local"] if home else None,
         "lost_at_step": run.get("step"), "reason": str(exc).splitlines()[0]})
     journal.update_run(run_id, state=R.RENTING, log_offset=0, stop_requested=0,
                        remote_run_dir=None, error=None)
+    orch.provider.release(run_id, journal)
     where = f"the checkpoint of step {step} at home" if home else "step 0 (no checkpoint home)"
     orch.reporter.note(f"renting the next machine; training resumes from {where}")
 

@@ -365,7 +365,9 @@ class FakeVast:
         inst = self.instances.get(iid)
         if inst is None:
             return 404, {"success": False, "error": "no_such_instance", "msg": "no such instance"}
-        if body.get("state") == "stopped":
+        if body.get("state") == "stopped" and iid in self._outbid:
+            inst["intended_status"] = "stopped"  # its container has exited already (outbid())
+        elif body.get("state") == "stopped":
             inst.update(actual_status="stopped", intended_status="stopped", cur_state="stopped")
         elif body.get("state") == "running":
             inst["intended_status"] = "running"

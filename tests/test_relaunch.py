@@ -27,7 +27,7 @@ from controller.run.follow import CHECKPOINT_FETCHED, MachineLost
 from controller.run.orchestrator import Options, Orchestrator
 from controller.spec.loader import load_spec
 from tests.test_launch_local import write_spec
-from tests.test_resume_gc import ScriptedHost
+from tests.test_resume_gc import ScriptedHost, ScriptedProvider
 
 RANK = 2
 STEPS_PER_POLL = 3
@@ -133,8 +133,9 @@ class Agent:
         self._status(host)
 
 
-class Fleet:
-    """A rented-machine provider over in-memory hosts (journaled like ``VastProvider``)."""
+class Fleet(ScriptedProvider):
+    """A rented-machine provider over in-memory hosts (journaled like ``VastProvider``);
+    reconcile, orphans and gc are ScriptedProvider's (nothing to do)."""
 
     name = "vast"
 
@@ -209,15 +210,6 @@ class Fleet:
             return "the journal has no live instance for it"
         if self.hosts[row["id"]].down:
             return f"instance {row['instance_id']} is 'exited' (outbid)"
-        return None
-
-    def reconcile(self, journal: Any) -> list[str]:
-        return []
-
-    def orphans(self, journal: Any) -> list[dict[str, Any]]:
-        return []
-
-    def destroy_orphan(self, instance: dict[str, Any], journal: Any) -> None:
         return None
 
 
@@ -421,3 +413,42 @@ def test_a_failed_destroy_after_a_loss_is_finished_by_resume(tmp_path: Path) -> 
     assert outcome.state == "done", outcome.error
     assert len(fleet.hosts) == 2 and agent.starts[1]["step"] == 24
     every_machine_destroyed(orch, run_id)
+
+
+def test_an_outbid_vast_instance_does_not_restart_and_is_destroyed(fake_vast: Any) -> None:
+    """FakeVast's outbid(): the instance stays down when started again (its bid lost), so the
+    restart attempt fails at once and the release destroys it."""
+    from controller.providers.vast import VastProvider
+    from controller.vast.client import VastClient
+    from controller.vast.readiness import Deadlines
+    from tests.test_launch_vast_e2e import NO_WAIT
+
+    client = VastClient(base_url=fake_vast.url, api_key=fake_vast.api_key,
+                        min_intervals=NO_WAIT, sleep=lambda s: None)
+    provider = VastProvider(client, deadlines=Deadlines(poll_s=0.01), sleep=lambda s: None,
+                            public_key="ssh-ed25519 AAAA test", key_path=Path("/nonexistent"))
+    journal = open_journal()
+    journal.create_run(run_id="o", name="o", provider="vast", state="running", spec={},
+                       out_dir="/tmp", budget_usd=1)
+    iid = client.create_instance(int(fake_vast.offers[-1]["id"]), image="img", disk_gb=40,
+                                 label="flux-remote:o")
+    row = journal.instance_intent("o", provider="vast", label="flux-remote:o")
+    journal.instance_created(row, iid)
+    client.show_instance(iid)
+    fake_vast.outbid(iid)
+    assert "'exited'" in (provider.health("o", journal) or "")
+    provider.release("o", journal, keep_data=True)
+    assert fake_vast.instances[iid]["intended_status"] == "stopped"
+    with pytest.raises(ProviderError):
+        provider.reattach("o", load_spec_for_vast(), journal)
+    assert fake_vast.instances[iid]["actual_status"] == "exited"  # still outbid
+    provider.release("o", journal)
+    assert fake_vast.instances == {}
+    assert journal.get_instance(row)["state"] == "destroyed"
+
+
+def load_spec_for_vast() -> Any:
+    from controller.spec.model import RunSpec
+
+    return RunSpec.model_validate({"name": "o", "dataset": {"path": "/tmp"},
+                                   "budget": {"max_usd": 1}})

@@ -152,7 +152,8 @@ def after_loss(orch: "Orchestrator", run: dict[str, Any], exc: "MachineLost", *,
 
 def _try_restart(orch: "Orchestrator", run: dict[str, Any], seen: str | None) -> bool:
     """Stop the lost instance (its disk is kept) and start it again, every ``RESTART_POLL_S``
-    (``orch.sleep``) for ``RESTART_WAIT_S``. An outbid Vast instance stays stopped until its bid wins again (vast-cli
+    (``orch.sleep``) for ``RESTART_WAIT_S`` (by attempts, and by ``orch.clock`` when one start
+    waits long under the provider's readiness deadlines). An outbid Vast instance stays stopped until its bid wins again (vast-cli
     ``vastai/SKILL.md``: "When outbid, the instance moves to stopped"), so this usually fails."""
     from controller.run.orchestrator import spec_of
 
@@ -166,11 +167,12 @@ def _try_restart(orch: "Orchestrator", run: dict[str, Any], seen: str | None) ->
         orch.reporter.note(f"stopping it failed ({exc})")
         return False
     tries = max(1, int(RESTART_WAIT_S // RESTART_POLL_S))
+    deadline = orch.clock() + RESTART_WAIT_S
     for attempt in range(1, tries + 1):
         try:
             machine = orch.provider.reattach(run_id, spec_of(run), orch.journal)
         except (ProviderError, TransportError) as exc:
-            if attempt == tries:
+            if attempt == tries or orch.clock() >= deadline:
                 orch.journal.add_event(run_id, "restart_failed", {"error": str(exc)})
                 orch.reporter.note(f"it did not come back ({exc}); its newer checkpoint is "
                                    "given up")
@@ -236,9 +238,8 @@ def plan_spec(orch: "Orchestrator", run: dict[str, Any], machine: "Machine") -> 
     cap lowered to the money left, ``save_every`` chosen for a bid machine (when the spec leaves
     it open), and after a loss ``resume_from_checkpoint`` naming the shipped checkpoint."""
     spec = json.loads(run["spec_json"])
-    spent = earlier_machines_usd(orch.journal, run["run_id"], orch.clock())
-    if spent > 0:
-        spec["budget"]["max_usd"] = max(float(run["budget_usd"]) - spent, 1e-6)
+    if earlier_machines_usd(orch.journal, run["run_id"], orch.clock()) > 0:
+        spec["budget"]["max_usd"] = max(money_left(orch, run), 1e-6)
     if spec["training"].get("save_every") is None and machine.info.get("save_every"):
         spec["training"]["save_every"] = int(machine.info["save_every"])
     detail = continuation(orch.journal, run["run_id"])

@@ -452,3 +452,16 @@ def load_spec_for_vast() -> Any:
 
     return RunSpec.model_validate({"name": "o", "dataset": {"path": "/tmp"},
                                    "budget": {"max_usd": 1}})
+
+
+def test_without_torch_the_header_of_a_checkpoint_is_checked(tmp_path: Path) -> None:
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(lora(12))
+    assert relaunch.header_report(good, rank=RANK) == {"problems": [], "step": 12}
+    assert relaunch.header_report(good, rank=RANK + 1)["problems"]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    assert relaunch.header_report(bad, rank=RANK)["problems"]
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(lora(12)[:-8])  # the tensor data ends before its offsets say
+    assert relaunch.header_report(cut, rank=RANK)["problems"]

@@ -97,19 +97,64 @@ def verified_home_checkpoint(journal: "Journal", run: dict[str, Any]) -> dict[st
     """The newest checkpoint at home that loads as a LoRA of the run's rank, else None.
 
     It came from an untrusted machine: ``remote.validate.validate_lora`` checks keys, shapes,
-    NaN and its step before it is shipped to the next one."""
+    NaN and its step before it is shipped to the next one. A bf16 LoRA (ai-toolkit's usual save
+    dtype) needs torch to be read; without torch on this machine only its header is checked
+    (:func:`header_report`), and the agent checks it again in full before training from it."""
     home = fetched_checkpoint(journal, run["run_id"])
     if home is None:
         return None
     from remote.resume import run_rank
     from remote.validate import validate_lora
 
-    report = validate_lora(Path(home["local"]), rank=run_rank(json.loads(run["spec_json"])))
+    rank = run_rank(json.loads(run["spec_json"]))
+    try:
+        report = validate_lora(Path(home["local"]), rank=rank)
+    except ImportError:
+        report = header_report(Path(home["local"]), rank=rank)
     if report["problems"]:
         journal.add_event(run["run_id"], "checkpoint_rejected",
                           {"local": home["local"], "problems": report["problems"][:5]})
         return None
     return {**home, "step": int(report["step"] or home.get("step") or 0)}
+
+
+def header_report(path: Path, *, rank: int) -> dict[str, Any]:
+    """What a safetensors header says of a LoRA, without reading its tensors: PEFT
+    ``lora_A``/``lora_B`` pairs of ``rank``, data offsets inside the file, the step in its
+    ``training_info`` metadata. Same shape of report as ``validate_lora`` (problems, step)."""
+    problems: list[str] = []
+    step = None
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else None
+        end = path.stat().st_size - 8 - size
+    except (OSError, ValueError) as exc:
+        return {"problems": [f"{path.name} is not a safetensors file: {exc}"], "step": None}
+    if not isinstance(header, dict):
+        return {"problems": [f"{path.name} is not a safetensors file"], "step": None}
+    shapes: dict[str, dict[str, list[int]]] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        base, _, ab = key.removesuffix(".weight").rpartition(".lora_")
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if ab not in ("A", "B") or not key.endswith(".weight") or not offsets \
+                or not all(isinstance(o, int) and 0 <= o <= end for o in offsets):
+            problems.append(f"unexpected tensor {key}")
+            continue
+        shapes.setdefault(base, {})[ab] = list(info.get("shape") or [])
+    for base, pair in shapes.items():
+        down, up = pair.get("A") or [], pair.get("B") or []
+        if len(down) < 2 or len(up) < 2 or down[0] != up[1] or down[0] != rank:
+            problems.append(f"{base}: lora_A {down} / lora_B {up} is not a rank-{rank} pair")
+    try:
+        step = int(json.loads((header.get("__metadata__") or {})["training_info"])["step"])
+    except (KeyError, ValueError, TypeError):
+        problems.append("metadata training_info does not name the step")
+    if not shapes:
+        problems.append("the file holds no LoRA tensors")
+    return {"problems": problems, "step": step}
 
 
 def _newer_on_machine(seen: str | None, home: dict[str, Any] | None) -> bool:
@@ -153,8 +198,9 @@ def after_loss(orch: "Orchestrator", run: dict[str, Any], exc: "MachineLost", *,
 def _try_restart(orch: "Orchestrator", run: dict[str, Any], seen: str | None) -> bool:
     """Stop the lost instance (its disk is kept) and start it again, every ``RESTART_POLL_S``
     (``orch.sleep``) for ``RESTART_WAIT_S`` (by attempts, and by ``orch.clock`` when one start
-    waits long under the provider's readiness deadlines). An outbid Vast instance stays stopped until its bid wins again (vast-cli
-    ``vastai/SKILL.md``: "When outbid, the instance moves to stopped"), so this usually fails."""
+    waits long under the provider's readiness deadlines). An outbid Vast instance stays stopped
+    until its bid wins again (vast-cli ``vastai/SKILL.md``: "When outbid, the instance moves to
+    `stopped`"), so this usually fails."""
     from controller.run.orchestrator import spec_of
 
     run_id = run["run_id"]

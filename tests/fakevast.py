@@ -51,6 +51,9 @@ Fault knobs
     ``offer_gone_ids``              creates on these offer ids answer 404 ``no_such_ask``
     ``interrupt(instance_id, status="exited")``
                                     the host dies: actual_status becomes ``status``
+    ``outbid(instance_id)``         a higher bid takes an interruptible instance's GPU: it stops
+                                    (actual ``exited``, intended ``stopped``) and a start leaves
+                                    it stopped while outbid
     ``image_pull_error(instance_id)`` loading with the daemon's pull error, then
                                     intended_status stopped (SYNTHETIC_instance_image_pull_failed)
     ``list_page_size``              instances per page of ``GET /api/v1/instances/``
@@ -190,6 +193,7 @@ class FakeVast:
         self._changed: list[tuple[int, str]] = []
         self._polls: dict[int, int] = {}
         self._pull_errors: set[int] = set()
+        self._outbid: set[int] = set()
         self._ids = itertools.count(40000001)
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
@@ -246,6 +250,18 @@ class FakeVast:
             self.instances[instance_id]["actual_status"] = status
             self.instances[instance_id]["cur_state"] = status
             self._stop_meter(instance_id)
+
+    def outbid(self, instance_id: int) -> None:
+        """A higher bid took the machine. vast-cli ``vastai/SKILL.md`` (Interruptible section):
+        "When outbid, the instance moves to `stopped` (not destroyed) and storage charges
+        continue. Resume by raising the bid"; the container's processes end with it. Shown as
+        ``actual_status`` exited (the container has exited) with ``intended_status`` stopped."""
+        with self._lock:
+            self._outbid.add(instance_id)
+            self._stop_meter(instance_id)  # the GPU is someone else's now; storage still bills
+            self.instances[instance_id].update(actual_status="exited", intended_status="stopped",
+                                               cur_state="stopped", ports={})
+            self._changed.append((instance_id, "exited"))
 
     def image_pull_error(self, instance_id: int) -> None:
         """Make the instance fail its image pull the way Vast reports it."""
@@ -534,7 +550,9 @@ class FakeVast:
         inst = self.instances.get(iid)
         if inst is None:
             return 404, {"success": False, "error": "no_such_instance", "msg": "no such instance"}
-        if body.get("state") == "stopped" and inst["intended_status"] != "stopped":
+        if body.get("state") == "stopped" and iid in self._outbid:
+            inst["intended_status"] = "stopped"  # its container has exited already (outbid())
+        elif body.get("state") == "stopped" and inst["intended_status"] != "stopped":
             # A stopped container reports "exited" (vast-cli instances.py _STATUS_COLORS has
             # running/loading/exited/created; SkyPilot's Vast provisioner treats exited as
             # stopped); its ports go away with it.
@@ -542,6 +560,8 @@ class FakeVast:
             inst.update(actual_status="exited", intended_status="stopped", cur_state="stopped",
                         status_msg="Exited (0)", ports={})
             self._changed.append((iid, "exited"))
+        elif body.get("state") == "running" and iid in self._outbid:
+            inst["intended_status"] = "running"  # outbid: stays exited until its bid wins (outbid())
         elif body.get("state") == "running" and inst["actual_status"] != "running":
             # vast-cli `start instance` epilog: "scheduling" first, then the container loads.
             self._polls[iid] = self.unlisted_polls

@@ -280,7 +280,9 @@ def test_a_vast_host_that_dies_mid_run_is_stopped_and_the_run_retried_elsewhere(
     fake_vast.loading_polls = 0
     add_twin_offers(fake_vast, 2)
     # 30 steps of 0.2 s: a tick delayed on a loaded machine still finds the run mid-training
-    path = batch_file(vast_spec(tmp_path, name="rt", steps=30), {
+    # gpu.on_lost: stop: the batch's own retry is under test (a run that continues by itself
+    # after a lost machine: tests/test_relaunch.py)
+    path = batch_file(vast_spec(tmp_path, name="rt", steps=30, gpu={"on_lost": "stop"}), {
         "max_usd": 20, "max_parallel": 1, "retries": 1, "runs": [{"name": "rt-a"}]})
     journal = open_journal()
     batch_id = create_batch(journal, load_file(path), out_dir=tmp_path / "out")

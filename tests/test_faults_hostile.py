@@ -272,7 +272,8 @@ def test_offers_abandoned_during_readiness_count_toward_the_cap(tmp_path: Path) 
     the cap, counts it with the machine that runs."""
     import time
 
-    from controller.run.follow import Follower, RunPaths, abandoned_usd
+    from controller.run.follow import Follower, RunPaths
+    from controller.run.relaunch import earlier_machines_usd
     from tests.test_resume_gc import ScriptedHost
 
     journal = open_journal()
@@ -283,14 +284,14 @@ def test_offers_abandoned_during_readiness_count_toward_the_cap(tmp_path: Path) 
     journal.instance_destroyed(gone)
     current = journal.instance_intent("ab", provider="vast", dph_total=6.0)
     journal.instance_created(current, 2, billing_started_at=time.time())
-    extra = abandoned_usd(journal, "ab", current_row=current)
+    extra = earlier_machines_usd(journal, "ab", time.time(), current_row=current)
     assert extra == pytest.approx(1.0, abs=0.05)
     now = time.time()
 
     def follower(abandoned: float) -> Any:
         return Follower(ScriptedHost(), RunPaths("/r/ab"), journal=journal, run_id="ab",
                         price_per_hour=6.0, billing_started_at=now, budget_usd=1.5,
-                        abandoned_usd=abandoned, clock=lambda: now, sleep=lambda s: None)
+                        prior_usd=abandoned, clock=lambda: now, sleep=lambda s: None)
 
     assert not follower(0.0).poll().stop_requested  # its own $0 + the finish's $1 < $1.50
     snap = follower(extra).poll()

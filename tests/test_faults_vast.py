@@ -47,10 +47,11 @@ def _twin_offers(fake: Any) -> None:
                        for o in list(fake.offers))
 
 
-def _detached_run(tmp_path: Path, fake: Any, sshd: Any, name: str,
+def _detached_run(tmp_path: Path, fake: Any, sshd: Any, name: str, *,
+                  spec_kw: dict[str, Any] | None = None,
                   **provider_kw: Any) -> tuple[Orchestrator, str, Any]:
     fake.ssh_endpoint = (sshd.host, sshd.port)
-    spec = load_spec(vast_spec(tmp_path, name=name))
+    spec = load_spec(vast_spec(tmp_path, name=name, **(spec_kw or {})))
     provider = vast_provider(fake, sshd, **provider_kw)
     orch = Orchestrator(open_journal(), provider, reporter=Recorder())
     estimate = provider.estimate(spec)
@@ -251,7 +252,9 @@ def test_an_instance_outbid_mid_run_is_stopped_and_the_user_told(
         tmp_path: Path, fake_vast: Any, sshd: Any) -> None:
     from controller.run.follow import MachineLost
 
-    orch, run_id, estimate = _detached_run(tmp_path, fake_vast, sshd, "outbid")
+    # gpu.on_lost: stop (a lost machine that continues: tests/test_relaunch.py)
+    orch, run_id, estimate = _detached_run(tmp_path, fake_vast, sshd, "outbid",
+                                           spec_kw={"gpu": {"on_lost": "stop"}})
     assert orch.drive(run_id, Options(detach=True), estimate).detached
     [iid] = fake_vast.instances
     fake_vast.interrupt(iid, "offline")

@@ -171,6 +171,37 @@ def test_interruptible_only_when_allowed_and_costs_restarts() -> None:
     assert "bid_price" in by_id[1].breakdown
 
 
+def test_a_bid_restart_pays_the_setup_again_and_the_steps_since_the_last_save() -> None:
+    from controller.planning.planner import SETUP_KEYS
+
+    spec = make_spec(gpu={"interruptible": True}, training={"steps": 3000})
+    [est] = plan_offers(spec, mark_interruptible([offer(1)])).offers
+    b = est.breakdown
+    assert b["restart_setup_s"] == pytest.approx(sum(b[k] for k in SETUP_KEYS), abs=1.0)
+    assert b["restart_setup_s"] > b["weights_s"] > 0  # a new machine downloads the weights again
+    assert b["restart_lost_steps"] == b["save_every"] / 2
+    assert b["restart_s"] == pytest.approx(
+        b["expected_restarts"] * (b["restart_setup_s"] + b["restart_lost_s"]), rel=0.01)
+
+
+def test_bid_offers_save_often_enough_that_a_restart_loses_little() -> None:
+    from controller.planning.planner import BID_LOSS_TARGET_S, bid_save_every
+    from remote.aitk_config import scaled_every
+
+    spec = make_spec(gpu={"interruptible": True}, training={"steps": 3000})
+    bid, = plan_offers(spec, mark_interruptible([offer(1)])).offers
+    step_s = bid.breakdown["step_s_effective"]
+    every = bid.breakdown["save_every"]
+    assert every < scaled_every(3000)  # more often than an on-demand run
+    assert every / 2 * step_s <= BID_LOSS_TARGET_S + step_s  # half an interval: ~5 min at most
+    assert bid_save_every(3000, 1e-3) == scaled_every(3000)  # never fewer saves than on-demand
+    assert bid_save_every(1000, 100.0) == 6  # 10 minutes of 100 s steps
+    assert bid_save_every(1000, 5000.0) == 1
+    # the spec's own save_every wins
+    own = make_spec(gpu={"interruptible": True}, training={"steps": 3000, "save_every": 7})
+    assert plan_offers(own, mark_interruptible([offer(1)])).offers[0].breakdown["save_every"] == 7
+
+
 def test_budget_and_margin_refuse_with_the_cheapest_estimate() -> None:
     offers = [offer(1, dph_total=0.5), offer(2, dph_total=0.6)]
     est = plan_offers(make_spec(), offers).chosen.est_usd

@@ -9,7 +9,8 @@ Two steps:
 
            hours = (provision + image pull + install + weights + quantize/latents + steps x
                     s/step + sampling + transfers + fixed stages) / 3600, then
-                   + expected restarts (interruptible) + (1 - reliability) x hours (host failure)
+                   + expected restarts (interruptible: each pays the setup again and the
+                     steps since the last checkpoint home) + (1 - reliability) x hours
            est $ = dph_total x hours + inet_down_cost x GB in + inet_up_cost x GB out
 
        An offer is chosen only when ``est $ x (1 + safety_margin) <= budget.max_usd`` and,
@@ -59,9 +60,17 @@ BUNDLE_GB = 0.3  # LoRA + samples + report
 # A denoising step at inference is roughly a third of a training step (no backward pass).
 SAMPLE_STEP_FRACTION = 0.35
 DEFAULT_RESOLUTIONS = (512, 768, 1024)  # what the s/step priors were measured on, roughly
-# Interruptible (bid) instances: expected outbids per hour, and what each one costs us.
+# Interruptible (bid) instances: expected outbids per hour, and what each one costs us. A lost
+# machine is replaced by a new one (controller.run.relaunch), so a restart pays the whole setup
+# again (provision, image, install, weights, quantize, dataset upload) plus the steps trained
+# since the last checkpoint that came home: on average half a save interval.
 INTERRUPTS_PER_HOUR = 0.15
-RESTART_S = BOOT_S + QUANTIZE_S
+# save_every for bid offers (when the spec leaves it open): a restart should lose about this much
+# training on average (half an interval). Saves then come every 10 minutes: each writes the LoRA
+# and brings it home (tens of MB), small against that.
+BID_LOSS_TARGET_S = 300.0
+SETUP_KEYS = ("provision_s", "image_pull_s", "install_s", "weights_s", "quantize_latents_s",
+              "dataset_upload_s")
 
 
 @dataclass
@@ -289,6 +298,14 @@ def sample_every(spec: RunSpec) -> int:
     return spec.training.sample.every or scaled_every(spec.training.steps)
 
 
+def bid_save_every(steps: int, step_s: float) -> int:
+    """Steps between checkpoints on a bid machine: about ``2 x BID_LOSS_TARGET_S`` of training
+    (so an outbid loses ``BID_LOSS_TARGET_S`` on average), and never fewer saves than an
+    on-demand run of ``steps`` makes."""
+    every = round(2 * BID_LOSS_TARGET_S / max(step_s, 1e-6))
+    return int(max(1, min(every, scaled_every(steps))))
+
+
 def estimate(spec: RunSpec, offer: dict[str, Any], *,
              measured_s_per_step: dict[str, float] | None = None,
              dataset_gb: float = DEFAULT_DATASET_GB,
@@ -331,11 +348,14 @@ def estimate(spec: RunSpec, offer: dict[str, Any], *,
 
     interruptible = bool(offer.get("_interruptible"))
     restart_s = 0.0
+    save_every = training.save_every or scaled_every(training.steps)
+    restarts = setup_again_s = lost_s = 0.0
     if interruptible:
-        save_every = training.save_every or scaled_every(training.steps)
+        save_every = training.save_every or bid_save_every(training.steps, step_s)
         lost_s = save_every / 2 * step_s  # on average half a save interval is redone
+        setup_again_s = sum(times[k] for k in SETUP_KEYS)
         restarts = INTERRUPTS_PER_HOUR * base_s / 3600
-        restart_s = restarts * (RESTART_S + lost_s)
+        restart_s = restarts * (setup_again_s + lost_s)
     risk_s = (1.0 - min(_reliability(offer), 1.0)) * base_s  # a failed host means starting over
     total_s = base_s + restart_s + risk_s
     hours = total_s / 3600
@@ -368,6 +388,10 @@ def estimate(spec: RunSpec, offer: dict[str, Any], *,
     }
     if interruptible:
         breakdown["bid_price"] = _num(offer, "min_bid", _num(offer, "dph_base"))
+        breakdown.update({"save_every": save_every, "expected_restarts": round(restarts, 3),
+                          "restart_setup_s": round(setup_again_s, 1),
+                          "restart_lost_steps": round(save_every / 2, 1),
+                          "restart_lost_s": round(lost_s, 1)})
     return OfferEstimate(
         offer_id=int(offer.get("id") or offer.get("ask_contract_id") or 0),
         gpu_name=str(offer.get("gpu_name") or "?"),

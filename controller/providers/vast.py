@@ -320,6 +320,10 @@ class VastProvider:
                            info=self._info(spec, python, gpu_name=offer.gpu_name,
                                            num_gpus=offer.num_gpus, offer_id=offer.offer_id,
                                            instance_id=instance_id,
+                                           interruptible=offer.interruptible,
+                                           # the planner's save_every for a bid machine
+                                           # (controller.run.relaunch.plan_spec)
+                                           save_every=offer.breakdown.get("save_every"),
                                            **_bandwidth_prices(offer.offer)))
         raise ProviderError(f"none of the {tried} offers tried became a ready instance",
                             hint="run `flux-remote plan` again later; offers change by the minute")

@@ -167,17 +167,6 @@ def meter(price_per_hour: float, billing_started_at: float, now: float,
     return max(0.0, now - billing_started_at) / 3600.0 * price_per_hour + bandwidth_usd
 
 
-def abandoned_usd(journal: "Journal", run_id: str, *, current_row: int | None) -> float:
-    """What the run's other instances billed: offers given up during readiness (each billed from
-    its create to its destroy while it loaded), metered with the run so the cap counts them."""
-    total = 0.0
-    for row in journal.instances(run_id):
-        started, ended = row.get("billing_started_at"), row.get("destroyed_at")
-        if row["id"] != current_row and started and ended:
-            total += max(0.0, float(ended) - float(started)) / 3600 * float(row["dph_total"] or 0)
-    return total
-
-
 def read_json(host: "Host", path: str, *, strict: bool = False) -> dict[str, Any] | None:
     """A JSON object file from the instance, read with a size limit (``STATUS_MAX_BYTES``).
 
@@ -273,13 +262,13 @@ class Follower:
     def __init__(self, host: "Host", paths: RunPaths, *, journal: "Journal", run_id: str,
                  price_per_hour: float, billing_started_at: float, budget_usd: float,
                  max_hours: float | None = None, bandwidth_usd: float = 0.0,
-                 abandoned_usd: float = 0.0,
                  poll_interval: float = 2.0, finish_allowance_s: float = FINISH_ALLOWANCE_S,
                  lost_contact_s: float = LOST_CONTACT_S, reporter: Reporter | None = None,
                  health: Callable[[], str | None] | None = None, on_cap: str | None = None,
                  stop_grace_s: float = 300.0, checkpoint_dir: Path | None = None,
                  checkpoint_max_bytes: int | None = None,
                  transfer_cost: Callable[[Any], float] | None = None,
+                 prior_usd: float = 0.0,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.host = host
@@ -291,7 +280,7 @@ class Follower:
         self.budget_usd = budget_usd
         self.max_hours = max_hours
         self.bandwidth_usd = bandwidth_usd
-        self.abandoned_usd = abandoned_usd  # see abandoned_usd(): billed before this machine
+        self.prior_usd = prior_usd  # the run's earlier machines (controller.run.relaunch)
         self.poll_interval = poll_interval
         self.lost_contact_s = lost_contact_s
         self.reporter = reporter or NullReporter()
@@ -320,6 +309,7 @@ class Follower:
         self.fetched: str | None = home["path"] if home else None  # the remote path brought home
         self.fetched_local: Path | None = Path(home["local"]) if home else None
         self._failed_noted: str | None = None  # the checkpoint whose failed download was noted
+        self.seen_checkpoint: str | None = None  # the newest one a status named, home or not
 
     def _tail_log(self) -> list[str]:
         data = self.host.read_bytes(self.paths.log, self.offset, LOG_CHUNK_MAX_BYTES)
@@ -390,8 +380,10 @@ class Follower:
         values = status_values(status)  # raises UntrustedInput: the run ends in its release path
         lines = self._tail_log()
         self.host.write_bytes(self.paths.heartbeat, f"{now:.3f}\n".encode())
-        spend = meter(self.price_per_hour, self.billing_started_at, now,
-                      self.bandwidth_usd + self.abandoned_usd)
+        spend = self.prior_usd + meter(self.price_per_hour, self.billing_started_at, now,
+                                       self.bandwidth_usd)
+        if isinstance(status.get("last_checkpoint"), str) and status["last_checkpoint"]:
+            self.seen_checkpoint = status["last_checkpoint"]
         snap = Snapshot(
             run_id=self.run_id, **values, spend_usd=spend,
             budget_usd=self.budget_usd, price_per_hour=self.price_per_hour,

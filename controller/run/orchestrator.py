@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from controller.run import relaunch
 from controller.run import states as R
 from controller.errors import (FluxRemoteError, HostKeyError, ProviderError, RunError,
                                SpecError, TransportError)
@@ -29,7 +30,7 @@ from controller.run.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_
                               fetch_bundle, fetch_extras, has_bundle)
 from controller.run.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
                                NullReporter, Reporter, RunPaths, Snapshot, StopIgnored,
-                               abandoned_usd, fetched_checkpoint, meter, read_int, read_json,
+                               fetched_checkpoint, meter, read_int, read_json,
                                request_stop)
 from controller.untrusted import UntrustedInput, clean_text, number, text_field
 from controller.hosts.ssh import SshHost
@@ -200,7 +201,12 @@ class Orchestrator:
             machine = None
             if self.journal.current_instance(run_id) is not None:
                 machine = self._reattach_or_release(run_id, spec)
-            if machine is None:
+            if machine is None and relaunch.continuation(self.journal, run_id) is not None:
+                self._set(run_id, R.RENTING)  # after a lost machine: what is left, money left
+                machine = relaunch.acquire_next(self, run, spec, self._notify(run_id))
+                if machine is None:
+                    return  # no offer fits: the run ended (budget_end)
+            elif machine is None:
                 self._set(run_id, R.RENTING)
                 estimate = estimate or self.provider.estimate(spec)
                 machine = self.provider.acquire(run_id, spec, estimate, self.journal,
@@ -221,6 +227,15 @@ class Orchestrator:
             self.reporter.note(f"the earlier machine is not usable ({exc}); releasing it")
             self.provider.release(run_id, self.journal)
             return None
+
+    def forget_machine(self, run_id: str) -> None:
+        """Drop this process's handle on the run's machine (it is lost or let go)."""
+        machine = self._machines.pop(run_id, None)
+        if machine is not None:
+            machine.host.close()
+
+    def adopt_machine(self, run_id: str, machine: "Machine") -> None:
+        self._machines[run_id] = machine
 
     def machine(self, run_id: str) -> "Machine":
         """The run's machine, reconnecting through the journal when this process has none."""
@@ -262,6 +277,9 @@ class Orchestrator:
                                     caption_ext=spec.dataset.caption_ext,
                                     max_files=spec.dataset.max_files):
                 self._transfer_cost(run_id, machine, "up", stats)
+            shipped = relaunch.ship_checkpoint(self, run, machine, f"{paths.run_dir}/dataset")
+            if shipped is not None:
+                self._transfer_cost(run_id, machine, "up", shipped)
             secrets_file = None
             values, warnings = secrets_for(spec, self.env)
             for warning in warnings:
@@ -271,7 +289,8 @@ class Orchestrator:
                 secrets_file = secrets_path(machine.root, run_id)
                 host.write_bytes(secrets_file, secrets, mode=0o600)
             write_plan(host, paths, make_plan(
-                run_id=run_id, spec=json.loads(run["spec_json"]), run_dir=paths.run_dir,
+                run_id=run_id, spec=relaunch.plan_spec(self, run, machine),
+                run_dir=paths.run_dir,
                 dataset_dir=f"{paths.run_dir}/dataset", provider=self.provider.name,
                 price_per_hour=machine.price_per_hour,
                 billing_started_at=machine.billing_started_at, secrets_file=secrets_file,
@@ -297,14 +316,13 @@ class Orchestrator:
         follow loop does, not a one-off poll such as ``status``."""
         machine = self.machine(run["run_id"])
         spec = spec_of(run)
-        fetch = checkpoints and spec.publish.fetch_checkpoints
+        # a run that continues after a lost machine needs its checkpoints home to go on from
+        fetch = checkpoints and (spec.publish.fetch_checkpoints or relaunch.continues(spec))
         return Follower(machine.host, self.paths(run), journal=self.journal, run_id=run["run_id"],
                         price_per_hour=machine.price_per_hour,
                         billing_started_at=machine.billing_started_at,
                         budget_usd=run["budget_usd"], max_hours=spec.budget.max_hours,
                         bandwidth_usd=self.bandwidth_usd(run["run_id"]),
-                        abandoned_usd=abandoned_usd(self.journal, run["run_id"],
-                                                    current_row=machine.instance_row),
                         poll_interval=options.poll_interval,
                         stop_grace_s=spec.budget.stop_grace_s,
                         checkpoint_max_bytes=spec.publish.max_checkpoint_mb << 20,
@@ -314,11 +332,17 @@ class Orchestrator:
                         checkpoint_dir=Path(run["out_dir"]) / "checkpoints" if fetch else None,
                         transfer_cost=lambda stats: self._transfer_cost(run["run_id"], machine,
                                                                         "down", stats),
+                        # the run's other machines: offers given up during readiness (each billed
+                        # while it loaded) and machines lost earlier
+                        prior_usd=relaunch.earlier_machines_usd(
+                            self.journal, run["run_id"], self.clock(),
+                            current_row=machine.instance_row),
                         clock=self.clock, sleep=self.sleep)
 
     def _follow(self, run: dict[str, Any], options: Options) -> None:
         run_id = run["run_id"]
         restarts = 0
+        follower: Follower | None = None
         while True:
             try:
                 try:
@@ -341,6 +365,10 @@ class Orchestrator:
                 self._set(run_id, R.FETCHING)
                 return
             except MachineLost as exc:
+                if relaunch.continues(spec_of(run)):
+                    relaunch.after_loss(self, run, exc, seen_checkpoint=(
+                        follower.seen_checkpoint if follower is not None else None))
+                    return
                 # Whatever is on its disk cannot be reached: keep it (stopped) when it still
                 # exists, so a later fetch can try; nothing keeps billing for compute.
                 message = self._lost_message(run, exc)
@@ -445,9 +473,11 @@ class Orchestrator:
                                               f"down {run_id} --force", ended_at=self.clock())
             raise
         destroyed_at = self.clock()
-        spend = meter(machine.price_per_hour, machine.billing_started_at, destroyed_at,
-                      self.bandwidth_usd(run_id) +
-                      abandoned_usd(self.journal, run_id, current_row=machine.instance_row))
+        # earlier machines of the run: offers given up during readiness and lost machines alike
+        spend = relaunch.earlier_machines_usd(self.journal, run_id, destroyed_at,
+                                              current_row=machine.instance_row) + meter(
+            machine.price_per_hour, machine.billing_started_at, destroyed_at,
+            self.bandwidth_usd(run_id))
         self.journal.add_spend_sample(run_id, usd=spend, dph_total=machine.price_per_hour,
                                       bandwidth_usd=self.bandwidth_usd(run_id))
         receipt = None
@@ -458,6 +488,7 @@ class Orchestrator:
                                          files_verified=fetched.files_verified)
             from remote.plan import write_json_atomic
 
+            receipt["machines"] = relaunch.machines(self.journal, run_id, destroyed_at)
             write_json_atomic(out_dir / CONTROLLER_RECEIPT, receipt)
         s_per_step = self._safe_number(status.get("s_per_step"))
         if s_per_step and not untrusted and machine.info.get("gpu_name"):

@@ -263,6 +263,9 @@ class GpuSpec(_Model):
                     "min_inet_down_mbps); unset: not measured")
     num_gpus: int = Field(1, ge=1, le=16, description="GPUs per instance")
     interruptible: bool = Field(False, description="bid instances: cheaper, can be outbid mid-run")
+    on_lost: Literal["continue", "stop"] = Field(
+        "continue", description="when the machine is lost (outbid, host offline): continue on "
+                               "the next offer from the checkpoint at home, or stop the run")
     datacenter_only: bool = Field(False, description="only hosts in a datacenter")
     verified_only: bool = Field(True, description="only hosts Vast.ai has verified")
     image: str = Field("pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel",

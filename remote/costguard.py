@@ -71,10 +71,10 @@ class CostGuard:
         spend_now = self.spend()
         if self.price_per_hour > 0 and self.budget_usd > 0 and spend_now >= self.budget_usd:
             return f"budget ${self.budget_usd:.2f} reached (spent ${spend_now:.2f})"
-        if self.hard:  # nothing to wait for: only validate + publish lie ahead
+        if self.hard or s_per_step is None or not save_every or step is None:
+            # hard: nothing to wait for; no wall-clock rate yet (the first steps of an attempt):
+            # at least validate + publish lie ahead
             ahead_s, what = self.reserve_s, "validating and publishing"
-        elif s_per_step is None or not save_every or step is None:
-            return None
         else:
             steps_left = save_every - (step % save_every) + (saves_ahead - 1) * save_every
             if next_saves_s is not None and len(next_saves_s) >= saves_ahead:

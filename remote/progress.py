@@ -70,7 +70,9 @@ ERROR_PATTERNS: dict[str, re.Pattern[str]] = {
         r"|Access to model \S+ is restricted|Invalid user token|\b40[13] (?:Unauthorized|Forbidden)\b",
         re.IGNORECASE,
     ),
-    "import_error": re.compile(r"\b(?:ImportError|ModuleNotFoundError)\b"),
+    # run.py prints "Error running job: {e}" (no type) before the traceback names the type
+    "import_error": re.compile(r"\b(?:ImportError|ModuleNotFoundError)\b"
+                              r"|cannot import name '[^']+' from|No module named '"),
     # safetensors on a save cut short: the retry needs that file set aside (remote.resume)
     "corrupt_checkpoint": re.compile(r"Error while deserializing header"),
 }

@@ -478,6 +478,10 @@ def run_training(ctx: TrainContext) -> TrainResult:
         if rc == 0 and final.is_file() and attempt.abort is None:
             sup.note(f"trainer finished: {final}")
             return sup.result("done", attempt, attempts)
+        if attempt.abort and attempt.abort[0] == "stall" and attempt.watcher.final_saved \
+                and final.is_file():  # hung in the final samples: the LoRA is whole and saved
+            sup.note(f"trainer ended after its final save: {final} (final samples may be missing)")
+            return sup.result("done", attempt, attempts)
         if attempt.stop_asked and attempt.abort is None:
             error = None if attempt.term_sent else f"trainer exited with code {rc} while stopping"
             sup.note(f"trainer stopped at step {sup.step} (exit code {rc})")

@@ -7,7 +7,7 @@ as ``run.py`` into a fake checkout, or run it as ``python tests/aitk_standin.py 
 What it copies, from ai-toolkit at 27a03a91f23eb1b757d5ec2e80ee3e129cfcc350:
 
 * model loading: ``toolkit/stable_diffusion_model.py`` ``load_model`` (Flux branch, lines
-  650-690) prints "Loading Flux model", "Loading transformer", "Quantizing transformer",
+  650-849) prints "Loading Flux model", "Loading transformer", "Quantizing transformer",
   "Loading VAE", "Loading T5", "Quantizing T5", "Loading CLIP", "Making pipe", "Preparing
   Model"; diffusers draws "Loading checkpoint shards" bars in between.
 * dataset: ``toolkit/dataloader_mixins.py:1950`` "Caching latents to disk" bar.
@@ -24,16 +24,16 @@ What it copies, from ai-toolkit at 27a03a91f23eb1b757d5ec2e80ee3e129cfcc350:
   inner denoise bar with no description (line 2355, leave=False); ``sample`` ends with an empty
   line (line 386).
 * the training bar: ``ToolkitProgressBar(total=steps, desc=job name, initial=step_num)``
-  (line 2484), postfix ``lr: {lr:.1e} loss: {loss:.3e}`` (lines 2690-2697), updated to
-  ``step + 1`` at the end of each step (line 2800, since this commit; before it ``step``).
+  (line 2484), postfix ``lr: {lr:.1e} loss: {loss:.3e}`` (lines 2693-2698), updated to
+  ``step + 1`` at the end of each step (line 2798, since this commit; before it ``step``).
   Its clock is paused while saving and sampling (``toolkit/progress_bar.py``), so its rate
   and remaining time leave those out.
 * saves: "\\nSaving at step N" (line 2715) then ``save``: the LoRA, "Saved checkpoint to
   PATH" (line 699), ``optimizer.pt``, "Saved optimizer to PATH" (line 711), then
   ``clean_up_saves`` prints "Removing old save: PATH" (line 482). Saves happen when
-  ``step_num % save_every == 0`` and not at the first step of the session (line 2708); samples
+  ``step_num % save_every == 0`` and not at the first step of the session (line 2706); samples
   likewise, after the save.
-* the end: the bar is closed, the final ``save()`` (no "Saving at step": line 2816) writes
+* the end: the bar is closed, the final ``save()`` (no "Saving at step": line 2819) writes
   ``<name>.safetensors`` with the same two lines, then the final samples.
 * failures (``AITK_STANDIN_FAIL=cause[@step]``), each with the text the real stack prints:
   ``oom`` (``torch.OutOfMemoryError`` from the caching stage), ``cuda_async`` (``CUDA error:
@@ -48,7 +48,8 @@ Knobs (environment; all optional)::
     AITK_STANDIN_DELAY        seconds per training step (default 0.01)
     AITK_STANDIN_SAVE_DELAY   seconds between "Saved checkpoint to" and the optimizer write
     AITK_STANDIN_SAMPLE_DELAY seconds per sample image (baseline and during training)
-    AITK_STANDIN_HANG         loading | baseline | training: print nothing from there on
+    AITK_STANDIN_HANG         loading | baseline | training | final (after the final save):
+                              print nothing from there on
     AITK_STANDIN_KILL_IN_SAVE step at which the save dies half-written (SIGKILL, like a host
                               OOM), once per output folder
     AITK_STANDIN_IGNORE_TERM  1: ignore SIGTERM (the grace period then ends it)
@@ -164,9 +165,15 @@ def fail(cause: str) -> None:
                      "config.json.",
         "disk": "OSError: [Errno 28] No space left on device",
     }
-    out("Traceback (most recent call last):\n  File \"run.py\", line 120, in <module>")
-    out(texts[cause])
-    out(f"Error running job: {texts[cause].splitlines()[-1]}")  # run.py's own line
+    last = texts[cause].splitlines()[-1]
+    message = last.split(": ", 1)[1] if re.match(r"[\w.]+(Error|Exception): ", last) else last
+    # run.py main(): "Error running job: {e}", print_end_message, then `raise e` (the traceback)
+    out("\n".join(texts[cause].splitlines()[:-1]))
+    out(f"Error running job: {message}")
+    out("\n========================================\nResult:\n - 0 completed jobs\n - 1 failure\n"
+        "========================================")
+    sys.stderr.write("Traceback (most recent call last):\n  File \"run.py\", line 133, in main\n"
+                     f"{last}\n")
     sys.exit(1)
 
 
@@ -269,6 +276,7 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     (root / "samples").mkdir(exist_ok=True)
 
+    out("Running 1 job")  # run.py main()
     for line in ("Loading Flux model", "Loading transformer"):
         out(line)
     hang("loading")
@@ -291,9 +299,8 @@ def main() -> int:
         try:
             tensors, meta = read_lora(latest)
         except (RuntimeError, ValueError) as exc:
-            out("Traceback (most recent call last):")
-            out(str(exc))
-            out(f"Error running job: {exc}")
+            out(f"Error running job: {str(exc).split(': ', 1)[1]}")
+            sys.stderr.write(f"Traceback (most recent call last):\n{exc}\n")
             return 1
         wanted = {f"{m}.lora_{p}.weight" for m in MODULES for p in "AB"}
         out(f"Missing keys: {sorted(k for k in tensors if k not in wanted)}")
@@ -344,7 +351,7 @@ def main() -> int:
         time.sleep(delay)
         loss = 0.5 / (index + 1)
         postfix = f"lr: 1.0e-04 loss: {loss:.3e}"
-        # set_postfix_str redraws at the count of the last update (lines 2696-2697)
+        # set_postfix_str redraws at the count of the last update (line 2698)
         bar(name, start if index == start else index - 1 + offset, steps, rate=" 2.00s/it",
             postfix=postfix)
         if index != start:
@@ -356,6 +363,7 @@ def main() -> int:
         bar(name, index + offset, steps, rate=" 2.00s/it", postfix=postfix)
     sys.stderr.write("\n")
     save(None)
+    hang("final")
     if sample_every:
         sample(root / "samples", steps, prompts)
     out("")

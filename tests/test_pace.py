@@ -134,3 +134,8 @@ def test_the_cost_guard_projects_the_next_save_with_its_pauses() -> None:
     # ...but a sample pass and the save itself on the way take it past the budget
     reason = guard.check(step=10, s_per_step=1.0, save_every=50, next_saves_s=(130.0,))
     assert reason is not None and "over the $5.00 budget" in reason
+    # before the wall clock has a rate (an attempt's first steps) the finish still counts
+    late = CostGuard(price_per_hour=36.0, budget_usd=5.0, max_hours=None, started_at=0.0,
+                     clock=lambda: 490.0, reserve_s=120.0)
+    assert "validating and publishing would cost" in late.check(step=1, s_per_step=None,
+                                                                save_every=50)

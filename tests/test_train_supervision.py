@@ -281,3 +281,16 @@ def test_a_silent_phase_is_a_stall_named_after_it(tmp_path: Path) -> None:
     assert (result.state, result.cause) == ("failed", "stall"), result.log_tail
     assert "printed nothing" in result.error and "during baseline sampling" in result.error
     assert "[train] stall: the trainer printed nothing" in rec.text
+
+
+def test_a_stall_after_the_final_save_keeps_the_lora(tmp_path: Path) -> None:
+    """Hung in the final samples: the final LoRA and its optimizer state are saved, the run is
+    done (a retry would only save it again)."""
+    deadline = time.monotonic() + 60
+    rec = Recorder(stop_when=lambda r: time.monotonic() > deadline)
+    ctx = fake_ctx(rec, tmp_path, {"AITK_STANDIN_HANG": "final"}, steps=12,
+                   clock=lambda: time.monotonic() * 100)
+    ctx.stall_budgets = {**ctx.stall_budgets, "final sampling": 50.0}
+    result = run_training(ctx)
+    assert result.state == "done" and result.final_lora is not None, result.log_tail
+    assert "during final sampling" in rec.text

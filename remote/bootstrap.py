@@ -7,7 +7,15 @@ of building another (image pulls and pip installs are paid GPU minutes): the spe
 ``/app/ai-toolkit``. Access to a gated base model is checked with the user's token before any
 download: 401/403 means the license was not accepted and fails the stage with that message.
 
-Knobs (environment): ``FLUX_REMOTE_SKIP_TORCH_INSTALL=1`` skips the torch install;
+The install follows ai-toolkit's own at the pinned commit (27a03a91: ``manager/spec.py``, the
+README's manual install and ``docker/Dockerfile``): a Python its requirements have wheels for
+(3.10 to 3.12: ``scipy==1.12.0`` has no wheels past cp312; its manager provisions 3.12), then
+``torch==2.13.0 torchvision==0.28.0 torchaudio==2.11.0`` from the CUDA index the driver can run
+(``_cuda_flavor``: cu130 for CUDA 13.0+, cu126 for 12.6+), then ``requirements.txt``, then
+``torchcodec==0.15.0`` with ``-U`` over the requirements' pin. An existing checkout at another
+commit than the pin is used, and the log says so: the agent relies on nothing only the pin has.
+
+Knobs (environment): ``FLUX_REMOTE_SKIP_TORCH_INSTALL=1`` skips the torch and torchcodec install;
 ``FLUX_REMOTE_VENV_ARGS`` adds arguments to ``python -m venv`` (tests use
 ``--system-site-packages --without-pip`` to build in a second with no download).
 """
@@ -48,15 +56,80 @@ class BootstrapResult:
     commit: str | None = None
     hf_access: str = "skipped"
     steps: list[str] = field(default_factory=list)
+    pin_mismatch: str | None = None  # an existing checkout at another commit than the pin
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def torch_cuda_tag(driver: str | None) -> str:
-    """cu130 wheels need driver 580 or newer; older drivers get cu128."""
-    major = int(re.match(r"\d+", driver).group()) if driver and re.match(r"\d+", driver) else 0
-    return "cu130" if major >= 580 else "cu128"
+# manager/spec.py TORCH and TORCHCODEC at the pinned commit; README "Manual installation"
+AITK_TORCH = ("torch==2.13.0", "torchvision==0.28.0", "torchaudio==2.11.0")
+AITK_TORCHCODEC = "torchcodec==0.15.0"
+# requirements.txt pins scipy==1.12.0 (wheels cp39..cp312); manager/spec.py python_version 3.12
+AITK_PYTHONS = ((3, 12), (3, 11), (3, 10))
+
+
+def _version(text: str | None) -> tuple[int, ...] | None:
+    match = re.match(r"\d+(?:\.\d+)*", text or "")
+    return tuple(int(x) for x in match.group().split(".")) if match else None
+
+
+def torch_cuda_tag(driver: str | None, cuda: str | None = None) -> str:
+    """The CUDA wheel index for the pinned torch, as ``manager/spec.py`` ``_cuda_flavor`` picks
+    it from the highest CUDA the driver supports (nvidia-smi's "CUDA Version"): cu130 from 13.0,
+    cu126 from 12.6, else too old. Without that figure the driver's own version decides (CUDA
+    13.0 needs driver 580+, 12.6 needs 560+); with neither, cu130, as ai-toolkit assumes."""
+    cuda_v, driver_v = _version(cuda), _version(driver)
+    if cuda_v is None and driver_v is not None:
+        cuda_v = (13, 0) if driver_v >= (580,) else (12, 6) if driver_v >= (560,) else (0,)
+    if cuda_v is None or cuda_v >= (13, 0):
+        return "cu130"
+    if cuda_v >= (12, 6):
+        return "cu126"
+    raise StageFailed(f"the NVIDIA driver ({driver or 'unknown'}, CUDA {cuda or 'unknown'}) is "
+                      "too old for the torch ai-toolkit pins (cu126 wheels need CUDA 12.6, "
+                      "driver 560+): choose an offer with a newer driver", cause="driver")
+
+
+def aitk_python(*, current: tuple[int, ...] = tuple(sys.version_info[:2]),
+                executable: str = sys.executable,
+                which: Callable[[str], str | None] = shutil.which) -> str | None:
+    """A Python ai-toolkit's requirements have wheels for: the agent's own when it is one, else
+    ``python3.12``/``3.11``/``3.10`` from PATH; None when the machine has none."""
+    if tuple(current[:2]) in AITK_PYTHONS:
+        return executable
+    for major, minor in AITK_PYTHONS:
+        found = which(f"python{major}.{minor}")
+        if found:
+            return found
+    return None
+
+
+def aitk_python_problem(*, current: tuple[int, ...] = tuple(sys.version_info[:2]),
+                        which: Callable[[str], str | None] = shutil.which) -> str | None:
+    """The checks stage's message when no supported Python exists, else None."""
+    if aitk_python(current=current, which=which) is not None:
+        return None
+    wanted = ", ".join(f"{a}.{b}" for a, b in AITK_PYTHONS)
+    return (f"ai-toolkit's requirements have wheels for Python {wanted} (scipy==1.12.0 stops at "
+            f"3.12); this image has Python {'.'.join(map(str, current[:2]))} and no "
+            f"python3.12/3.11/3.10: use an image with one (e.g. pytorch/pytorch with "
+            f"Python 3.12) or training.ai_toolkit.path to an install")
+
+
+def _git_head(checkout: Path) -> str | None:
+    probe = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"],
+                           capture_output=True, text=True,
+                           env={"PATH": "/usr/bin:/bin", "GIT_CEILING_DIRECTORIES":
+                                str(checkout.parent)})
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def _pinned(commit: str | None, pin: str) -> bool:
+    """``commit`` is the pin; a pin that is not a commit id (a branch) cannot be compared."""
+    if not re.fullmatch(r"[0-9a-fA-F]{7,40}", pin):
+        return True
+    return bool(commit) and commit.lower().startswith(pin.lower())
 
 
 def _run(argv: list[str], *, log: Log, cwd: str | None = None,
@@ -75,6 +148,13 @@ def _run(argv: list[str], *, log: Log, cwd: str | None = None,
     if proc.returncode != 0:
         raise StageFailed(f"`{' '.join(argv[:4])}` failed with exit code {proc.returncode}:\n"
                           + "\n".join(tail), cause="bootstrap_command")
+
+
+def _torch_version(python: str, env: Mapping[str, str]) -> str | None:
+    """The torch version ``python`` imports (local tag dropped), None without torch."""
+    probe = subprocess.run([python, "-c", "import torch; print(torch.__version__)"],
+                           capture_output=True, text=True, env=dict(env))
+    return probe.stdout.strip().split("+")[0] if probe.returncode == 0 else None
 
 
 def _imports_ok(python: str, module: str, env: Mapping[str, str]) -> bool:
@@ -112,7 +192,8 @@ def _read_marker(directory: Path) -> dict[str, Any] | None:
 
 
 def install_ai_toolkit(repo: str, commit: str, directory: Path, *, driver: str | None,
-                       wandb: bool, env: Mapping[str, str], log: Log) -> BootstrapResult:
+                       wandb: bool, env: Mapping[str, str], log: Log,
+                       cuda: str | None = None) -> BootstrapResult:
     """Clone or update ``repo`` at ``commit`` into ``directory`` and build its venv (idempotent)."""
     result = BootstrapResult(trainer="ai-toolkit", aitk_dir=str(directory),
                              python=str(directory / "venv" / "bin" / "python"), source="built")
@@ -146,16 +227,19 @@ def install_ai_toolkit(repo: str, commit: str, directory: Path, *, driver: str |
     result.commit = resolved
     python = result.python
     assert python is not None
+    skip_torch = env.get("FLUX_REMOTE_SKIP_TORCH_INSTALL") == "1"
     if not Path(python).exists():
+        base = aitk_python()
+        if base is None:
+            raise StageFailed(aitk_python_problem() or "no supported Python", cause="python")
         extra = shlex.split(env.get("FLUX_REMOTE_VENV_ARGS", ""))
-        venv_args = [sys.executable, "-m", "venv", *extra]
-        _run(venv_args + [str(directory / "venv")], log=log, env=env)
-        result.steps.append("venv")
-    if env.get("FLUX_REMOTE_SKIP_TORCH_INSTALL") == "1" or _imports_ok(python, "torch", env):
+        _run([base, "-m", "venv", *extra, str(directory / "venv")], log=log, env=env)
+        result.steps.append("venv" if base == sys.executable else f"venv: {Path(base).name}")
+    if skip_torch or _torch_version(python, env) == AITK_TORCH[0].split("==")[1]:
         result.steps.append("torch: present")
     else:
-        tag = torch_cuda_tag(driver)
-        _run([python, "-m", "pip", "install", "--quiet", "torch", "torchvision", "torchaudio",
+        tag = torch_cuda_tag(driver, cuda)
+        _run([python, "-m", "pip", "install", "--quiet", *AITK_TORCH,
               "--index-url", TORCH_INDEX.format(tag=tag)], log=log, env=env)
         result.steps.append(f"torch: {tag}")
     requirements = directory / "requirements.txt"
@@ -163,6 +247,10 @@ def install_ai_toolkit(repo: str, commit: str, directory: Path, *, driver: str |
         _run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r",
               str(requirements)], log=log, env=env, cwd=str(directory))
         result.steps.append("requirements")
+    if not skip_torch:  # docker/Dockerfile: after the requirements, -U over their pin
+        _run([python, "-m", "pip", "install", "--quiet", "-U", AITK_TORCHCODEC], log=log,
+             env=env)
+        result.steps.append("torchcodec")
     if wandb:
         _run([python, "-m", "pip", "install", "--quiet", "wandb"], log=log, env=env)
         result.steps.append("wandb")
@@ -239,18 +327,19 @@ def install_extras(spec: dict[str, Any], trainer_python: str, *, env: Mapping[st
 def bootstrap(spec: dict[str, Any], *, cache_root: Path, env: Mapping[str, str], log: Log,
               driver: str | None = None, base_model: str | None = None,
               image_checkouts: tuple[str, ...] = IMAGE_CHECKOUTS,
-              opener: Callable[..., Any] = urllib.request.urlopen) -> BootstrapResult:
+              opener: Callable[..., Any] = urllib.request.urlopen,
+              cuda: str | None = None) -> BootstrapResult:
     result = _bootstrap_trainer(spec, cache_root=cache_root, env=env, log=log, driver=driver,
                                 base_model=base_model, image_checkouts=image_checkouts,
-                                opener=opener)
+                                opener=opener, cuda=cuda)
     result.steps += install_extras(spec, result.python or sys.executable, env=env, log=log)
     return result
 
 
 def _bootstrap_trainer(spec: dict[str, Any], *, cache_root: Path, env: Mapping[str, str],
                        log: Log, driver: str | None, base_model: str | None,
-                       image_checkouts: tuple[str, ...],
-                       opener: Callable[..., Any]) -> BootstrapResult:
+                       image_checkouts: tuple[str, ...], opener: Callable[..., Any],
+                       cuda: str | None = None) -> BootstrapResult:
     training = spec.get("training") or {}
     if training.get("trainer") == "tiny":
         missing = _missing_imports(TINY_IMPORTS)
@@ -262,20 +351,31 @@ def _bootstrap_trainer(spec: dict[str, Any], *, cache_root: Path, env: Mapping[s
     aitk = training.get("ai_toolkit") or {}
     token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")
     hf_access = check_hf_access(base_model or "", token=token, env=env, opener=opener)
+    pin = str(aitk.get("commit") or "")
     existing = [aitk.get("path")] if aitk.get("path") else list(image_checkouts)
     for candidate in existing:
         checkout = Path(candidate)
         if (checkout / "run.py").exists():
             log(f"using the ai-toolkit install at {checkout}")
-            return BootstrapResult(trainer="ai-toolkit", aitk_dir=str(checkout),
-                                   python=_checkout_python(checkout), hf_access=hf_access,
-                                   source="spec path" if aitk.get("path") else "image")
+            head = _git_head(checkout)
+            result = BootstrapResult(trainer="ai-toolkit", aitk_dir=str(checkout),
+                                     python=_checkout_python(checkout), hf_access=hf_access,
+                                     source="spec path" if aitk.get("path") else "image",
+                                     commit=head)
+            if not _pinned(head, pin):
+                result.pin_mismatch = (f"the ai-toolkit at {checkout} is at "
+                                       f"{head or 'an unknown commit (no git metadata)'}, "
+                                       f"not the pinned {pin or '(none)'}: its config keys, "
+                                       "printed lines and install may differ from what this "
+                                       "version of flux-remote was checked against")
+                log("warning: " + result.pin_mismatch)
+            return result
     if aitk.get("path"):
         raise StageFailed(f"training.ai_toolkit.path {aitk['path']} holds no run.py")
     commit = str(aitk.get("commit") or "main")
     directory = cache_root / "ai-toolkit" / re.sub(r"[^A-Za-z0-9._-]", "_", commit)
     result = install_ai_toolkit(str(aitk.get("repo")), commit, directory, driver=driver,
                                 wandb=bool((spec.get("wandb") or {}).get("enabled")), env=env,
-                                log=log)
+                                log=log, cuda=cuda)
     result.hf_access = hf_access
     return result

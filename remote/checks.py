@@ -249,6 +249,14 @@ def software_checks(spec: dict[str, Any], probes: Probes) -> list[Check]:
     checks = [Check("python", "pass" if version[:2] >= MIN_PYTHON else "fail",
                     ".".join(map(str, version)), ".".join(map(str, MIN_PYTHON)),
                     platform.python_implementation())]
+    aitk = (spec.get("training") or {}).get("ai_toolkit") or {}
+    if not tiny and not aitk.get("path"):  # a venv will be built: is there a Python for it?
+        from remote.bootstrap import aitk_python_problem
+
+        problem = aitk_python_problem()
+        checks.append(Check("python_for_ai_toolkit", "fail" if problem else "pass",
+                            ".".join(map(str, version[:2])), "3.10-3.12",
+                            problem or "ai-toolkit's requirements have wheels for it"))
     # torch runs in the agent's own Python only for tiny; ai-toolkit brings it in its venv.
     needed = AGENT_PACKAGES + (("torch",) if tiny else ())
     for package in needed + (() if tiny else ("torch",)):

@@ -52,28 +52,35 @@ class CostGuard:
         return self.max_hours is not None and self.hours() >= float(self.max_hours)
 
     def check(self, *, step: int | None, s_per_step: float | None, save_every: int | None,
-              saves_ahead: int = 1) -> str | None:
-        """Why training should stop now, or None. Remembers the first reason it gave."""
-        reason = self._reason(step, s_per_step, save_every, max(1, saves_ahead))
+              saves_ahead: int = 1, next_saves_s: tuple[float, ...] | None = None) -> str | None:
+        """Why training should stop now, or None. Remembers the first reason it gave.
+
+        ``s_per_step`` is wall time; ``next_saves_s`` (wall seconds until each of the next saves
+        is complete, the samples and saves on the way counted: :mod:`remote.pace`) replaces the
+        ``steps x s_per_step`` projection when it reaches ``saves_ahead`` saves."""
+        reason = self._reason(step, s_per_step, save_every, max(1, saves_ahead), next_saves_s)
         if reason and not self.stop_reason:
             self.stop_reason = reason
         return reason
 
     def _reason(self, step: int | None, s_per_step: float | None, save_every: int | None,
-                saves_ahead: int) -> str | None:
+                saves_ahead: int, next_saves_s: tuple[float, ...] | None = None) -> str | None:
         hours_now = self.hours()
         if self.max_hours is not None and hours_now >= float(self.max_hours):
             return f"max_hours {self.max_hours} reached ({hours_now:.2f} h)"
         spend_now = self.spend()
         if self.price_per_hour > 0 and self.budget_usd > 0 and spend_now >= self.budget_usd:
             return f"budget ${self.budget_usd:.2f} reached (spent ${spend_now:.2f})"
-        if self.hard:  # nothing to wait for: only validate + publish lie ahead
+        if self.hard or s_per_step is None or not save_every or step is None:
+            # hard: nothing to wait for; no wall-clock rate yet (the first steps of an attempt):
+            # at least validate + publish lie ahead
             ahead_s, what = self.reserve_s, "validating and publishing"
-        elif s_per_step is None or not save_every or step is None:
-            return None
         else:
             steps_left = save_every - (step % save_every) + (saves_ahead - 1) * save_every
-            ahead_s = steps_left * s_per_step + self.reserve_s
+            if next_saves_s is not None and len(next_saves_s) >= saves_ahead:
+                ahead_s = next_saves_s[saves_ahead - 1] + self.reserve_s
+            else:
+                ahead_s = steps_left * s_per_step + self.reserve_s
             what = f"the checkpoint at step {step + steps_left}"
         if self.max_hours is not None and hours_now + ahead_s / 3600 > float(self.max_hours):
             return f"{what} would pass max_hours {self.max_hours}"

@@ -6,6 +6,16 @@ a raw log holds many redraws separated by ``\\r``, with ordinary ``\\n`` lines i
     my_lora:  10%|#         | 200/2000 [06:40<1:00:00,  2.00s/it, lr: 1.0e-04 loss: 4.211e-01]
     Saving at step 250
     Saved checkpoint to output/my_lora/my_lora_000000250.safetensors
+    Saved optimizer to output/my_lora/optimizer.pt
+
+Only the training bar is training progress (``BaseSDTrainProcess.run``: ``ToolkitProgressBar(
+desc=self.job.name)`` with the postfix ``lr: ... loss: ...``); model loading, quantizing,
+"Caching latents", "Generating Images" and its inner denoise bar are other tqdm bars.
+
+A save (``BaseSDTrainProcess.save``) prints "Saved checkpoint to" once the LoRA is written, then
+writes ``optimizer.pt`` and prints "Saved optimizer to" (or "Could not save optimizer"), then
+prunes old saves: the save is complete only after the optimizer line. The final save has no
+"Saving at step" line.
 
 A ``print`` while the bar is on screen glues its text straight after the bar's ``]``, so every
 pattern here is searched for inside a segment rather than anchored to its start.
@@ -34,13 +44,25 @@ _LR_RE = re.compile(rf"\blr:\s*(?P<v>{_NUMBER})", re.IGNORECASE)
 _LOSS_RE = re.compile(rf"\bloss:\s*(?P<v>{_NUMBER})", re.IGNORECASE)
 _SAVING_RE = re.compile(r"Saving at step (?P<step>\d+)")
 _SAVED_RE = re.compile(r"Saved checkpoint to (?P<path>.+?)\s*$")
+# BaseSDTrainProcess.save: after the LoRA, the optimizer state (or the reason it was not saved)
+_OPTIMIZER_RE = re.compile(r"Saved optimizer to \S|Could not save optimizer")
+# BaseSDTrainProcess.run: "Generating baseline samples before training" precedes the bar
+_BASELINE_RE = re.compile(r"Generating baseline samples before training")
+# toolkit/network_mixins.py load_weights prints the file's keys the network lacks, always
+_MISSING_KEYS_RE = re.compile(r"Missing keys: \[(?P<keys>.*)\]")
 _STEP_IN_NAME_RE = re.compile(r"_(?P<step>\d{9})\.safetensors$")
 _SI = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
 
 # Causes the supervisor acts on; the first pattern found in a log wins (later errors are
 # usually consequences of the first one, e.g. "Error running job: ..." repeats it).
 ERROR_PATTERNS: dict[str, re.Pattern[str]] = {
-    "cuda_oom": re.compile(r"CUDA out of memory|torch\.OutOfMemoryError|torch\.cuda\.OutOfMemoryError"),
+    # torch's allocator ("CUDA out of memory"), an asynchronous kernel failure ("CUDA error: out
+    # of memory"), and ai-toolkit's own abort after three skipped batches
+    # (BaseSDTrainProcess.run: "OOM during training step 3 times in a row, aborting training";
+    # its "# OOM during training step, skipping batch N/3 #" banner is a warning, not the end)
+    "cuda_oom": re.compile(r"CUDA out of memory|CUDA error: out of memory"
+                           r"|torch\.OutOfMemoryError|torch\.cuda\.OutOfMemoryError"
+                           r"|OOM during training step \d+ times in a row"),
     "disk_full": re.compile(r"No space left on device"),
     "hf_auth": re.compile(
         r"\b40[13] Client Error|\bHTTP Error 40[13]\b|status(?: code)?[ :=]+40[13]\b"
@@ -48,14 +70,23 @@ ERROR_PATTERNS: dict[str, re.Pattern[str]] = {
         r"|Access to model \S+ is restricted|Invalid user token|\b40[13] (?:Unauthorized|Forbidden)\b",
         re.IGNORECASE,
     ),
-    "import_error": re.compile(r"\b(?:ImportError|ModuleNotFoundError)\b"),
+    # run.py prints "Error running job: {e}" (no type) before the traceback names the type
+    "import_error": re.compile(r"\b(?:ImportError|ModuleNotFoundError)\b"
+                              r"|cannot import name '[^']+' from|No module named '"),
+    # safetensors on a save cut short: the retry needs that file set aside (remote.resume)
+    "corrupt_checkpoint": re.compile(r"Error while deserializing header"),
 }
-NON_RETRYABLE_CAUSES = frozenset({"hf_auth", "import_error", "disk_full"})
+# a LoRA whose keys the network lacks loaded (partly) nothing: ai-toolkit goes on training
+MISSING_KEYS = "missing_keys"
+NON_RETRYABLE_CAUSES = frozenset({"hf_auth", "import_error", "disk_full", MISSING_KEYS})
 
 
 @dataclass
 class Progress:
-    """One progress redraw. Times are seconds; ``s_per_step`` is converted from it/s if needed."""
+    """One progress redraw. Times are seconds; ``s_per_step`` is converted from it/s if needed.
+
+    As parsed, ``s_per_step`` and ``eta_s`` are the bar's own (paused-clock) figures; the train
+    supervisor replaces them with wall-clock ones (:mod:`remote.pace`) before anyone sees them."""
 
     step: int
     total: int
@@ -64,6 +95,8 @@ class Progress:
     s_per_step: float | None = None
     eta_s: float | None = None
     elapsed_s: float | None = None
+    # set by the supervisor (remote.pace): wall seconds until each of the next saves is complete
+    next_saves_s: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -75,7 +108,9 @@ class LogEvent:
 
     kind:
         ``progress`` (``progress`` set), ``saving`` (``step`` set: a save has begun),
-        ``checkpoint`` (``path`` set, ``step`` from the file name or the last progress),
+        ``checkpoint`` (``path`` set, ``step`` from the file name or the last progress: the LoRA
+        is written), ``saved`` (the save is complete: optimizer state written or given up),
+        ``bar`` (a tqdm bar that is not training: ``progress`` set),
         ``error`` (``cause`` set: a recognised failure line).
     """
 
@@ -119,15 +154,30 @@ def _from_match(m: re.Match[str]) -> Progress:
                     elapsed_s=parse_interval(m.group("elapsed")))
 
 
+def parse_bar(text: str) -> tuple[str, str, Progress] | None:
+    """The last tqdm redraw in ``text`` as (description, postfix, progress), any bar."""
+    found = None
+    for found in _PROGRESS_RE.finditer(text):
+        pass
+    if found is None:
+        return None
+    return (found.group("desc") or "").strip(), found.group("postfix") or "", _from_match(found)
+
+
+def is_training_postfix(postfix: str) -> bool:
+    """ai-toolkit's training bar carries ``lr: ... loss: ...`` (BaseSDTrainProcess.run)."""
+    return bool(_LR_RE.search(postfix) and _LOSS_RE.search(postfix))
+
+
 def parse_progress(text: str) -> Progress | None:
     """The latest training progress in ``text`` (any mix of ``\\r`` and ``\\n``), or None.
 
     Training bars are told from the other bars in a log (caching latents, loading shards,
-    sampling) as :class:`LogWatcher` does; a text with no training bar gives its last bar."""
+    sampling) as :class:`LogWatcher` does; a text with no training bar has no progress."""
     watcher = LogWatcher()
     watcher.feed(text.encode("utf-8"))
     watcher.close()
-    return watcher.progress or watcher.other_progress
+    return watcher.progress
 
 
 def recognise_error(text: str) -> str | None:
@@ -148,8 +198,13 @@ class LogWatcher:
     """Incremental log reader: ``feed(bytes)`` returns the events completed so far.
 
     Only the training bar makes ``progress`` events: the bar whose description is ``name`` (the
-    job name, which both trainers use), or any bar with a ``loss:`` postfix (whose description is
-    then learned). Other tqdm bars (caching latents, loading shards, sampling) are ignored.
+    job name, which both trainers use) and whose postfix carries ``lr:`` and ``loss:``; without a
+    name, the first bar with such a postfix names it. Other tqdm bars (loading shards, caching
+    latents, "Generating Images" and its denoise bar) are ignored; they only tell the phase.
+
+    ``phase`` is what the trainer is doing, for a stall report: ``loading`` (until the first
+    bar of training or sampling), ``baseline sampling``, ``training``, ``sampling``, ``saving``,
+    ``final save`` and ``final sampling`` (after the last step).
 
     A segment ends at ``\\r`` or ``\\n``. A tqdm redraw is complete once its closing ``]`` has
     arrived even though its terminating ``\\r`` comes with the next redraw, so an unterminated
@@ -163,8 +218,13 @@ class LogWatcher:
         self.progress: Progress | None = None
         self.other_progress: Progress | None = None  # the last bar that is not training
         self.last_checkpoint: str | None = None
-        self.saving = False  # between "Saving at step" and "Saved checkpoint"
-        self.saves = 0
+        self.saving = False  # a save has begun and its optimizer state is not yet written
+        self.saves = 0  # complete saves
+        self.final_saved = False  # the final <name>.safetensors and its optimizer state
+        self._saving_final = False  # the save under way is the final one
+        self._save_step = -1  # the training step shown when the save under way began
+        self.phase = "loading"
+        self.total: int | None = None  # the training bar's total, once seen
         self.cause: str | None = None  # first recognised error
         self.error_line: str | None = None
 
@@ -194,43 +254,78 @@ class LogWatcher:
 
     def _segment(self, text: str, *, progress_only: bool = False) -> list[LogEvent]:
         events: list[LogEvent] = []
-        found = None
-        for found in _PROGRESS_RE.finditer(text):
-            pass
-        if found:
-            progress = _from_match(found)
-            desc = (found.group("desc") or "").strip()
-            if progress.loss is not None and self._train_desc is None:
+        bar = parse_bar(text)
+        if bar:
+            desc, postfix, progress = bar
+            if self._train_desc is None and is_training_postfix(postfix):
                 self._train_desc = desc
-            if progress.loss is not None or desc == self._train_desc:
-                self.progress = progress
+            if desc == self._train_desc and is_training_postfix(postfix):
+                # a later step: that save is over (a trainer that prints no optimizer line; a
+                # redraw at the same count may be tqdm's monitor refreshing mid-save)
+                if self.saving and progress.step > self._save_step:
+                    events.append(self._save_done(text))
+                self.progress, self.total = progress, progress.total
+                if not self.saving:
+                    self.phase = "training"
                 events.append(LogEvent("progress", text, progress=progress))
             else:
                 self.other_progress = progress
+                if not self.saving and self.phase != "baseline sampling":
+                    self.phase = self._sampling_phase()
+                events.append(LogEvent("bar", text, progress=progress))
         if progress_only:
             return events
+        if _BASELINE_RE.search(text):
+            self.phase = "baseline sampling"
         if m := _SAVING_RE.search(text):
-            self.saving = True
+            self._begin_save("saving")
             events.append(LogEvent("saving", text, step=int(m.group("step"))))
         if m := _SAVED_RE.search(text):
             path = m.group("path")
             step = checkpoint_step(path)
+            final = step is None
             if step is None and self.progress is not None:
                 step = self.progress.step
-            self.saving = False
-            self.saves += 1
+            if not self.saving:
+                self._begin_save("final save" if final else "saving")
+            self.phase = "final save" if final else "saving"
+            self._saving_final = final
             self.last_checkpoint = path
             events.append(LogEvent("checkpoint", text, step=step, path=path))
+        if _OPTIMIZER_RE.search(text) and self.saving:
+            events.append(self._save_done(text))
+        if (m := _MISSING_KEYS_RE.search(text)) and m.group("keys").strip():
+            events.append(self._error(MISSING_KEYS, text))
         cause = recognise_error(text)
         if cause:
-            if self.cause is None:
-                self.cause, self.error_line = cause, text.strip()
-            events.append(LogEvent("error", text, cause=cause))
+            events.append(self._error(cause, text))
         return events
+
+    def _begin_save(self, phase: str) -> None:
+        self.saving, self.phase = True, phase
+        self._save_step = self.progress.step if self.progress is not None else -1
+
+    def _sampling_phase(self) -> str:
+        if self.progress is None:
+            return "loading"
+        done = self.total is not None and self.progress.step >= self.total
+        return "final sampling" if done or self.final_saved else "sampling"
+
+    def _save_done(self, text: str) -> LogEvent:
+        self.saving = False
+        self.saves += 1
+        self.final_saved = self.final_saved or self._saving_final
+        self.phase = "final sampling" if self._saving_final else "training"
+        return LogEvent("saved", text, path=self.last_checkpoint)
+
+    def _error(self, cause: str, text: str) -> LogEvent:
+        if self.cause is None:
+            self.cause, self.error_line = cause, text.strip()
+        return LogEvent("error", text, cause=cause)
 
     def summary(self) -> dict[str, object]:
         """The JSON that ``python -m remote progress`` prints."""
-        p = self.progress or self.other_progress
+        p = self.progress
         return {
             "step": p.step if p else None,
             "total": p.total if p else None,

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -67,8 +68,13 @@ def resolve_source(setting: str, dataset_dir: Path) -> Path:
     return path if path.is_absolute() else dataset_dir / path
 
 
-def inspect_source(path: Path, *, rank: int) -> ResumeSource:
-    """Validate a LoRA to resume from; raises :class:`ResumeError` naming every problem."""
+def inspect_source(path: Path, *, rank: int, flux_keys: bool = False) -> ResumeSource:
+    """Validate a LoRA to resume from; raises :class:`ResumeError` naming every problem.
+
+    ``flux_keys`` (the ai-toolkit trainer): its keys and shapes must also be ones ai-toolkit
+    looks for in a Flux LoRA of ``rank`` (:mod:`remote.flux_keys`): it loads non-strictly and
+    would otherwise start from zero with only a "Missing keys" line."""
+    from remote.flux_keys import flux_key_problems, read_shapes
     from remote.validate import validate_lora
 
     if not path.is_file():
@@ -80,6 +86,11 @@ def inspect_source(path: Path, *, rank: int) -> ResumeSource:
     # a LoRA from elsewhere may lack training_info: it then starts at step 0
     problems = [p for p in report["problems"]
                 if report["step"] is not None or "training_info" not in p]
+    if flux_keys and not problems:
+        try:
+            problems = flux_key_problems(read_shapes(path), rank=rank)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems = [f"its header cannot be read: {exc}"]
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ResumeError(f"resume_from_checkpoint: {path.name} cannot be resumed from: "
@@ -99,12 +110,13 @@ class ResumePolicy:
     """The resume setting of one run; :meth:`apply` arranges the output folder before training.
 
     ``rank`` is the LoRA rank the run trains (the generated config's ``network.linear``);
-    ``clock`` (epoch seconds) names the set-aside folder and stamps the record.
+    ``clock`` (epoch seconds) names the set-aside folder and stamps the record; ``flux_keys``
+    (ai-toolkit trains) checks a source's keys and shapes against a Flux LoRA's.
     """
 
     def __init__(self, setting: str, *, run_dir: Path, run_id: str, dataset_dir: Path,
                  output_dir: Path, name: str, rank: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, flux_keys: bool = False) -> None:
         self.setting = setting
         self.run_dir = run_dir
         self.run_id = run_id
@@ -113,6 +125,7 @@ class ResumePolicy:
         self.name = name
         self.rank = rank
         self.clock = clock
+        self.flux_keys = flux_keys  # ai-toolkit: the source must fit a Flux LoRA (inspect_source)
 
     @property
     def mode(self) -> str:
@@ -132,7 +145,8 @@ class ResumePolicy:
         the bootstrap); None when there is nothing to check."""
         if self.mode != "path" or not self.pending():
             return None
-        return inspect_source(resolve_source(self.setting, self.dataset_dir), rank=self.rank)
+        return inspect_source(resolve_source(self.setting, self.dataset_dir), rank=self.rank,
+                              flux_keys=self.flux_keys)
 
     def apply(self) -> dict[str, Any] | None:
         """Arrange the output folder once; returns what was done (also kept in ``resume.json``),
@@ -207,6 +221,72 @@ def copy_with_step(src: Path, dst: Path, step: int) -> None:
             os.fsync(out.fileno())
     os.chmod(tmp, 0o644)
     os.replace(tmp, dst)
+
+
+def lora_is_whole(path: Path) -> bool:
+    """A safetensors file that loads: its header parses and every tensor's bytes are there.
+
+    A save cut short (SIGKILL after the grace period, a host OOM) leaves a truncated file that
+    safetensors refuses ("Error while deserializing header: MetadataIncompleteBuffer"); standard
+    library only, so the agent can check before a retry without torch."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if not 0 < header_len <= size - 8:
+                return False
+            header = json.loads(fh.read(header_len))
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return size >= 8 + header_len + max(ends, default=0)
+
+
+BROKEN_PREFIX = "unloadable-"
+
+
+def set_aside_unloadable(output_dir: Path, name: str, *,
+                         clock: Callable[[], float] = time.time) -> Path | None:
+    """Move the saves a resume would choke on out of the trainer's way; returns the folder.
+
+    ai-toolkit resumes from the newest ``<name>*`` save by creation time
+    (``BaseSDTrainProcess.get_latest_save_path``: ``max(paths, key=os.path.getctime)``) and
+    crashes on one that a kill cut short, on every retry. From the newest down, each LoRA that
+    does not load is moved to ``unloadable-<UTC time>/`` until one loads; an ``optimizer.pt``
+    that does not open goes there too. Nothing is deleted."""
+    if not output_dir.is_dir():
+        return None
+    saves = sorted((p for p in output_dir.glob(f"{name}*.safetensors") if p.is_file()),
+                   key=lambda p: p.stat().st_ctime, reverse=True)
+    broken = []
+    for path in saves:
+        if lora_is_whole(path):
+            break
+        broken.append(path)
+    optimizer = output_dir / "optimizer.pt"
+    if optimizer.is_file() and not optimizer_is_whole(optimizer):
+        broken.append(optimizer)
+    if not broken:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(clock()))
+    aside = output_dir / f"{BROKEN_PREFIX}{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = output_dir / f"{BROKEN_PREFIX}{stamp}-{n}"
+    aside.mkdir()
+    for path in broken:
+        os.replace(path, aside / path.name)
+    return aside
+
+
+def optimizer_is_whole(path: Path) -> bool:
+    """``optimizer.pt`` as ``torch.save`` writes it (a zip archive) opens and its CRCs match."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def run_rank(spec: dict[str, Any]) -> int:

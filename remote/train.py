@@ -8,20 +8,37 @@ Graceful stop. A checkpoint must never be cut in half, and ai-toolkit does not s
 so when ``ctx.stop_requested()`` turns true the supervisor waits for a safe moment to send
 SIGTERM to the group:
 
-* ``after_next_save`` (ai-toolkit): wait for the next ``Saved checkpoint`` line, then SIGTERM;
-  the work since that save is the only thing lost, and nothing is lost that was saved.
-* ``sigterm`` (tiny trainer, which saves on SIGTERM): SIGTERM at once unless a save is running
-  (between ``Saving at step`` and ``Saved checkpoint``), in which case right after it.
+* ``after_next_save`` (ai-toolkit): wait for the next save to complete, then SIGTERM; the work
+  since that save is the only thing lost, and nothing is lost that was saved.
+* ``sigterm`` (tiny trainer, which saves on SIGTERM): SIGTERM at once unless a save is running,
+  in which case right after it.
+
+A save runs from ``Saving at step`` (or ``Saved checkpoint to`` for the final one) until
+``Saved optimizer to``: ai-toolkit announces the LoRA before it writes ``optimizer.pt``
+(``BaseSDTrainProcess.save``), so a SIGTERM at "Saved checkpoint to" would leave the optimizer
+state of the previous save beside the new LoRA, or half an ``optimizer.pt``.
 
 Hard stop. ``ctx.stop_now()`` turning true (``budget.on_cap: hard_stop`` when the cost guard
 fires) is a stop request that does not wait for the next save: SIGTERM at once, under either
 policy, unless a save is running, in which case right after it. ai-toolkit loses the steps since
 its last save; the tiny trainer saves on SIGTERM anyway.
 
-A save is "running" between ``Saving at step`` and ``Saved checkpoint``, and also from the last
-step until the final LoRA is reported saved: ai-toolkit announces its final save with no line.
+A save is also taken to be running from the last step until the final save is complete:
+ai-toolkit starts its final save with no line. The last step is told by the bar reaching
+``total - 1``, not ``total``: only the pinned commit's bar reaches ``total`` (27a03a91 changed
+``progress_bar.update(step - n)`` to ``step + 1 - n``), and an image may hold another commit.
 
 Either way, SIGKILL follows if the trainer has not exited ``grace_s`` after SIGTERM.
+
+Unloadable saves. Before every start, saves that do not load (a save cut in half by SIGKILL
+or a host OOM) are set aside (:func:`remote.resume.set_aside_unloadable`): ai-toolkit would
+pick the newest one and crash on it at every retry.
+
+Runs that must end. A ``Missing keys: [...]`` line that is not empty means the LoRA ai-toolkit
+resumes from did not load and it would train from zero: the trainer is ended and the run fails
+(cause ``missing_keys``). A phase (loading, baseline sampling, training, saving, sampling)
+that prints nothing for longer than its budget (``STALL_BUDGETS``) is a stall: the trainer is
+ended and the failure names the phase (cause ``stall``; retried like a crash).
 
 Crashes. A non-zero exit that was not asked for is a crash: the cause is recognised from the log
 (:func:`remote.progress.recognise_error`) and the trainer is launched again up to
@@ -45,16 +62,25 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from remote.progress import (NON_RETRYABLE_CAUSES, LogEvent, LogWatcher, Progress,
-                             checkpoint_step)
+from remote.pace import Pace, Schedule
+from remote.progress import MISSING_KEYS, NON_RETRYABLE_CAUSES, LogEvent, LogWatcher, Progress
+from remote.resume import set_aside_unloadable
 
 TAIL_LINES = 50
 _TAIL_BYTES = 256 * 1024
 STOP_POLICIES = ("after_next_save", "sigterm")
+# Seconds a phase may print nothing. Loading covers quantizing a 12B transformer on a slow CPU
+# (no bar); the baseline sampling is known to hang with no output; a Flux step on the slowest
+# GPU we rent is well under a minute, a sample pass or a save a few minutes.
+STALL_BUDGETS = {"loading": 3600.0, "baseline sampling": 1800.0, "training": 1200.0,
+                 "sampling": 1800.0, "saving": 1200.0, "final save": 1200.0,
+                 "final sampling": 1800.0}
+# causes seen in a trainer's output that end the run at once (remote.progress)
+ABORT_CAUSES = frozenset({MISSING_KEYS})
 
 
 # Keys the trainer never needs: the per-instance Vast key (the agent's watchdog uses it) and the
@@ -93,6 +119,10 @@ class TrainContext:
     # a stop that must not wait for the next save (implies stop_requested); None: never
     stop_now: Callable[[], bool] | None = None
     pid_file: Path | None = None  # holds the running trainer's pid and group; None: not recorded
+    # the longest silence per phase (LogWatcher.phase) before the trainer is ended as stalled
+    stall_budgets: dict[str, float] = field(default_factory=lambda: dict(STALL_BUDGETS))
+    save_every: int | None = None  # the config's, for the time left (None: saves not counted)
+    sample_every: int | None = None  # the config's; None or 0: sampling off
 
     def hard_stop(self) -> bool:
         return self.stop_now is not None and self.stop_now()
@@ -130,6 +160,7 @@ class _Attempt:
     watcher: LogWatcher
     tail: list[str]
     start_error: str | None = None  # the command could not be started at all: no retry
+    abort: tuple[str, str] | None = None  # (cause, message): the supervisor ended a bad run
 
 
 def trainer_command(spec: dict[str, Any], config_path: Path, aitk_dir: Path | None) -> list[str]:
@@ -244,7 +275,8 @@ class _Supervisor:
         self.step = 0
         self.s_per_step: float | None = None
         self.last_checkpoint: Path | None = None
-        self.final_saved = False  # the final <name>.safetensors was reported saved
+        self.watcher: LogWatcher | None = None  # the running attempt's
+        self.pace = self._new_pace()
         self._at_line_start = True
         self._hard = False
 
@@ -262,15 +294,33 @@ class _Supervisor:
         p = Path(path)
         return p if p.is_absolute() else self.ctx.cwd / p
 
+    def _new_pace(self) -> Pace:
+        ctx = self.ctx
+        return Pace(Schedule(ctx.total_steps, ctx.save_every, ctx.sample_every))
+
+    def _paced(self, progress: Progress) -> Progress:
+        """The bar's step and loss with wall-clock s/step, ETA and time to the next saves."""
+        pace, every = self.pace, self.ctx.save_every
+        ahead: list[float] = []
+        if every and progress.total:
+            target = (progress.step // every + 1) * every
+            while len(ahead) < 2 and (seconds := pace.seconds_to(min(target, progress.total))) \
+                    is not None:
+                ahead.append(seconds)
+                target += every
+        return replace(progress, s_per_step=pace.s_per_step, eta_s=pace.eta_s,
+                       next_saves_s=tuple(ahead) or None)
+
     def dispatch(self, events: list[LogEvent]) -> None:
         for event in events:
+            self.pace.observe(event, self.ctx.clock())
             if event.kind == "progress" and event.progress is not None:
                 self.step = max(self.step, event.progress.step)
-                self.s_per_step = event.progress.s_per_step or self.s_per_step
-                self.ctx.on_progress(event.progress)
+                progress = self._paced(event.progress)
+                self.s_per_step = progress.s_per_step or self.s_per_step
+                self.ctx.on_progress(progress)
             elif event.kind == "checkpoint" and event.path is not None:
                 path = self._resolve(event.path)
-                self.final_saved = self.final_saved or checkpoint_step(event.path) is None
                 step = event.step if event.step is not None else self.step
                 self.step = max(self.step, step)
                 self.last_checkpoint = path
@@ -290,14 +340,27 @@ class _Supervisor:
         if ctx.pid_file is not None:  # its own session: the group id is its pid
             write_pid_file(ctx.pid_file, proc.pid, proc.pid, ctx.config_path)
         pipe = _Pipe(proc.stdout.fileno(), self)
+        self.watcher = pipe.watcher
+        self.pace = self._new_pace()  # loading and baseline sampling are not steps
         saves_at_stop: int | None = None
         term_at: float | None = None
+        abort: tuple[str, str] | None = None
+        last_output = ctx.clock()
         try:
             while True:
                 exited = proc.poll() is not None
                 got_data = pipe.pump(0 if exited else ctx.poll_s)
                 if exited and not got_data:  # drained (a grandchild may still hold the pipe)
                     break
+                if got_data:
+                    last_output = ctx.clock()
+                if abort is None and term_at is None and not exited:
+                    abort = self._abort_reason(pipe.watcher, last_output)
+                    if abort is not None:
+                        self.note(f"{abort[1]}: ending the trainer")
+                        self._signal(proc, signal.SIGTERM)
+                        term_at = ctx.clock()
+                        continue
                 if pipe.eof and not exited:
                     try:
                         proc.wait(timeout=ctx.poll_s)
@@ -328,16 +391,30 @@ class _Supervisor:
                 ctx.pid_file.unlink(missing_ok=True)
         pipe.finish()
         return _Attempt(proc.returncode, saves_at_stop is not None, term_at is not None,
-                        pipe.watcher, render_tail(bytes(pipe.tail)))
+                        pipe.watcher, render_tail(bytes(pipe.tail)), abort=abort)
+
+    def _abort_reason(self, watcher: LogWatcher, last_output: float) -> tuple[str, str] | None:
+        """Why a running trainer must be ended: a LoRA that did not load, or a silent phase."""
+        if watcher.cause in ABORT_CAUSES:
+            return watcher.cause, (f"ai-toolkit did not load the LoRA it resumes from "
+                                   f"({watcher.error_line}); it would train from zero")
+        budget = self.ctx.stall_budgets.get(watcher.phase)
+        silent = self.ctx.clock() - last_output
+        if budget is not None and silent > budget:
+            return "stall", (f"stall: the trainer printed nothing for {silent:.0f} s during "
+                             f"{watcher.phase} (budget {budget:.0f} s)")
+        return None
 
     def final_save_due(self) -> bool:
-        """Past the last step, until the final LoRA is reported saved: a save may be running.
+        """In the last step or past it, until the final save is complete: a save may be running.
 
         ai-toolkit writes its final ``<name>.safetensors`` right after the last step without a
         ``Saving at step`` line (``BaseSDTrainProcess.run``: ``self.save()`` after the loop), so
-        ``watcher.saving`` cannot see it; a SIGTERM then would cut the finished LoRA in half."""
+        ``watcher.saving`` cannot see it; a SIGTERM then would cut the finished LoRA in half.
+        ``total - 1``: before the pinned commit the bar never showed ``total``."""
         total = self.ctx.total_steps
-        return bool(total) and self.step >= total and not self.final_saved
+        final_saved = self.watcher is not None and self.watcher.final_saved
+        return bool(total) and self.step >= total - 1 and not final_saved
 
     def _stop_plan(self) -> str:
         if self._now(waiting=False):
@@ -362,7 +439,7 @@ class _Supervisor:
             pass
 
     def result(self, state: str, attempt: _Attempt | None, attempts: int, *,
-               error: str | None = None) -> TrainResult:
+               error: str | None = None, cause: str | None = None) -> TrainResult:
         ctx = self.ctx
         final = ctx.output_dir / f"{ctx.name}.safetensors"
         last = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.is_file() \
@@ -373,7 +450,8 @@ class _Supervisor:
                 break
         return TrainResult(
             state=state, final_lora=final if state == "done" else None, last_checkpoint=last,
-            step=self.step, error=error, cause=attempt.watcher.cause if attempt else None,
+            step=self.step, error=error,
+            cause=cause or (attempt.watcher.cause if attempt else None),
             log_tail=attempt.tail if attempt else [], s_per_step=self.s_per_step, attempts=attempts)
 
 
@@ -388,22 +466,32 @@ def run_training(ctx: TrainContext) -> TrainResult:
             sup.note("stop requested: not starting the trainer")
             return sup.result("stopped", attempt, attempts, error=error)
         attempts += 1
+        aside = set_aside_unloadable(ctx.output_dir, ctx.name)
+        if aside is not None:
+            sup.note(f"saves that do not load (cut short by a kill?) moved to {aside}: "
+                     + ", ".join(sorted(p.name for p in aside.iterdir())))
         sup.note(f"starting trainer for {ctx.total_steps} steps (attempt {attempts}/"
                  f"{ctx.max_retries + 1}): " + " ".join(ctx.command))
         attempt = sup.attempt()
         final = ctx.output_dir / f"{ctx.name}.safetensors"
         rc = attempt.returncode
-        if rc == 0 and final.is_file():
+        if rc == 0 and final.is_file() and attempt.abort is None:
             sup.note(f"trainer finished: {final}")
             return sup.result("done", attempt, attempts)
-        if attempt.stop_asked:
+        if attempt.abort and attempt.abort[0] == "stall" and attempt.watcher.final_saved \
+                and final.is_file():  # hung in the final samples: the LoRA is whole and saved
+            sup.note(f"trainer ended after its final save: {final} (final samples may be missing)")
+            return sup.result("done", attempt, attempts)
+        if attempt.stop_asked and attempt.abort is None:
             error = None if attempt.term_sent else f"trainer exited with code {rc} while stopping"
             sup.note(f"trainer stopped at step {sup.step} (exit code {rc})")
             return sup.result("stopped", attempt, attempts, error=error)
-        cause = attempt.watcher.cause
+        cause = attempt.abort[0] if attempt.abort else attempt.watcher.cause
         if attempt.start_error:
             return sup.result("failed", attempt, attempts, error=attempt.start_error)
-        if rc == 0:
+        if attempt.abort:
+            error = attempt.abort[1]
+        elif rc == 0:
             error = f"trainer exited 0 but wrote no {final.name}"
         else:
             error = f"trainer exited with code {rc}"
@@ -413,6 +501,6 @@ def run_training(ctx: TrainContext) -> TrainResult:
             why = f"{cause}: a retry cannot fix it" if cause in NON_RETRYABLE_CAUSES \
                 else f"{ctx.max_retries} retries used"
             sup.note(f"trainer failed ({error}); not retrying ({why})")
-            return sup.result("failed", attempt, attempts, error=error)
+            return sup.result("failed", attempt, attempts, error=error, cause=cause)
         sup.note(f"trainer crashed ({cause or 'unrecognised cause'}); retrying from "
                  f"{_newest_on_disk(ctx.output_dir, ctx.name) or 'the start'}")

@@ -1,10 +1,11 @@
 """Bootstrap: a local git repository stands in for ai-toolkit (file:// URL, a requirements.txt,
-a stdlib-only run.py that behaves like ai-toolkit's), the venv is built once and skipped the
+the stdlib-only ai-toolkit stand-in of tests/aitk_standin.py as run.py), the venv is built once and skipped the
 second time; tiny checks imports; the Hugging Face access check against a local server."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -13,72 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from remote.bootstrap import DONE_MARKER, bootstrap, check_hf_access, torch_cuda_tag
+import remote.bootstrap as bootstrap_module
+from remote.bootstrap import (DONE_MARKER, aitk_python, aitk_python_problem, bootstrap,
+                              check_hf_access, torch_cuda_tag)
+from remote.checks import Probes, software_checks
 from remote.status import StageFailed
-
-# ai-toolkit's behaviour in 80 lines of stdlib: reads the job YAML, resumes from the newest
-# checkpoint, prints tqdm-style progress and "Saved checkpoint to", writes PEFT-named LoRA
-# safetensors with training_info metadata and PNG samples named like ai-toolkit's.
-FAKE_RUN_PY = r'''
-import json, os, re, struct, sys, time, zlib
-from pathlib import Path
-
-cfg_path = sys.argv[1]
-text = Path(cfg_path).read_text()
-def get(key, default=None):
-    m = re.search(rf"^\s*{key}:\s*['\"]?([^'\"\n]+)['\"]?\s*$", text, re.M)
-    return m.group(1).strip() if m else default
-name, folder = get("name"), Path(get("training_folder"))
-steps, save_every, rank = int(get("steps")), int(get("save_every")), int(get("linear"))
-out = folder / name
-(out / "samples").mkdir(parents=True, exist_ok=True)
-Path(os.environ["FAKE_AITK_RECORD"]).write_text(json.dumps(
-    {"argv": sys.argv, "cwd": os.getcwd(), "python": sys.executable}))
-
-def save(path, step):
-    names = ["transformer.single_transformer_blocks.0.attn.to_q"]
-    header, blobs, offset = {"__metadata__": {"training_info": json.dumps({"step": step}),
-                                              "format": "pt", "name": name}}, [], 0
-    for base in names:
-        for part, shape in (("lora_A", [rank, 8]), ("lora_B", [8, rank])):
-            data = struct.pack(f"<{shape[0] * shape[1]}f", *([0.01] * (shape[0] * shape[1])))
-            header[f"{base}.{part}.weight"] = {"dtype": "F32", "shape": shape,
-                                               "data_offsets": [offset, offset + len(data)]}
-            blobs.append(data)
-            offset += len(data)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
-    os.replace(tmp, path)
-
-def png(path):
-    raw = b"".join(b"\x00" + b"\x80\x40\x20" * 8 for _ in range(8))
-    def chunk(kind, data):
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-    header = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-
-done = [int(m.group(1)) for p in out.glob(f"{name}_*.safetensors")
-        if (m := re.search(r"_(\d{9})\.safetensors$", p.name))]
-start = max(done, default=0)
-print("Loading Flux model", flush=True)
-for step in range(start + 1, steps + 1):
-    loss = 1.0 / step
-    sys.stdout.write(f"\r{name}:  {100 * step // steps}%|#         | {step}/{steps} "
-                     f"[00:01<00:02,  0.01s/it, lr: 1.0e-04 loss: {loss:.3e}]")
-    sys.stdout.flush()
-    if step % save_every == 0 or step == steps:
-        print(f"\nSaving at step {step}", flush=True)
-        save(out / f"{name}_{step:09d}.safetensors", step)
-        print(f"Saved checkpoint to {out}/{name}_{step:09d}.safetensors", flush=True)
-        png(out / "samples" / f"{int(time.time() * 1000)}__{step:09d}_0.png")
-save(out / f"{name}.safetensors", steps)
-print("\nDone", flush=True)
-'''
-
+from tests.aitk_standin import SCRIPT as STANDIN
 
 def git(*args: str, cwd: Path) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
@@ -91,7 +32,7 @@ def make_fake_aitk(root: Path) -> tuple[str, str]:
     """A git repository standing in for ai-toolkit; returns (file:// URL, commit)."""
     repo = root / "fake-ai-toolkit"
     repo.mkdir(parents=True)
-    (repo / "run.py").write_text(FAKE_RUN_PY)
+    shutil.copy(STANDIN, repo / "run.py")
     (repo / "requirements.txt").write_text("# ai-toolkit's pins would be here\n")
     git("init", "-q", "-b", "main", cwd=repo)
     git("add", ".", cwd=repo)
@@ -181,9 +122,81 @@ def test_tiny_checks_imports_only(tmp_path: Path) -> None:
 
 
 def test_torch_index_follows_the_driver() -> None:
+    """manager/spec.py _cuda_flavor: cu130 from CUDA 13.0, cu126 from 12.6 (torch 2.13 has no
+    cu128 wheels), unknown -> cu130; nvidia-smi's CUDA figure first, else the driver's."""
     assert torch_cuda_tag("580.65.06") == "cu130"
-    assert torch_cuda_tag("570.133.07") == "cu128"
-    assert torch_cuda_tag(None) == "cu128"
+    assert torch_cuda_tag("570.133.07") == "cu126"
+    assert torch_cuda_tag(None) == "cu130"
+    assert torch_cuda_tag("570.133.07", "12.8") == "cu126"
+    assert torch_cuda_tag(None, "13.0") == "cu130"
+    with pytest.raises(StageFailed, match="too old for the torch ai-toolkit pins"):
+        torch_cuda_tag("550.54.15", "12.4")
+    with pytest.raises(StageFailed):
+        torch_cuda_tag("535.104.05")
+
+
+def test_the_install_follows_ai_toolkits_own(tmp_path: Path, monkeypatch) -> None:
+    """README / manager/spec.py / docker/Dockerfile at the pin: pinned torch trio from the
+    driver's index, then requirements.txt, then torchcodec -U over the requirements' pin."""
+    url, commit = make_fake_aitk(tmp_path)
+    pips: list[list[str]] = []
+    real_run = bootstrap_module._run
+
+    def run(argv: list[str], **kw) -> None:
+        if argv[1:3] == ["-m", "pip"]:
+            pips.append(argv[3:])
+        else:
+            real_run(argv, **kw)
+
+    monkeypatch.setattr(bootstrap_module, "_run", run)
+    env = {k: v for k, v in aitk_env().items() if k != "FLUX_REMOTE_SKIP_TORCH_INSTALL"}
+    result = bootstrap(aitk_spec(url, commit), cache_root=tmp_path / "cache", env=env,
+                       log=lambda _: None, driver="570.133.07", cuda="12.8", image_checkouts=())
+    torch_install, requirements, codec = pips
+    assert torch_install[:5] == ["install", "--quiet", "torch==2.13.0", "torchvision==0.28.0",
+                                 "torchaudio==2.11.0"]
+    assert torch_install[-2:] == ["--index-url", "https://download.pytorch.org/whl/cu126"]
+    assert requirements[-2:] == ["-r", str(Path(result.aitk_dir) / "requirements.txt")]
+    assert codec == ["install", "--quiet", "-U", "torchcodec==0.15.0"]
+    assert result.steps[-3:] == ["torch: cu126", "requirements", "torchcodec"]
+
+
+def test_a_python_ai_toolkit_has_wheels_for(tmp_path: Path, monkeypatch) -> None:
+    found = {"python3.11": "/usr/bin/python3.11"}.get
+    assert aitk_python(current=(3, 12), executable="/me") == "/me"
+    assert aitk_python(current=(3, 13), which=found) == "/usr/bin/python3.11"
+    assert aitk_python(current=(3, 13), which=lambda name: None) is None
+    problem = aitk_python_problem(current=(3, 13), which=lambda name: None)
+    assert "Python 3.13" in problem and "scipy==1.12.0" in problem
+    assert aitk_python_problem(current=(3, 11)) is None
+    # the checks stage says so before anything is paid for
+    monkeypatch.setattr(bootstrap_module, "aitk_python_problem", lambda: problem)
+    spec = aitk_spec("file:///nowhere", "main")
+    (check,) = [c for c in software_checks(spec, Probes(package_version=lambda p: "1"))
+                if c.name == "python_for_ai_toolkit"]
+    assert check.status == "fail" and check.detail == problem
+    # and the bootstrap refuses to build a venv with an unsupported one
+    monkeypatch.setattr(bootstrap_module, "aitk_python", lambda: None)
+    url, commit = make_fake_aitk(tmp_path)
+    with pytest.raises(StageFailed, match="scipy==1.12.0") as failed:
+        bootstrap(aitk_spec(url, commit), cache_root=tmp_path / "cache", env=aitk_env(),
+                  log=lambda _: None, image_checkouts=())
+    assert failed.value.cause == "python"
+
+
+def test_a_checkout_at_another_commit_is_reported(tmp_path: Path) -> None:
+    url, commit = make_fake_aitk(tmp_path)
+    image = url.removeprefix("file://")
+    pin = "27a03a91f23eb1b757d5ec2e80ee3e129cfcc350"
+    logged: list[str] = []
+    other = bootstrap(aitk_spec("file:///nowhere", pin), cache_root=tmp_path / "cache",
+                      env=aitk_env(), log=logged.append, image_checkouts=(image,))
+    assert other.source == "image" and other.commit == commit
+    assert f"is at {commit}, not the pinned {pin}" in other.pin_mismatch
+    assert any(line.startswith("warning: the ai-toolkit at") for line in logged)
+    same = bootstrap(aitk_spec("file:///nowhere", commit[:12]), cache_root=tmp_path / "cache",
+                     env=aitk_env(), log=logged.append, image_checkouts=(image,))
+    assert same.pin_mismatch is None
 
 
 class HubHandler(BaseHTTPRequestHandler):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from remote.progress import LogWatcher, parse_progress, progress_main, recognise_error
+from remote.progress import (LogWatcher, parse_bar, parse_progress, progress_main,
+                             recognise_error)
 
 REF = "my_lora:  10%|#         | 200/2000 [06:40<1:00:00,  2.00s/it, lr: 1.0e-04 loss: 4.211e-01]"
 
@@ -58,8 +59,9 @@ def _close(a: float | None, b: float | None) -> bool:
 
 @pytest.mark.parametrize("line,expected", CASES, ids=[str(i) for i in range(len(CASES))])
 def test_line_variants(line: str, expected: tuple) -> None:
-    p = parse_progress(line)
-    assert p is not None
+    bar = parse_bar(line)
+    assert bar is not None
+    p = bar[2]
     got = (p.step, p.total, p.loss, p.lr, p.s_per_step, p.eta_s, p.elapsed_s)
     assert all(_close(g, e) for g, e in zip(got, expected)), got
 
@@ -122,8 +124,10 @@ def test_watcher_incremental_byte_by_byte() -> None:
     for i in range(len(log.encode())):  # every split point, multi-byte block characters included
         events += watcher.feed(log.encode()[i:i + 1])
     kinds = [e.kind for e in events]
-    assert kinds == ["progress", "progress", "saving", "checkpoint", "progress"]
-    assert [e.progress.step for e in events if e.kind == "progress"] == [0, 250, 251]
+    # the 0/500 bar has no lr:/loss: yet (a bar, not progress); training again ends a save that
+    # printed no optimizer line
+    assert kinds == ["bar", "progress", "saving", "checkpoint", "saved", "progress"]
+    assert [e.progress.step for e in events if e.kind == "progress"] == [250, 251]
     saved = events[3]
     assert saved.path == "C:\\runs\\my_lora\\my_lora_000000250.safetensors" and saved.step == 250
     assert watcher.saves == 1 and not watcher.saving
@@ -146,12 +150,12 @@ OTHER_BARS_LOG = (
 def test_other_tqdm_bars_are_not_training_progress() -> None:
     named = LogWatcher("my_lora")
     steps = [e.progress.step for e in named.feed(OTHER_BARS_LOG.encode()) if e.kind == "progress"]
-    assert steps == [0, 50, 50, 51]
-    unnamed = LogWatcher()  # learns the training bar from its loss postfix
+    assert steps == [50, 50]  # the job's bar with lr:/loss: only
+    unnamed = LogWatcher()  # learns the training bar from its lr:/loss: postfix
     steps = [e.progress.step for e in unnamed.feed(OTHER_BARS_LOG.encode()) if e.kind == "progress"]
-    assert steps == [50, 50, 51]
-    assert (parse_progress(OTHER_BARS_LOG).step, parse_progress(OTHER_BARS_LOG).total) == (51, 500)
-    assert parse_progress(OTHER_BARS_LOG.split("\n")[0]).total == 2  # no training bar: the last bar
+    assert steps == [50, 50]
+    assert (parse_progress(OTHER_BARS_LOG).step, parse_progress(OTHER_BARS_LOG).total) == (50, 500)
+    assert parse_progress(OTHER_BARS_LOG.split("\n")[0]) is None  # no training bar, no step
 
 
 def test_watcher_saving_state_and_final_checkpoint_step() -> None:
@@ -163,7 +167,10 @@ def test_watcher_saving_state_and_final_checkpoint_step() -> None:
     assert events == [] and watcher.saving  # the path may not be complete yet
     (event,) = watcher.feed(b"\n")
     assert (event.kind, event.step, event.path) == ("checkpoint", 40, "/w/out/demo/demo.safetensors")
-    assert not watcher.saving
+    assert watcher.saving and not watcher.final_saved  # optimizer.pt is written after the LoRA
+    (event,) = watcher.feed(b"Saved optimizer to /w/out/demo/optimizer.pt\n")
+    assert event.kind == "saved" and not watcher.saving and watcher.final_saved
+    assert watcher.phase == "final sampling"
 
 
 def test_watcher_records_first_error() -> None:
@@ -204,3 +211,16 @@ def test_cli_entry_point(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "remote", "progress", str(log)],
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["step"] == 200
+
+
+def test_a_redraw_at_the_same_count_does_not_end_a_save() -> None:
+    """tqdm's monitor thread may refresh the bar while ai-toolkit saves (the count unchanged):
+    the save is over at "Saved optimizer to", or at a later step for a trainer without it."""
+    bar = "\rdemo:  25%|##5       | {n}/40 [00:01<00:03, 10.00it/s, lr: 1.0e-04 loss: 2.0e-01]"
+    watcher = LogWatcher("demo")
+    watcher.feed((bar.format(n=10) + "\nSaving at step 10\n"
+                  "Saved checkpoint to /o/demo/demo_000000010.safetensors\n").encode())
+    watcher.feed(bar.format(n=10).encode() + b"\n")
+    assert watcher.saving and watcher.saves == 0 and watcher.phase == "saving"
+    assert [e.kind for e in watcher.feed(bar.format(n=11).encode() + b"\n")] == ["saved", "progress"]
+    assert not watcher.saving and watcher.saves == 1

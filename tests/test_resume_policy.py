@@ -24,13 +24,16 @@ from controller.spec.model import RunSpec
 from remote.costguard import CostGuard
 from remote.plan import load_plan, make_plan, write_json_atomic
 from remote.resume import (MARKER, ResumeError, ResumePolicy, copy_with_step, inspect_source,
-                           read_marker, run_rank, setting_of)
+                           lora_is_whole, optimizer_is_whole, read_marker, run_rank,
+                           set_aside_unloadable, setting_of)
 from remote.runner import Runner, trainer_pids
 from remote.status import read_events, read_status
 from remote.train import default_stop_policy, run_training
 from remote.trainers import checkpoints as ck
 from remote.trainers.lora import inject_lora, lora_state_dict
 from remote.trainers.model import build_base_model
+from tests.aitk_standin import MODULES as STANDIN_MODULES
+from tests.aitk_standin import SCRIPT as STANDIN
 from tests.test_runner import agent, run_agent, tiny_spec, wait_for
 from tests.test_train_supervision import Recorder, fake_ctx
 
@@ -198,7 +201,7 @@ def test_run_rank_follows_overrides() -> None:
 # -- hard_stop ----------------------------------------------------------------------------------
 def test_hard_stop_does_not_wait_for_the_next_save(tmp_path: Path) -> None:
     rec = Recorder()
-    ctx = fake_ctx(rec, tmp_path, {"FAKE_STEPS": "400", "FAKE_SAVE_EVERY": "10"}, total=400,
+    ctx = fake_ctx(rec, tmp_path, {}, steps=400, save_every=10,
                    stop_now=lambda: bool(rec.progress) and rec.progress[-1].step >= 12)
     assert default_stop_policy(ctx.command) == "after_next_save"
     result = run_training(ctx)
@@ -213,7 +216,7 @@ def test_hard_stop_does_not_wait_for_the_next_save(tmp_path: Path) -> None:
 def test_hard_stop_cuts_short_a_graceful_wait(tmp_path: Path) -> None:
     # a graceful stop at step 2 would wait for the save at 10; the cap's hard stop at 5 does not
     rec = Recorder(stop_when=lambda r: bool(r.progress) and r.progress[-1].step >= 2)
-    ctx = fake_ctx(rec, tmp_path, {"FAKE_STEPS": "400", "FAKE_SAVE_EVERY": "10"}, total=400,
+    ctx = fake_ctx(rec, tmp_path, {}, steps=400, save_every=10,
                    stop_now=lambda: bool(rec.progress) and rec.progress[-1].step >= 5)
     result = run_training(ctx)
     assert result.state == "stopped" and rec.checkpoints == [], result.log_tail
@@ -227,24 +230,24 @@ def test_hard_stop_never_cuts_a_save(tmp_path: Path) -> None:
     saving = out / "fake_000000010.safetensors"
     seen_mid_save = []
 
-    def mid_save() -> bool:
-        if saving.is_file() and saving.read_text() == "partial":
+    def mid_save() -> bool:  # the LoRA is written, its optimizer state not yet
+        if saving.is_file() and not (out / "optimizer.pt").is_file():
             seen_mid_save.append(True)
         return bool(seen_mid_save)
 
     rec = Recorder()
-    ctx = fake_ctx(rec, tmp_path, {"FAKE_STEPS": "400", "FAKE_SAVE_EVERY": "10",
-                                   "FAKE_SAVE_DELAY": "0.5"}, total=400, stop_now=mid_save)
+    ctx = fake_ctx(rec, tmp_path, {"AITK_STANDIN_SAVE_DELAY": "0.5"}, steps=400, save_every=10,
+                   stop_now=mid_save)
     result = run_training(ctx)
     assert result.state == "stopped" and seen_mid_save
-    assert saving.read_text() == "complete" and result.last_checkpoint == saving
+    assert lora_is_whole(saving) and optimizer_is_whole(out / "optimizer.pt")
+    assert result.last_checkpoint == saving
     assert not (out / "fake_000000020.safetensors").exists()
 
 
 def test_graceful_callers_are_unchanged(tmp_path: Path) -> None:
     rec = Recorder(stop_when=lambda r: bool(r.progress) and r.progress[-1].step >= 12)
-    result = run_training(fake_ctx(rec, tmp_path, {"FAKE_STEPS": "400", "FAKE_SAVE_EVERY": "10"},
-                                   total=400))
+    result = run_training(fake_ctx(rec, tmp_path, {}, steps=400, save_every=10))
     assert result.state == "stopped"
     assert result.last_checkpoint == tmp_path / "output" / "fake" / "fake_000000020.safetensors"
 
@@ -389,34 +392,11 @@ def test_a_rank_mismatch_fails_before_training(tmp_path: Path, small_dataset: Pa
     assert not (run_dir / "output").exists()
 
 
-FAKE_AITK_SAVING_LORAS = '''\
-"""An ai-toolkit stand-in (no save on SIGTERM) whose checkpoints are real LoRA files."""
-import os, sys, time
-from pathlib import Path
-from remote.resume import copy_with_step
-
-out, lora = Path(os.environ["FAKE_OUT"]), Path(os.environ["FAKE_LORA"])
-out.mkdir(parents=True, exist_ok=True)
-total = 400
-for step in range(1, total + 1):
-    time.sleep(0.05)
-    sys.stderr.write(f"\\rdemo_lora: {step * 100 // total:3d}%|#         | {step}/{total} "
-                     f"[00:{step % 60:02d}<00:10,  2.00s/it, lr: 1.0e-04 loss: 4.0e-01]")
-    sys.stderr.flush()
-    if step == 10 or step % 200 == 0:  # a graceful stop would wait for step 200's save
-        print(f"Saving at step {step}", flush=True)
-        path = out / f"demo_lora_{step:09d}.safetensors"
-        copy_with_step(lora, path, step)
-        print(f"Saved checkpoint to {path}", flush=True)
-'''
-
-
 def test_the_agent_hard_stops_an_ai_toolkit_like_trainer_and_publishes(
         tmp_path: Path, small_dataset: Path) -> None:
-    script = tmp_path / "fake_aitk.py"
-    script.write_text(FAKE_AITK_SAVING_LORAS)
-    lora = tiny_lora(tmp_path / "lora.safetensors")
-    spec = tiny_spec(small_dataset, steps=400, command=[sys.executable, str(script), "{config}"])
+    """The ai-toolkit stand-in (no save on SIGTERM) saves at step 10, then every 200 steps."""
+    spec = tiny_spec(small_dataset, steps=400, save_every=200,
+                     command=[sys.executable, str(STANDIN), "{config}"])
     spec["budget"]["on_cap"] = "hard_stop"
     run_dir = tmp_path / "runs" / "r1"
     out = run_dir / "output" / NAME
@@ -428,8 +408,8 @@ def test_the_agent_hard_stops_an_ai_toolkit_like_trainer_and_publishes(
     def clock() -> float:  # ten minutes ($6 of $5) pass once the first checkpoint is saved
         return time.time() + (600 if first_save.is_file() else 0)
 
-    runner = Runner(plan, env={**os.environ, "FAKE_OUT": str(out), "FAKE_LORA": str(lora)},
-                    clock=clock)
+    runner = Runner(plan, env={**os.environ, "AITK_STANDIN_SAVE_AT": "10",
+                               "AITK_STANDIN_DELAY": "0.05"}, clock=clock)
     try:
         assert runner.run() == 0, (run_dir / "agent.log").read_text()[-3000:]
     finally:
@@ -444,3 +424,79 @@ def test_the_agent_hard_stops_an_ai_toolkit_like_trainer_and_publishes(
     receipt = json.loads((run_dir / "publish" / "receipt.json").read_text())
     assert receipt["state"] == "stopped"
     assert ck.read_step(run_dir / "publish" / f"{NAME}.safetensors") == 10
+
+
+# -- what ai-toolkit will really load, and saves cut short --------------------------------------
+def flux_lora(path: Path, keys: dict[str, list[int]], step: int = 6) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path),
+              metadata={"training_info": json.dumps({"step": step})})
+    return path
+
+
+FLUX_Q = "transformer.transformer_blocks.0.attn.to_q"
+
+
+def test_an_outside_lora_must_fit_what_ai_toolkit_looks_for(tmp_path: Path) -> None:
+    """ai-toolkit loads a LoRA non-strictly (network_mixins.load_weights): keys its Flux network
+    lacks are dropped with a "Missing keys" line. Such a file is refused before anything runs."""
+    good = flux_lora(tmp_path / "good.safetensors", {f"{FLUX_Q}.lora_A.weight": [4, 3072],
+                                                     f"{FLUX_Q}.lora_B.weight": [3072, 4]})
+    assert inspect_source(good, rank=4, flux_keys=True).pairs == 1
+    sd = flux_lora(tmp_path / "sd.safetensors", {"unet.down_blocks.0.attn.to_q.lora_A.weight": [4, 320],
+                                                 "unet.down_blocks.0.attn.to_q.lora_B.weight": [320, 4]})
+    inspect_source(sd, rank=4)  # pairs of the right rank: the tiny trainer's check passes
+    with pytest.raises(ResumeError, match="no tensor ai-toolkit would load.*Missing keys"):
+        inspect_source(sd, rank=4, flux_keys=True)
+    shape = flux_lora(tmp_path / "shape.safetensors", {f"{FLUX_Q}.lora_A.weight": [4, 320],
+                                                       f"{FLUX_Q}.lora_B.weight": [3072, 4]})
+    with pytest.raises(ResumeError, match=r"lora_A.weight has shape \[4, 320\]"):
+        inspect_source(shape, rank=4, flux_keys=True)
+
+
+def test_missing_keys_after_the_trainer_starts_fail_the_run(tmp_path: Path) -> None:
+    """ai-toolkit prints "Missing keys: []" on every load; a non-empty list means the LoRA it
+    resumed from did not load, and it would go on training from zero."""
+    out = tmp_path / "output" / "fake"
+    flux_lora(out / "fake_000000006.safetensors",
+              {"lora_unet_double_blocks_0_img_attn_qkv.lora_A.weight": [4, 3072],
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_B.weight": [9216, 4]})
+    rec = Recorder()
+    result = run_training(fake_ctx(rec, tmp_path, {}, steps=20, max_retries=2))
+    assert (result.state, result.cause, result.attempts) == ("failed", "missing_keys", 1)
+    assert "Missing keys: ['lora_unet_double_blocks_0_img_attn_qkv" in result.error
+    clean = tmp_path / "clean"  # a save of the stand-in's own network loads: "Missing keys: []"
+    flux_lora(clean / "output" / "fake" / "fake_000000006.safetensors",
+              {f"{m}.lora_{ab}.weight": [4, 3072] if ab == "A" else [3072, 4]
+               for m in STANDIN_MODULES for ab in "AB"})
+    rec = Recorder()
+    assert run_training(fake_ctx(rec, clean, {}, steps=12)).state == "done"
+    assert "Missing keys: []" in rec.text  # the line ai-toolkit always prints is no failure
+
+
+def test_a_save_cut_in_half_is_set_aside_before_the_retry(tmp_path: Path) -> None:
+    """SIGKILL in the middle of a save leaves half a LoRA; ai-toolkit resumes from the newest save
+    by ctime and would crash on it at every retry."""
+    rec = Recorder()
+    ctx = fake_ctx(rec, tmp_path, {"AITK_STANDIN_KILL_IN_SAVE": "15"}, steps=30, max_retries=1)
+    result = run_training(ctx)
+    assert (result.state, result.attempts) == ("done", 2), result.log_tail
+    out = tmp_path / "output" / "fake"
+    (aside,) = out.glob("unloadable-*")
+    assert [p.name for p in aside.iterdir()] == ["fake_000000015.safetensors"]
+    assert not lora_is_whole(aside / "fake_000000015.safetensors")
+    assert "Found step 10 in metadata" in rec.text and "moved to" in rec.text
+    assert lora_is_whole(out / "fake_000000015.safetensors")  # saved again, whole
+
+
+def test_set_aside_unloadable_keeps_whole_saves(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    old = flux_lora(out / "x_000000005.safetensors", {f"{FLUX_Q}.lora_A.weight": [4, 3072]})
+    assert set_aside_unloadable(out, "x") is None  # nothing broken: nothing moved
+    newest = out / "x_000000010.safetensors"
+    newest.write_bytes(old.read_bytes()[:200])
+    (out / "optimizer.pt").write_bytes(b"PK\x03\x04 half a zip")
+    aside = set_aside_unloadable(out, "x", clock=lambda: 0.0)
+    assert aside == out / "unloadable-19700101-000000"
+    assert sorted(p.name for p in aside.iterdir()) == ["optimizer.pt", "x_000000010.safetensors"]
+    assert old.is_file() and lora_is_whole(old)

@@ -267,7 +267,7 @@ def test_ai_toolkit_path_bootstraps_and_launches_run_py(tmp_path: Path,
     plan = write_plan(tmp_path, spec, small_dataset)
     run_dir = plan.parent
     record = tmp_path / "launch.json"
-    env = {**aitk_env(FAKE_AITK_RECORD=str(record)), "PYTHONPATH": str(ROOT)}
+    env = {**aitk_env(AITK_STANDIN_RECORD=str(record)), "PYTHONPATH": str(ROOT)}
     # a CPU-only box cannot pass ai-toolkit's GPU checks: describe a GPU machine to the runner
     probes = Probes(run=lambda argv: ("RTX 4090, 24564, 24000, 580.65\n" if "--query-gpu" in
                                       " ".join(argv) else ("CUDA Version: 13.0" if argv == [

@@ -101,8 +101,7 @@ def test_a_hard_stop_after_a_graceful_one_cuts_the_wait_for_the_save(tmp_path: P
             request = StopRequest("hard", "controller cost cap")
             stop.write_text(request.to_json())
 
-    ctx = fake_ctx(rec, tmp_path, {"FAKE_STEPS": "400", "FAKE_SAVE_EVERY": "10"}, total=400,
-                   stop_now=runner.stop_now)
+    ctx = fake_ctx(rec, tmp_path, {}, steps=400, save_every=10, stop_now=runner.stop_now)
     ctx = dataclasses.replace(ctx, stop_requested=runner.stop_requested, on_progress=on_progress)
     try:
         result = run_training(ctx)

@@ -223,7 +223,8 @@ def test_sigterm_during_a_save_finishes_it_then_stops(tmp_path: Path, capsys, mo
     assert calls == [5]  # the stop came during the step-5 save: no second save at the same step
     assert [p.name for p in out.glob("*.safetensors")] == ["demo_000000005.safetensors"]
     assert json.loads(metadata(out / "demo_000000005.safetensors")["training_info"])["step"] == 5
-    assert log.rstrip().endswith("Saved checkpoint to " + str(out / "demo_000000005.safetensors"))
+    assert "Saved checkpoint to " + str(out / "demo_000000005.safetensors") in log
+    assert log.rstrip().endswith("Saved optimizer to " + str(out / "optimizer.pt"))  # whole save
     assert not list(out.glob(".*.tmp"))
 
 

@@ -1,57 +1,22 @@
-"""The train supervisor driving the real tiny trainer and a fake ai-toolkit script."""
+"""The train supervisor driving the real tiny trainer and the ai-toolkit stand-in."""
 
 from __future__ import annotations
 
+import shutil
 import sys
-import textwrap
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from remote.progress import Progress
-from remote.train import (TrainContext, TrainResult, default_stop_policy, render_tail,
-                          run_training, trainer_command)
+from remote.train import (TrainContext, TrainResult, default_stop_policy, read_lora_step,
+                          render_tail, run_training, trainer_command)
+from remote.resume import lora_is_whole
+from tests.aitk_standin import SCRIPT, write_config
 from tests.test_tiny_trainer import write_job
-
-FAKE_AITK = textwrap.dedent('''\
-    """Prints what ai-toolkit prints: a tqdm bar on stderr, save lines on stdout."""
-    import os, signal, sys, time
-    from pathlib import Path
-
-    out = Path(os.environ["FAKE_OUT"])
-    total, every = int(os.environ.get("FAKE_STEPS", "40")), int(os.environ.get("FAKE_SAVE_EVERY", "5"))
-    delay, save_delay = float(os.environ.get("FAKE_DELAY", "0.02")), float(os.environ.get("FAKE_SAVE_DELAY", "0"))
-    if os.environ.get("FAKE_IGNORE_TERM"):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    out.mkdir(parents=True, exist_ok=True)
-    print("Loading Flux model", flush=True)
-    if os.environ.get("FAKE_FAIL"):
-        print(os.environ["FAKE_FAIL"], flush=True)
-        print("Error running job: failed", flush=True)
-        sys.exit(1)
-
-    def save(path, announce=True):
-        if announce:  # ai-toolkit announces its step saves only, not the final one
-            print(f"Saving at step {step}", flush=True)
-        path.write_text("partial")
-        time.sleep(save_delay)
-        path.write_text("complete")
-        print(f"Saved checkpoint to {path}", flush=True)
-
-    for step in range(1, total + 1):
-        time.sleep(delay)
-        pct = step * 100 // total
-        bar = ("\\u2588" * (pct // 10)).ljust(10)
-        sys.stderr.write(f"\\rfake: {pct:3d}%|{bar}| {step}/{total} [00:{step % 60:02d}<00:10,  2.00s/it, "
-                         f"lr: 1.0e-04 loss: 4.0e-01]")
-        sys.stderr.flush()
-        if step % every == 0 and step < total:
-            save(out / f"fake_{step:09d}.safetensors")
-    sys.stderr.write("\\n")
-    save(out / "fake.safetensors", announce=False)
-''')
-
 
 class Recorder:
     """Collects what the supervisor reports; ``stop_when`` decides when a stop is requested."""
@@ -82,15 +47,19 @@ def tiny_ctx(rec: Recorder, config: Path, **kw: Any) -> TrainContext:
     return rec.ctx(config, config.parent / "output" / "demo", "demo", command, **kw)
 
 
-def fake_ctx(rec: Recorder, tmp_path: Path, env: dict[str, str], **kw: Any) -> TrainContext:
-    script = tmp_path / "run.py"
-    script.write_text(FAKE_AITK)
-    config = tmp_path / "job.yaml"
-    config.write_text("job: extension\n")
+def fake_ctx(rec: Recorder, tmp_path: Path, env: dict[str, str], *, steps: int = 40,
+             save_every: int = 5, sample_every: int = 0, prompts: int = 0,
+             **kw: Any) -> TrainContext:
+    """The ai-toolkit stand-in as ``run.py`` of a checkout in ``tmp_path``, job ``fake``."""
+    shutil.copy(SCRIPT, tmp_path / "run.py")
+    config = write_config(tmp_path / "job.yaml", name="fake", training_folder=tmp_path / "output",
+                          steps=steps, save_every=save_every, sample_every=sample_every,
+                          prompts=prompts)
     out = tmp_path / "output" / "fake"
     command = trainer_command({"training": {"trainer": "ai-toolkit"}}, config, tmp_path)
     assert command == [sys.executable, "run.py", str(config)]
-    return rec.ctx(config, out, "fake", command, env={"FAKE_OUT": str(out), **env}, **kw)
+    return rec.ctx(config, out, "fake", command, env=env, total=kw.pop("total", steps),
+                   save_every=save_every, sample_every=sample_every, **kw)
 
 
 def test_tiny_run_to_done(tmp_path: Path) -> None:
@@ -127,7 +96,7 @@ def test_stop_between_saves_then_continue(tmp_path: Path) -> None:
     again = Recorder()
     result = run_training(tiny_ctx(again, config, total=stopped_at + 10))
     assert result.state == "done" and result.step == stopped_at + 10
-    assert again.progress[0].step == stopped_at  # continued, did not start over
+    assert again.progress[0].step == stopped_at + 1  # continued (the first bar has no loss yet)
     assert f"Found step {stopped_at} in metadata" in again.text
 
 
@@ -165,60 +134,73 @@ def test_crash_without_retries_fails_with_cause(tmp_path: Path) -> None:
     assert result.step == 11 and result.final_lora is None
 
 
-@pytest.mark.parametrize("line,cause", [
-    ("requests.exceptions.HTTPError: 401 Client Error: Unauthorized for url: https://hf.co/x",
-     "hf_auth"),
-    ("ImportError: cannot import name 'FluxPipeline' from 'diffusers'", "import_error"),
-    ("OSError: [Errno 28] No space left on device", "disk_full"),
+def whole(path: Path) -> bool:
+    """The file loads: a LoRA whose tensors are all there, or an optimizer archive that opens."""
+    if path.suffix == ".pt":
+        try:
+            return zipfile.ZipFile(path).testzip() is None
+        except (OSError, zipfile.BadZipFile):
+            return False
+    return read_lora_step(path) is not None and lora_is_whole(path)
+
+
+@pytest.mark.parametrize("failure,cause,line", [
+    ("hf_401", "hf_auth", "401 Client Error: Unauthorized"),
+    ("import", "import_error", "cannot import name 'FluxKontextPipeline' from 'diffusers'"),
+    ("disk@save5", "disk_full", "No space left on device"),
 ])
-def test_unfixable_causes_are_not_retried(tmp_path: Path, line: str, cause: str) -> None:
+def test_unfixable_causes_are_not_retried(tmp_path: Path, failure: str, cause: str,
+                                          line: str) -> None:
     rec = Recorder()
-    result = run_training(fake_ctx(rec, tmp_path, {"FAKE_FAIL": line}, max_retries=3))
+    result = run_training(fake_ctx(rec, tmp_path, {"AITK_STANDIN_FAIL": failure}, max_retries=3))
     assert (result.state, result.cause, result.attempts) == ("failed", cause, 1)
-    assert line in result.log_tail
+    assert any(line in tail for tail in result.log_tail)
 
 
 def test_ai_toolkit_stop_waits_for_the_next_save(tmp_path: Path) -> None:
     rec = Recorder(stop_when=lambda r: bool(r.progress) and r.progress[-1].step >= 2)
-    ctx = fake_ctx(rec, tmp_path, {"FAKE_STEPS": "400", "FAKE_SAVE_EVERY": "10"}, total=400)
+    ctx = fake_ctx(rec, tmp_path, {}, steps=400, save_every=10)
     assert default_stop_policy(ctx.command) == "after_next_save"
     result = run_training(ctx)
     assert result.state == "stopped", result.log_tail
     assert result.last_checkpoint == tmp_path / "output" / "fake" / "fake_000000010.safetensors"
-    assert result.last_checkpoint.read_text() == "complete"
+    assert whole(result.last_checkpoint)
     assert rec.checkpoints == [(result.last_checkpoint, 10)]
     assert 10 <= rec.progress[-1].step < 20  # SIGTERM came right after the save
 
 
 @pytest.mark.parametrize("policy", ["after_next_save", "sigterm"])
-def test_stop_during_a_save_never_interrupts_it(tmp_path: Path, policy: str) -> None:
+def test_stop_during_a_save_waits_for_the_optimizer_state(tmp_path: Path, policy: str) -> None:
+    """ai-toolkit prints "Saved checkpoint to" before it writes optimizer.pt
+    (``BaseSDTrainProcess.save``): a stop asked for in between must let that write finish."""
     ckpt = tmp_path / "output" / "fake" / "fake_000000005.safetensors"
-
-    def mid_save(rec: Recorder) -> bool:
-        return ckpt.is_file() and ckpt.read_text() == "partial"
-
-    rec = Recorder(stop_when=mid_save)
-    ctx = fake_ctx(rec, tmp_path, {"FAKE_STEPS": "400", "FAKE_SAVE_DELAY": "0.5"}, total=400,
+    optimizer = ckpt.with_name("optimizer.pt")
+    rec = Recorder(stop_when=lambda r: bool(r.checkpoints))  # "Saved checkpoint to" was read
+    ctx = fake_ctx(rec, tmp_path, {"AITK_STANDIN_SAVE_DELAY": "0.5"}, steps=400,
                    stop_policy=policy)
     result = run_training(ctx)
     assert result.state == "stopped"
-    assert ckpt.read_text() == "complete"
+    assert whole(ckpt) and whole(optimizer), rec.text[-2000:]
+    assert rec.text.rindex(f"Saved optimizer to {optimizer}") > rec.text.rindex("Saved checkpoint")
     assert result.last_checkpoint == ckpt and result.step >= 5
     assert not (tmp_path / "output" / "fake" / "fake_000000010.safetensors").exists()
 
 
+@pytest.mark.parametrize("old_bar", ["0", "1"])
 @pytest.mark.parametrize("policy", ["after_next_save", "sigterm"])
 def test_a_hard_stop_after_the_last_step_lets_the_final_save_finish(tmp_path: Path,
-                                                                   policy: str) -> None:
+                                                                   policy: str,
+                                                                   old_bar: str) -> None:
     """ai-toolkit saves its final LoRA after the last step with no "Saving at step" line; a hard
-    stop that lands then must not cut that file in half."""
+    stop that lands then must not cut the save short. Before the pinned commit the bar never
+    reached total/total (it showed the step index), so that cannot be what tells the end."""
     final = tmp_path / "output" / "fake" / "fake.safetensors"
     rec = Recorder()
-    ctx = fake_ctx(rec, tmp_path, {"FAKE_STEPS": "20", "FAKE_SAVE_EVERY": "1000",
-                                   "FAKE_SAVE_DELAY": "1.0"}, total=20, stop_policy=policy,
+    ctx = fake_ctx(rec, tmp_path, {"AITK_STANDIN_SAVE_DELAY": "1.0", "AITK_STANDIN_OLD_BAR": old_bar},
+                   steps=20, save_every=1000, stop_policy=policy,
                    stop_now=lambda: final.is_file())  # the final save has begun
     result = run_training(ctx)
-    assert final.read_text() == "complete"  # whole: the stop waited for the final save
+    assert whole(final) and whole(final.with_name("optimizer.pt")), rec.text[-2000:]
     # then stopped (ai-toolkit would go on sampling) or already ended: the final LoRA is kept
     assert result.state in ("stopped", "done") and result.step == 20, result.log_tail
     assert result.last_checkpoint == final
@@ -226,7 +208,7 @@ def test_a_hard_stop_after_the_last_step_lets_the_final_save_finish(tmp_path: Pa
 
 def test_sigkill_after_the_grace_period(tmp_path: Path) -> None:
     rec = Recorder(stop_when=lambda r: bool(r.progress))
-    ctx = fake_ctx(rec, tmp_path, {"FAKE_STEPS": "4000", "FAKE_IGNORE_TERM": "1"}, total=4000,
+    ctx = fake_ctx(rec, tmp_path, {"AITK_STANDIN_IGNORE_TERM": "1"}, steps=4000,
                    stop_policy="sigterm", grace_s=0.3)
     result = run_training(ctx)
     assert result.state == "stopped"
@@ -270,3 +252,45 @@ def test_render_tail_shows_the_last_redraw() -> None:
 def test_result_is_json_ready() -> None:
     result = TrainResult("failed", None, Path("/x/y.safetensors"), 3, "boom", "cuda_oom", ["l"], 1.5)
     assert result.to_dict()["last_checkpoint"] == "/x/y.safetensors"
+
+
+@pytest.mark.parametrize("failure,cause", [
+    ("oom@3", "cuda_oom"),  # torch.OutOfMemoryError
+    ("cuda_async@3", "cuda_oom"),  # "CUDA error: out of memory" from an asynchronous kernel
+    ("oom_steps@3", "cuda_oom"),  # ai-toolkit's own abort after three skipped batches
+    ("import", "import_error"), ("module", "import_error"),
+    ("hf_401", "hf_auth"), ("hf_gated", "hf_auth"), ("no_config", "hf_auth"),
+    ("disk@save5", "disk_full"),
+])
+def test_causes_are_recognised_from_the_real_text(tmp_path: Path, failure: str,
+                                                   cause: str) -> None:
+    rec = Recorder()
+    result = run_training(fake_ctx(rec, tmp_path, {"AITK_STANDIN_FAIL": failure}))
+    assert (result.state, result.cause) == ("failed", cause), result.log_tail
+
+
+def test_a_silent_phase_is_a_stall_named_after_it(tmp_path: Path) -> None:
+    """The baseline sampling is known to hang with no output; a clock 100x faster than the wall
+    stands for its budget running out."""
+    deadline = time.monotonic() + 60  # on code that does not see stalls, the test ends anyway
+    rec = Recorder(stop_when=lambda r: time.monotonic() > deadline)
+    ctx = fake_ctx(rec, tmp_path, {"AITK_STANDIN_HANG": "baseline"},
+                   clock=lambda: time.monotonic() * 100)
+    ctx.stall_budgets = {**ctx.stall_budgets, "baseline sampling": 50.0}
+    result = run_training(ctx)
+    assert (result.state, result.cause) == ("failed", "stall"), result.log_tail
+    assert "printed nothing" in result.error and "during baseline sampling" in result.error
+    assert "[train] stall: the trainer printed nothing" in rec.text
+
+
+def test_a_stall_after_the_final_save_keeps_the_lora(tmp_path: Path) -> None:
+    """Hung in the final samples: the final LoRA and its optimizer state are saved, the run is
+    done (a retry would only save it again)."""
+    deadline = time.monotonic() + 60
+    rec = Recorder(stop_when=lambda r: time.monotonic() > deadline)
+    ctx = fake_ctx(rec, tmp_path, {"AITK_STANDIN_HANG": "final"}, steps=12,
+                   clock=lambda: time.monotonic() * 100)
+    ctx.stall_budgets = {**ctx.stall_budgets, "final sampling": 50.0}
+    result = run_training(ctx)
+    assert result.state == "done" and result.final_lora is not None, result.log_tail
+    assert "during final sampling" in rec.text

@@ -78,8 +78,11 @@ def bootstrap(run: "Runner") -> tuple[str, dict[str, Any]]:
     result = install(run.spec, cache_root=cache_root,
                      env=run.trainer_env(), log=run.log.agent,
                      driver=(detail.get("gpu") or {}).get("driver"),
+                     cuda=(detail.get("gpu") or {}).get("cuda"),
                      base_model=base_model_path(run.spec),
                      image_checkouts=run.image_checkouts if run.image_checkouts is not None
                      else IMAGE_CHECKOUTS)
     run.log.agent(f"bootstrap: {result.source}, hf access {result.hf_access}")
+    if result.pin_mismatch:
+        run.warn(result.pin_mismatch)
     return "done", result.to_dict()

@@ -38,6 +38,8 @@ def config(run: "Runner") -> tuple[str, dict[str, Any]]:
     return "done", {"config_path": str(path), "steps": process["train"]["steps"],
                     "save_every": process["save"]["save_every"],
                     "rank": process["network"]["linear"],
+                    "sample_every": (None if process.get("train", {}).get("disable_sampling")
+                                     else process.get("sample", {}).get("sample_every")),
                     "prompts": process.get("sample", {}).get("prompts", [])}
 
 
@@ -60,7 +62,8 @@ class TrainingMonitor:
                                      "lr": progress.lr, "t": now}) + "\n")
         reason = run.guard.check(step=progress.step, s_per_step=progress.s_per_step,
                                  save_every=run.detail("config").get("save_every"),
-                                 saves_ahead=self.saves_ahead)
+                                 saves_ahead=self.saves_ahead,
+                                 next_saves_s=progress.next_saves_s)
         # a hard cap also cuts short a graceful stop (STOP file) that is still waiting for a save
         if reason and not run.hard_stopped and (run.stop_reason is None or run.guard.hard):
             run.recorder.event("costguard", reason=reason, spend_usd=run.guard.spend(),
@@ -102,7 +105,8 @@ def train(run: "Runner") -> tuple[str, dict[str, Any]]:
         on_checkpoint=monitor.on_checkpoint,
         max_retries=int((run.spec.get("training") or {}).get("max_retries", 1)),
         total_steps=int(settings["steps"]), cwd=Path(aitk_dir) if aitk_dir else run.run_dir,
-        stop_now=run.stop_now, pid_file=run.work / PID_FILE)
+        stop_now=run.stop_now, pid_file=run.work / PID_FILE,
+        save_every=settings.get("save_every"), sample_every=settings.get("sample_every"))
     result = run_training(context)
     run.log.flush()
     run.record_wandb_url()
@@ -147,10 +151,12 @@ def resume_policy(run: "Runner") -> "ResumePolicy":
     from remote.resume import ResumePolicy, run_rank, setting_of
 
     rank = run.detail("config").get("rank") or run_rank(run.spec)
+    training = run.spec.get("training") or {}
+    aitk = training.get("trainer", "ai-toolkit") == "ai-toolkit" and not training.get("command")
     return ResumePolicy(setting_of(run.spec), run_dir=run.run_dir,
                         run_id=run.plan["run_id"], dataset_dir=Path(run.plan["dataset_dir"]),
                         output_dir=run.output / run.name, name=run.name, rank=int(rank),
-                        clock=run.clock)
+                        clock=run.clock, flux_keys=aitk)
 
 
 def check_resume_source(run: "Runner") -> None:

@@ -260,15 +260,20 @@ class TinyTrainer:
                 else ck.step_path(self.out_dir, cfg.name, step))
         dtype = SAVE_DTYPES.get(cfg.save_dtype.lower(), torch.float16)
         ck.save_lora_atomic(path, lora_state_dict(self.model, dtype), self._metadata(step))
-        ck.torch_save_atomic(self.out_dir / "optimizer.pt", {
+        # ai-toolkit's order (BaseSDTrainProcess.save): the LoRA is announced, then the
+        # optimizer state is written and announced, then old saves are pruned
+        self.out.line(f"Saved checkpoint to {path}")
+        optimizer = self.out_dir / "optimizer.pt"
+        ck.torch_save_atomic(optimizer, {
             "step": step,
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
             "lora": lora_state_dict(self.model),
         })
-        ck.prune(self.out_dir, cfg.name, cfg.max_step_saves_to_keep)
+        self.out.line(f"Saved optimizer to {optimizer}")
+        for old in ck.prune(self.out_dir, cfg.name, cfg.max_step_saves_to_keep):
+            self.out.line(f"Removing old save: {old}")
         self.last_saved = step
-        self.out.line(f"Saved checkpoint to {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

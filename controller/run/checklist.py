@@ -10,7 +10,6 @@ capped). rich-free: ``controller.ui`` draws the rows, and so does any other repo
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 

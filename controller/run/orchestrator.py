@@ -15,7 +15,6 @@ the ``vast``, ``ssh`` and ``local`` providers (``controller.providers``).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from controller.run.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower,
                                request_stop)
 from controller.untrusted import UntrustedInput, clean_text, number, text_field
 from controller.hosts.ssh import SshHost
-from controller.run.states import run_lock
+from controller.run.states import run_lock, spec_of
 from controller.run.ship import (remove_secrets, secrets_for, secrets_path, secrets_payload,
                                 start_agent, upload_run, write_plan)
 
@@ -75,12 +74,6 @@ class Outcome:
                 "out_dir": self.out_dir, "bundle": self.bundle, "spend_usd": self.spend_usd,
                 "est_usd": self.est_usd, "budget_usd": self.budget_usd, "error": self.error,
                 "detached": self.detached, "receipt": self.receipt}
-
-
-def spec_of(run: dict[str, Any]) -> "RunSpec":
-    from controller.spec.model import RunSpec
-
-    return RunSpec.model_validate(json.loads(run["spec_json"]))
 
 
 class Orchestrator:
@@ -594,7 +587,7 @@ class Orchestrator:
             return self._down(run_id, force=force)
 
     def _down(self, run_id: str, *, force: bool) -> Outcome:
-        run = self._run(run_id)
+        self._run(run_id)  # an unknown run id fails here, before anything is destroyed
         fetched: dict[str, Any] = {}
         if self.journal.current_instance(run_id) is not None and not force:
             try:

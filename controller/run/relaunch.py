@@ -201,7 +201,7 @@ def _try_restart(orch: "Orchestrator", run: dict[str, Any], seen: str | None) ->
     waits long under the provider's readiness deadlines). An outbid Vast instance stays stopped
     until its bid wins again (vast-cli ``vastai/SKILL.md``: "When outbid, the instance moves to
     `stopped`"), so this usually fails."""
-    from controller.run.orchestrator import spec_of
+    from controller.run.states import spec_of
 
     run_id = run["run_id"]
     orch.reporter.note(f"the lost machine holds a newer checkpoint ({seen}) than the one at "

@@ -8,16 +8,18 @@ controller that died can look at the state and carry on from there (``controller
 from __future__ import annotations
 
 import fcntl
+import json
 import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from controller.errors import RunError
 
 if TYPE_CHECKING:
     from controller.journal import Journal
+    from controller.spec.model import RunSpec
 
 PLANNED = "planned"
 RENTING = "renting"
@@ -69,3 +71,10 @@ def run_lock(journal: "Journal", run_id: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def spec_of(run: dict[str, Any]) -> "RunSpec":
+    """The spec the user launched, as the journal keeps it (never the copy the instance wrote)."""
+    from controller.spec.model import RunSpec
+
+    return RunSpec.model_validate(json.loads(run["spec_json"]))

@@ -20,6 +20,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from remote.publish.report_html import DASH
+
 if TYPE_CHECKING:
     from controller.journal import Journal
 
@@ -171,6 +173,24 @@ def losses_svg(runs: list[dict[str, Any]], *, width: int = 760, height: int = 30
     return "".join(parts)
 
 
+def sample_prompts(runs: list[dict[str, Any]]) -> list[str]:
+    """The prompts the runs sampled, from the first bundle's ``run.yaml`` (every run of a batch
+    samples the same prompts), with the trigger word filled in; [] when none can be read."""
+    import yaml
+
+    from remote.publish.model_card import fill_trigger
+
+    for run in runs:
+        try:
+            spec = yaml.safe_load((Path(run["bundle"]) / "run.yaml").read_text(encoding="utf-8"))
+            prompts = spec["training"]["sample"]["prompts"]
+        except (OSError, TypeError, KeyError, yaml.YAMLError):
+            continue
+        if isinstance(prompts, list):
+            return [fill_trigger(str(p), spec.get("trigger_word")) for p in prompts]
+    return []
+
+
 def samples_table(runs: list[dict[str, Any]]) -> str:
     """Final samples side by side: a column per run, a row per prompt (same prompt and seed)."""
     from remote.publish.report_html import thumbnail_data_uri
@@ -179,6 +199,7 @@ def samples_table(runs: list[dict[str, Any]]) -> str:
     shown = [(run, samples) for run, samples in shown if samples]
     if not shown:
         return '<p class="muted">No samples.</p>'
+    texts = sample_prompts([run for run, _ in shown])
     prompts = sorted({idx for _, samples in shown for idx in samples})
     head = "".join(f"<th>{html.escape(run_caption(run))}</th>" for run, _ in shown)
     rows = []
@@ -186,36 +207,59 @@ def samples_table(runs: list[dict[str, Any]]) -> str:
         cells = []
         for _, samples in shown:
             uri = thumbnail_data_uri(samples[idx]) if idx in samples else None
-            cells.append(f'<td><img src="{uri}" alt="prompt {idx}"></td>' if uri else "<td>-</td>")
-        rows.append(f"<tr><th>prompt {idx}</th>{''.join(cells)}</tr>")
-    return f'<table class="grid"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
+            cells.append(f'<td><img src="{uri}" alt="prompt {idx + 1}"></td>' if uri
+                         else f"<td>{DASH}</td>")
+        label = texts[idx] if idx < len(texts) else f"prompt {idx + 1}"
+        rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
+    return f'<table class="grid"><tr><th>prompt</th>{head}</tr>{"".join(rows)}</table>'
 
 
-def _cell(value: Any, fmt: str = "{}") -> str:
-    return "-" if value is None else html.escape(fmt.format(value))
+def _cell(value: Any) -> str:
+    from remote.publish.report_html import human
+
+    return human(value)
+
+
+def _result(run: dict[str, Any]) -> str:
+    css = {"done": "ok", "skipped": "warn", "stopped": "warn"}.get(run["state"], "bad")
+    text = f'<span class="{css}">{html.escape(str(run["result"]))}</span>'
+    if run.get("error"):
+        text += f'<br><span class="muted">{html.escape(str(run["error"]))}</span>'
+    return text
 
 
 def render_html(summary: dict[str, Any], runs: list[dict[str, Any]]) -> str:
-    from remote.publish.report_html import CSS
+    from remote.publish.report_html import CSS, duration, usd
 
     varied = summary.get("varied") or []
     head = "".join(f"<th>{html.escape(k)}</th>" for k in
-                   ["run", *varied, "result", "hours", "$", "final loss", "s/step", "GPU"])
+                   ["run", *varied, "result", "time", "cost", "final loss", "s/step", "GPU"])
     body = []
     for run in runs:
         cells = [run["name"], *[run["params"].get(k) for k in varied]]
+        hours = run["hours"]
+        loss, sps = run["final_loss"], run["s_per_step"]
         body.append("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in cells)
-                    + f"<td>{_cell(run['result'])}</td><td>{_cell(run['hours'], '{:.3f}')}</td>"
-                    f"<td>{_cell(run['usd'], '{:.2f}')}</td>"
-                    f"<td>{_cell(run['final_loss'], '{:.4f}')}</td>"
-                    f"<td>{_cell(run['s_per_step'], '{:.2f}')}</td><td>{_cell(run['gpu'])}</td>"
-                    "</tr>")
-    title = html.escape(f"batch {summary.get('name')}")
-    spend = (f"${summary['spent_usd']:.2f} spent of ${float(summary.get('budget_usd') or 0):.2f}"
-             f" ({html.escape(str(summary.get('state')))})")
-    return ("<!doctype html><html><head><meta charset=\"utf-8\">"
-            f"<title>{title}</title><style>{CSS}</style></head><body>"
-            f"<h1>{title}</h1><p>{spend}</p>"
-            f"<h2>Runs</h2><table class=\"grid\"><tr>{head}</tr>{''.join(body)}</table>"
+                    + f"<td>{_result(run)}</td>"
+                    f"<td>{duration(hours * 3600) if isinstance(hours, (int, float)) else DASH}</td>"
+                    f"<td>{usd(run['usd'])}</td>"
+                    f"<td>{f'{loss:.4f}' if isinstance(loss, (int, float)) else DASH}</td>"
+                    f"<td>{f'{sps:.2f}' if isinstance(sps, (int, float)) else DASH}</td>"
+                    f"<td>{_cell(run['gpu'])}</td></tr>")
+    title = html.escape(f"batch {summary.get('name') or summary.get('batch_id')}")
+    done = sum(1 for run in runs if run["state"] == "done")
+    cards = [("state", _cell(summary.get("state"))), ("runs done", f"{done} / {len(runs)}"),
+             ("spent", f"{usd(summary.get('spent_usd'))} <span class=\"muted\">of "
+                       f"{usd(summary.get('budget_usd'))}</span>"),
+             ("in parallel", _cell(summary.get("max_parallel")))]
+    headline = '<div class="cards">' + "".join(
+        f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div></div>'
+        for k, v in cards) + "</div>"
+    return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f"<title>{title}: flux-remote batch report</title><style>{CSS}</style></head><body>"
+            f"<h1>{title}</h1>{headline}"
+            f"<h2>Runs</h2><table><tr>{head}</tr>{''.join(body)}</table>"
+            f"<h2>Final samples</h2>{samples_table(runs)}"
             f"<h2>Loss</h2>{losses_svg(runs)}"
-            f"<h2>Final samples</h2>{samples_table(runs)}</body></html>\n")
+            '<p class="muted">Made by flux-remote. This page is self-contained: it loads nothing '
+            "from the network.</p></body></html>\n")

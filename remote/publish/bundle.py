@@ -147,6 +147,15 @@ def sample_grid(samples_dir: Path) -> dict[int, dict[int, Path]]:
     return grid
 
 
+def checkpoint_steps(spec: dict[str, Any], done: Any) -> list[int]:
+    """The steps the trainer saved at: every ``save_every`` before ``done``, and ``done``."""
+    if not isinstance(done, int) or done <= 0:
+        return []
+    every = (spec.get("training") or {}).get("save_every")
+    saves = list(range(every, done, every)) if isinstance(every, int) and every > 0 else []
+    return saves + [done]
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -187,7 +196,8 @@ def pack_run(*, plan: dict[str, Any], status: dict[str, Any], lora: Path, config
                            sample_grid=grid, prompts=filled,
                            gate=_read_json(work / "quality_report.json"),
                            excluded=_read_json(work / "excluded.json") or [],
-                           validation=validation, receipt=receipt)
+                           validation=validation, receipt=receipt,
+                           checkpoints=checkpoint_steps(spec, train.get("step")))
     captions = sorted(dataset_dir.glob(f"*.{caption_ext}")) if dataset_dir else []
     samples = [p for row in grid.values() for p in row.values()]
     return assemble_bundle(

@@ -6,7 +6,7 @@ progress bar and ``Saving at step`` / ``Saved checkpoint to`` lines, the same ou
 checkpoint, and ``train.steps`` raised to extend a finished run. Unlike ai-toolkit it also saves a
 checkpoint on SIGTERM (after finishing any save in progress) and exits 143.
 
-The model is a frozen fixed-seed conv denoiser (:mod:`remote.trainers.model`) with LoRA adapters
+The model is the frozen base generator of :mod:`remote.trainers.model` with LoRA adapters
 of the config's rank and alpha on every conv and linear layer. The config's lr is meant for a 12B
 parameter transformer; the tiny network needs a larger one to move in a hundred steps, so it uses
 ``min(lr * LR_SCALE, MAX_LR)`` (the bar still shows the config's lr). Gradients are clipped to

@@ -96,7 +96,8 @@ PANEL_WIDTH = 100  # wider is no calmer: the panel keeps this width on a wide te
 MAX_LOSSES = 10_000  # loss values kept for the sparkline (one per poll that saw a new step)
 SPARK = "▁▂▃▄▅▆▇█"
 MARKS = {"done": ("✓", "green"), "running": ("▸", "bold cyan"), "failed": ("✗", "bold red"),
-         "stopped": ("■", "yellow"), "skipped": ("–", "dim"), "pending": ("·", "dim")}
+         "stopped": ("■", "yellow"), "budget": ("$", "yellow"), "skipped": ("–", "dim"),
+         "pending": ("·", "dim")}
 
 
 def sparkline(values: "Sequence[float]", width: int = 24) -> str:
@@ -313,7 +314,8 @@ def render_summary(console: Console, outcome: "Outcome") -> None:
                       f"  follow it:  flux-remote resume {escape(outcome.run_id)}\n"
                       f"  stop it:    flux-remote stop {escape(outcome.run_id)}")
         return
-    style = "green" if outcome.state == "done" else ("yellow" if outcome.ok else "red")
+    style = ("green" if outcome.state == "done" else
+             "yellow" if outcome.ok or outcome.state == "budget" else "red")
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()

@@ -212,7 +212,7 @@ def test_an_agent_that_ignores_stop_is_stopped_from_home_within_the_cap(
     run_id = orch.create_run(spec, provider.estimate(spec), out_dir=tmp_path / "out")
     # each poll moves the fake clock 20 s: STOP after about 60 polls, the grace 15 more
     outcome = orch.drive(run_id, Options(poll_interval=20.0))
-    assert outcome.state == "failed" and outcome.error.startswith("budget:"), outcome.error
+    assert outcome.state == "budget" and outcome.error.startswith("budget:"), outcome.error
     assert provider.stops == 1
     kinds = [e["kind"] for e in journal.events(run_id)]
     assert kinds.index("cap_stop") < kinds.index("stop_ignored")
@@ -226,6 +226,10 @@ def test_an_agent_that_ignores_stop_is_stopped_from_home_within_the_cap(
     assert seen["left_running"] == 0 and seen["outside_out"] == 0
     record_hostile("hostile:ignores-stop", seen, overruns=int(spent > cap * 1.10),
                    spend_usd=round(spent, 4), cap_usd=cap)
+    # the run stays ended `budget`: resuming it shows that end, `down` needs no --force
+    assert orch.drive(run_id, Options(poll_interval=20.0)).state == "budget"
+    assert orch.down(run_id).state == "budget"
+    assert journal.current_instance(run_id) is None
 
 
 def test_ctrl_c_during_the_create_request_leaks_no_instance(fake_vast: Any) -> None:

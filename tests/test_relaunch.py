@@ -59,15 +59,17 @@ class Clock:
 class Host(ScriptedHost):
     """A ScriptedHost that keeps the single files uploaded to it (the checkpoint shipped)."""
 
-    def upload(self, local: Path, remote: str, *, delete: bool = False, excludes: Any = ()) -> Any:
+    def upload(self, local: Path, remote: str, *, delete: bool = False, excludes: Any = (),
+               filters: Any = ()) -> Any:
         if Path(local).is_file():
             self.files[remote] = Path(local).read_bytes()
-        return super().upload(local, remote, delete=delete, excludes=excludes)
+        return super().upload(local, remote, delete=delete, excludes=excludes, filters=filters)
 
-    def download(self, remote: str, local: Path, *, includes: Any = None) -> Any:
+    def download(self, remote: str, local: Path, *, includes: Any = None,
+                 max_bytes: int | None = None) -> Any:
         if self.down:
             raise TransportError("rsync: connection refused")
-        return super().download(remote, local, includes=includes)
+        return super().download(remote, local, includes=includes, max_bytes=max_bytes)
 
 
 class Agent:
@@ -276,7 +278,7 @@ def test_no_offer_within_the_money_left_ends_with_the_checkpoint_at_home(tmp_pat
 
     fleet.acquire = acquire  # type: ignore[method-assign]
     outcome = orch.drive(run_id, Options(poll_interval=0))
-    assert outcome.state == "stopped" and outcome.error.startswith("budget:")
+    assert outcome.state == "budget" and outcome.error.startswith("budget:")
     local = tmp_path / "out" / "checkpoints" / "bid_000000024.safetensors"
     assert str(local) in outcome.error and local.is_file()
     assert len(fleet.hosts) == 1  # nothing rented that the money could not finish

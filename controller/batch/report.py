@@ -221,7 +221,7 @@ def _cell(value: Any) -> str:
 
 
 def _result(run: dict[str, Any]) -> str:
-    css = {"done": "ok", "skipped": "warn", "stopped": "warn"}.get(run["state"], "bad")
+    css = {"done": "ok", "skipped": "warn", "stopped": "warn", "budget": "warn"}.get(run["state"], "bad")
     text = f'<span class="{css}">{html.escape(str(run["result"]))}</span>'
     if run.get("error"):
         text += f'<br><span class="muted">{html.escape(str(run["error"]))}</span>'

@@ -186,7 +186,7 @@ class BatchScheduler:
         """After a crash: adopt runs created for pending slots, reattach active ones, and mark
         the offers their machines hold as taken."""
         runs = self.journal.runs_of_batch(self.batch_id)
-        holding = {r["run_id"] for r in runs if r["state"] not in (R.DONE, R.STOPPED)}
+        holding = {r["run_id"] for r in runs if not self._frees_offer(r["run_id"], r["state"])}
         for row in self.journal.instances():
             if row["run_id"] in holding and row.get("offer_id"):
                 self.claims.claim(row["offer_id"])
@@ -215,7 +215,7 @@ class BatchScheduler:
             state = run.get("state") or R.FAILED
             if state not in R.ACTIVE_STATES:
                 self.ledger.close(run_id, float(run.get("spend_usd") or 0.0))
-            if state in (R.DONE, R.STOPPED):  # a failed host's offer stays out of the batch
+            if self._frees_offer(run_id, state):  # a failed host's offer stays out of the batch
                 for row in self.journal.instances(run_id):
                     if row.get("offer_id"):
                         self.claims.release(row["offer_id"])
@@ -231,6 +231,13 @@ class BatchScheduler:
                 continue
             note = None if state == R.DONE else (run.get("error") or str(exc or "") or None)
             self.journal.update_batch_run(self.batch_id, idx, state=state, note=note)
+
+    def _frees_offer(self, run_id: str, state: str) -> bool:
+        """An ended run whose host did not fail gives its offer back to the batch; a run the
+        budget ended does once its machine is gone (a stopped one still holds its disk)."""
+        if state == R.BUDGET:
+            return self.journal.current_instance(run_id) is None
+        return state in (R.DONE, R.STOPPED)
 
     def _meter(self) -> None:
         for slot in self.slots():

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from controller.spec.loader import LoadedFile
 
 PENDING, ACTIVE, SKIPPED = "pending", "active", "skipped"
-SLOT_TERMINAL = (R.DONE, R.FAILED, R.STOPPED, SKIPPED)
+SLOT_TERMINAL = (R.DONE, R.FAILED, R.STOPPED, R.BUDGET, SKIPPED)
 
 
 # ---- creating a batch ------------------------------------------------------------------------

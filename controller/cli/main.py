@@ -1,6 +1,6 @@
 """``flux-remote``: the typer app. Each command module registers its commands on ``app``.
 
-Exit codes: 0 ok, 1 a run failed, 2 bad input, 3 refused by budget.
+Exit codes: 0 ok, 1 a run failed, 2 bad input, 3 refused or ended by the budget.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ app = typer.Typer(
     help=(
         "Train Flux LoRAs on rented Vast.ai GPUs from a laptop: the cheapest finished run within "
         "your budget, live progress and spend, the verified bundle home, nothing left billing.\n\n"
-        "Exit codes: 0 ok, 1 a run failed, 2 bad input, 3 refused by budget."
+        "Exit codes: 0 ok, 1 a run failed, 2 bad input, 3 refused or ended by the budget."
     ),
     no_args_is_help=True,
     add_completion=False,

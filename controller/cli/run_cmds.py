@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from controller.cli.common import JSON_OPTION, console, emit_json, handles_errors
-from controller.errors import EXIT_RUN_FAILED, RunError, SpecError
+from controller.errors import EXIT_BUDGET, EXIT_RUN_FAILED, RunError, SpecError
 
 if TYPE_CHECKING:
     from controller.journal import Journal
@@ -104,12 +104,15 @@ def _drive_interactive(orch: "Orchestrator", run_id: str, options: "Options", *,
 
 
 def _finish(outcome: "Outcome", as_json: bool, *, extra: Optional[dict[str, Any]] = None) -> None:
+    from controller.run import states as R
     from controller.ui import render_summary
 
     if as_json:
         emit_json({**outcome.to_dict(), **(extra or {})})
     else:
         render_summary(console(), outcome)
+    if outcome.state == R.BUDGET and not outcome.detached:
+        raise typer.Exit(EXIT_BUDGET)  # README: 3 refused or ended by the budget
     if not outcome.ok:
         raise typer.Exit(EXIT_RUN_FAILED)
 

@@ -155,14 +155,15 @@ class Orchestrator:
         self.journal.update_run(run_id, state=state, **fields)
 
     def _fail(self, run_id: str, message: str, *, release: bool = True,
-              keep_data: bool = False) -> None:
-        """Mark the run failed; by default let its machine go first (nothing left billing)."""
+              keep_data: bool = False, state: str = R.FAILED) -> None:
+        """End the run (``failed``, or ``state``); by default let its machine go first
+        (nothing left billing)."""
         if release:
             try:
                 self.provider.release(run_id, self.journal, keep_data=keep_data)
             except FluxRemoteError as exc:
                 message += f"\n(and releasing its machine failed: {exc})"
-        self._set(run_id, R.FAILED, error=message, ended_at=self.clock())
+        self._set(run_id, state, error=message, ended_at=self.clock())
 
     def _notify(self, run_id: str) -> Callable[[str, str], None]:
         def notify(state: str, message: str) -> None:
@@ -396,7 +397,7 @@ class Orchestrator:
     def _stop_from_home(self, run: dict[str, Any], exc: StopIgnored) -> None:
         """The budget is enforced from home: the agent ignored the cap's STOP, so the instance is
         stopped through the provider's API (its disk, and what was trained, is kept) and the run
-        ends ``failed`` with a budget error that says how to fetch and then destroy it."""
+        ends ``budget`` with an error that says how to fetch and then destroy it."""
         run_id = run["run_id"]
         message = (f"budget: {exc}; the instance was stopped through the provider's API (its "
                    f"disk is kept)\n  fetch what it holds: flux-remote fetch {run_id}\n"
@@ -405,7 +406,7 @@ class Orchestrator:
         machine = self._machines.get(run_id)
         if machine is not None:
             remove_secrets(machine.host, machine.root, run_id)
-        self._fail(run_id, message, keep_data=True)
+        self._fail(run_id, message, keep_data=True, state=R.BUDGET)
 
     @staticmethod
     def _follow_watching(follower: Follower) -> Snapshot:
@@ -490,7 +491,9 @@ class Orchestrator:
             self._set(run_id, R.FAILED, error=untrusted, ended_at=self.clock(),
                       **({"bundle_path": str(out_dir)} if fetched is not None else {}))
         elif fetched is not None and agent_state in ("done", "stopped"):
-            final = R.DONE if agent_state == "done" else R.STOPPED
+            final = R.DONE if agent_state == "done" else R.stopped_state(
+                cap_stopped=bool(self.journal.events(run_id, kind="cap_stop")),
+                stop_reason=self._stop_reason(status))
             self._set(run_id, final, bundle_path=str(out_dir), ended_at=self.clock())
             self._publish_to_hub(run_id, out_dir)
         else:
@@ -528,6 +531,15 @@ class Orchestrator:
             return number(value, field="s_per_step", where="status.json")
         except UntrustedInput:
             return None
+
+    @staticmethod
+    def _stop_reason(status: dict[str, Any]) -> str | None:
+        """Why the agent's training stopped (``stages.train.detail.stop_reason``, written by
+        remote/stages/training.py ``train``); None when status.json does not say."""
+        stages = status.get("stages")
+        train = stages.get("train") if isinstance(stages, dict) else None
+        detail = train.get("detail") if isinstance(train, dict) else None
+        return text_field(detail.get("stop_reason"), limit=80) if isinstance(detail, dict) else None
 
     @staticmethod
     def _agent_error(host: Any, paths: RunPaths, status: dict[str, Any]) -> str:

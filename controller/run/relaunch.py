@@ -251,7 +251,7 @@ def money_left(orch: "Orchestrator", run: dict[str, Any]) -> float:
 def acquire_next(orch: "Orchestrator", run: dict[str, Any], spec: "RunSpec",
                  notify: Any) -> "Machine | None":
     """Rent the machine the rest of the run goes on; None when the money left fits no offer
-    (the run then ended ``stopped``: ``budget_end``)."""
+    (the run then ended ``budget``: ``budget_end``)."""
     detail = continuation(orch.journal, run["run_id"]) or {}
     left = money_left(orch, run)
     rest = remaining_spec(spec, step=int(detail.get("step") or 0), money_left=left)
@@ -274,7 +274,7 @@ def _end_for_budget(orch: "Orchestrator", run: dict[str, Any], detail: dict[str,
                f"({exc}); {result}")
     orch.journal.add_event(run["run_id"], BUDGET_END, {"money_left": left, "local": local,
                                                        "step": detail.get("step")})
-    orch.journal.update_run(run["run_id"], state=R.STOPPED, error=message,
+    orch.journal.update_run(run["run_id"], state=R.BUDGET, error=message,
                             ended_at=orch.clock())
     orch.reporter.note(message)
 

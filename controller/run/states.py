@@ -1,7 +1,9 @@
 """Run ids and the run lifecycle's named states.
 
 A run moves ``planned -> renting -> booting -> shipping -> running -> fetching`` and ends
-``done``, ``failed`` or ``stopped``. Each state names the step that still has to happen, so a
+``done``, ``failed``, ``stopped`` or ``budget`` (the budget ended it: the controller's cap, the
+agent's cost guard, or no offer the money left could finish on; its result is what fitted,
+see docs/launch.md). Each state names the step that still has to happen, so a
 controller that died can look at the state and carry on from there (``controller.run.orchestrator``).
 """
 
@@ -30,9 +32,10 @@ FETCHING = "fetching"
 DONE = "done"
 FAILED = "failed"
 STOPPED = "stopped"
+BUDGET = "budget"
 
 ACTIVE_STATES = (PLANNED, RENTING, BOOTING, SHIPPING, RUNNING, FETCHING)
-TERMINAL_STATES = (DONE, FAILED, STOPPED)
+TERMINAL_STATES = (DONE, FAILED, STOPPED, BUDGET)
 
 
 def new_run_id(name: str, *, now: float | None = None, suffix: str | None = None) -> str:
@@ -48,6 +51,21 @@ def instance_label(run_id: str) -> str:
 
 def is_terminal(state: str) -> bool:
     return state in TERMINAL_STATES
+
+
+# How the agent names a stop its own budget caused: remote/stages/training.py ``cap_stop("cost
+# guard: ...")``, remote/runner.py ``stop_now`` and remote/watchdog.py ``check_once``.
+BUDGET_STOP_PREFIXES = ("cost guard", "watchdog: cap reached")
+
+
+def stopped_state(*, cap_stopped: bool, stop_reason: str | None) -> str:
+    """The state of a run whose agent ended ``stopped``: ``budget`` when the controller's cap
+    asked for the stop (``cap_stopped``) or the agent's own cost guard stopped training (its
+    ``stop_reason``), else ``stopped`` (the user asked). Only the label depends on the agent's
+    word here: the bundle, its verification and the fetch are the same either way."""
+    if cap_stopped or (stop_reason or "").startswith(BUDGET_STOP_PREFIXES):
+        return BUDGET
+    return STOPPED
 
 
 class RunLockedError(RunError):

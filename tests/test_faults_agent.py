@@ -37,7 +37,7 @@ def test_a_run_much_slower_than_planned_is_stopped_before_the_cap(tmp_path: Path
     provider = ScriptedProvider(host, price=100.0, started_ago=30.0)
     orch, run_id = _orchestrate(tmp_path, provider)
     outcome = orch.drive(run_id, Options(poll_interval=0))
-    assert outcome.state == "stopped" and outcome.bundle
+    assert outcome.state == "budget" and outcome.bundle
     receipt = outcome.receipt or {}
     budget = orch.journal.get_run(run_id)["budget_usd"]
     assert receipt["metered_usd"] <= budget

@@ -91,6 +91,25 @@ def test_resume_of_a_finished_run_is_a_no_op(tmp_path: Path) -> None:
     assert result.exit_code == 0 and json.loads(result.output)["state"] == "done"
 
 
+def test_a_run_the_budget_ends_exits_3_and_shows_budget(tmp_path: Path) -> None:
+    """The agent's cost guard stopped training (remote/stages/training.py writes its reason into
+    ``stages.train.detail.stop_reason``): the run ends ``budget``, the CLI exits 3 (README: "3
+    refused or ended by the budget"), ``status`` shows it, ``resume`` and ``down`` need no
+    --force."""
+    run_id, run_dir = make_run(tmp_path, agent="stopped")
+    status = json.loads((run_dir / "status.json").read_text())
+    status["stages"]["train"]["detail"] = {"stop_reason": "cost guard: cap reached"}
+    (run_dir / "status.json").write_text(json.dumps(status))
+    result = invoke("resume", run_id, "--json", "--poll-interval", "0.01")
+    assert result.exit_code == 3, result.output
+    ended = json.loads(result.output)
+    assert ended["state"] == "budget" and ended["bundle"] and not ended["ok"]
+    assert json.loads(invoke("status", run_id, "--json").output)["run"]["state"] == "budget"
+    assert invoke("resume", run_id, "--json").exit_code == 3  # still ended by the budget
+    down = invoke("down", run_id, "--json")
+    assert down.exit_code == 0 and json.loads(down.output)["state"] == "budget", down.output
+
+
 @pytest.mark.parametrize("ref, message", [("nope", "no run"), ("c1-2026", "matches 2 runs")])
 def test_unknown_or_ambiguous_run_is_bad_input(tmp_path: Path, ref: str, message: str) -> None:
     make_run(tmp_path)

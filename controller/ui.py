@@ -96,8 +96,7 @@ PANEL_WIDTH = 100  # wider is no calmer: the panel keeps this width on a wide te
 MAX_LOSSES = 10_000  # loss values kept for the sparkline (one per poll that saw a new step)
 SPARK = "▁▂▃▄▅▆▇█"
 MARKS = {"done": ("✓", "green"), "running": ("▸", "bold cyan"), "failed": ("✗", "bold red"),
-         "stopped": ("■", "yellow"), "budget": ("$", "yellow"), "skipped": ("–", "dim"),
-         "pending": ("·", "dim")}
+         "stopped": ("■", "yellow"), "skipped": ("–", "dim"), "pending": ("·", "dim")}
 
 
 def sparkline(values: "Sequence[float]", width: int = 24) -> str:

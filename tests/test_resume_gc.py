@@ -188,7 +188,7 @@ def test_unverifiable_bundle_stops_instead_of_destroying(tmp_path: Path) -> None
     assert orch.journal.get_run(run_id)["state"] == "failed"
 
 
-def test_controller_cap_writes_stop_and_the_run_ends_stopped(tmp_path: Path) -> None:
+def test_controller_cap_writes_stop_and_the_run_ends_budget(tmp_path: Path) -> None:
     host = ScriptedHost()
     host.on_start = lambda h, run_dir: h.files.update({
         f"{run_dir}/status.json": json.dumps({"state": "running", "stage": "train"}).encode()})
@@ -201,7 +201,7 @@ def test_controller_cap_writes_stop_and_the_run_ends_stopped(tmp_path: Path) -> 
     provider = ScriptedProvider(host, price=100.0, started_ago=30.0)  # $0.83 of a $1 budget
     orch, run_id = _orchestrate(tmp_path, provider)
     outcome = orch.drive(run_id, Options(poll_interval=0))
-    assert outcome.state == "stopped" and outcome.bundle
+    assert outcome.state == "budget" and outcome.bundle  # what fitted, verified
     events = [e["kind"] for e in orch.journal.events(run_id)]
     assert "cap_stop" in events
     assert provider.released == [False]

@@ -159,6 +159,16 @@ def test_summary_says_where_the_bundle_is_and_what_it_cost() -> None:
     assert "gate failed" in console.file.getvalue()
 
 
+def test_summary_of_a_run_the_budget_ended_is_yellow_with_its_reason() -> None:
+    ended = Outcome(run_id="r4", state="budget", bundle="/tmp/b", spend_usd=2.9, budget_usd=3,
+                    error="budget: the agent did not stop within 300 s")
+    console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system="standard")
+    render_summary(console, ended)
+    text = console.file.getvalue()
+    assert "\x1b[33mbudget " in text  # yellow: what fitted came home, not a failure
+    assert "did not stop within 300 s" in text and "/tmp/b (verified)" in text
+
+
 def test_tables() -> None:
     run = {"run_id": "r1", "state": "done", "provider": "vast", "gpu_name": "RTX 4090",
            "instance_state": "destroyed", "spend_usd": 0.5, "budget_usd": 5.0, "created_at": 0,

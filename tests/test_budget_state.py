@@ -14,6 +14,7 @@ import pytest
 from controller.batch.scheduler import BatchScheduler
 from controller.batch.setup import create_batch
 from controller.journal import open_journal
+from controller.run.fetch import train_stop_reason
 from controller.run.orchestrator import Options
 from controller.run.states import BUDGET, STOPPED, TERMINAL_STATES, stopped_state
 from controller.spec.loader import load_file
@@ -53,6 +54,20 @@ def test_budget_is_a_terminal_state_and_the_cap_makes_it() -> None:
     assert stopped_state(cap_stopped=True, stop_reason="anything") == BUDGET
     assert stopped_state(cap_stopped=False, stop_reason="cost guard: cap reached") == BUDGET
     assert stopped_state(cap_stopped=False, stop_reason="a cost guard said so") == STOPPED
+
+
+@pytest.mark.parametrize("status", [{}, {"stages": []}, {"stages": {"train": "x"}},
+                                    {"stages": {"train": {"detail": [1]}}},
+                                    {"stages": {"train": {"detail": {"stop_reason": None}}}}])
+def test_a_stop_reason_the_instance_garbled_is_none(status: dict) -> None:
+    assert train_stop_reason(status) is None  # the run then ends `stopped`, never a traceback
+
+
+def test_a_stop_reason_is_plain_text() -> None:
+    reason = "cost guard: \x1b[2Jcap" + "x" * 500
+    found = train_stop_reason({"stages": {"train": {"detail": {"stop_reason": reason}}}})
+    assert found is not None and found.startswith("cost guard: ")
+    assert "\x1b" not in found and len(found) <= 81  # 80 characters and an ellipsis
 
 
 def test_a_batch_counts_a_run_the_budget_ended_as_finished(tmp_path: Path) -> None:

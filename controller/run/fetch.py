@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from controller.errors import RunError, TransportError
 from controller.run.follow import RunPaths
 from controller.untrusted import (UntrustedInput, bundle_name, clean_text, decode, inside_run_dir,
-                                  number)
+                                  number, text_field)
 from remote.publish.bundle import sha256_file
 
 if TYPE_CHECKING:
@@ -272,3 +272,13 @@ def last_step_time(status: dict[str, Any]) -> float | None:
         if found:
             return found
     return None
+
+
+def train_stop_reason(status: dict[str, Any]) -> str | None:
+    """Why the agent's training stopped (``stages.train.detail.stop_reason``, written by
+    remote/stages/training.py ``train``), as plain text; None when status.json does not say.
+    Only a run's label depends on it (``controller.run.states.stopped_state``)."""
+    stages = status.get("stages")
+    train = stages.get("train") if isinstance(stages, dict) else None
+    detail = train.get("detail") if isinstance(train, dict) else None
+    return text_field(detail.get("stop_reason"), limit=80) if isinstance(detail, dict) else None

@@ -26,7 +26,7 @@ from controller.run import states as R
 from controller.errors import (FluxRemoteError, HostKeyError, ProviderError, RunError,
                                SpecError, TransportError)
 from controller.run.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_receipt,
-                              fetch_bundle, fetch_extras, has_bundle)
+                              fetch_bundle, fetch_extras, has_bundle, train_stop_reason)
 from controller.run.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
                                NullReporter, Reporter, RunPaths, Snapshot, StopIgnored,
                                fetched_checkpoint, meter, read_int, read_json,
@@ -493,7 +493,7 @@ class Orchestrator:
         elif fetched is not None and agent_state in ("done", "stopped"):
             final = R.DONE if agent_state == "done" else R.stopped_state(
                 cap_stopped=bool(self.journal.events(run_id, kind="cap_stop")),
-                stop_reason=self._stop_reason(status))
+                stop_reason=train_stop_reason(status))
             self._set(run_id, final, bundle_path=str(out_dir), ended_at=self.clock())
             self._publish_to_hub(run_id, out_dir)
         else:
@@ -531,15 +531,6 @@ class Orchestrator:
             return number(value, field="s_per_step", where="status.json")
         except UntrustedInput:
             return None
-
-    @staticmethod
-    def _stop_reason(status: dict[str, Any]) -> str | None:
-        """Why the agent's training stopped (``stages.train.detail.stop_reason``, written by
-        remote/stages/training.py ``train``); None when status.json does not say."""
-        stages = status.get("stages")
-        train = stages.get("train") if isinstance(stages, dict) else None
-        detail = train.get("detail") if isinstance(train, dict) else None
-        return text_field(detail.get("stop_reason"), limit=80) if isinstance(detail, dict) else None
 
     @staticmethod
     def _agent_error(host: Any, paths: RunPaths, status: dict[str, Any]) -> str:

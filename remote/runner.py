@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from remote.checks import Probes
-from remote.costguard import CostGuard
+from remote.costguard import CostGuard, ReceivedSince
 from remote.plan import PlanError, load_plan
 from remote.secrets import load_secrets, redactor_for
 from remote.stages import dataset, finish, prepare, training
@@ -111,7 +111,8 @@ class Runner:
                                     float(plan.get("budget_usd") or 0), clock=clock, redact=redact)
         for warning in secret_warnings:
             self.warn(warning)
-        self.guard = CostGuard.from_plan(plan, clock=clock)
+        self.guard = CostGuard.from_plan(plan, clock=clock,
+                                         rx_bytes=ReceivedSince(self.run_dir / "rx_base"))
         self.stop_reason: str | None = None
         self._hard_stop = False  # budget.on_cap hard_stop and the cap was hit: stop the trainer now
         self._stop_lock = threading.Lock()

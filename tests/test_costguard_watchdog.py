@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from remote.costguard import CostGuard
+from remote.costguard import CostGuard, ReceivedSince, received_bytes
 from remote.watchdog import Watchdog, stop_instance_request
 
 
@@ -190,3 +190,46 @@ def test_without_vast_variables_it_only_stops_training(tmp_path: Path) -> None:
     assert dog.check_once() is None
     assert dog.wait_for_stop() is False
     assert [e["action"] for e in events] == ["stop_training"]
+
+
+NET_DEV_SAMPLE = """Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo: 5000000000  100    0    0    0     0          0         0 5000000000  100    0    0    0     0       0          0
+  eth0: 2000000000  300    0    0    0     0          0         0  1000    10    0    0    0     0       0          0
+  eth1:  500000000  300    0    0    0     0          0         0  1000    10    0    0    0     0       0          0
+"""
+
+
+def test_received_bytes_count_every_interface_but_loopback(tmp_path: Path) -> None:
+    dev = tmp_path / "dev"
+    dev.write_text(NET_DEV_SAMPLE)  # the layout of proc(5) /proc/net/dev
+    assert received_bytes(str(dev)) == 2_500_000_000
+    assert received_bytes(str(tmp_path / "missing")) is None
+
+
+def test_received_traffic_is_billed_and_can_stop_training(tmp_path: Path) -> None:
+    # Vast bills what the instance downloads at inet_down_cost $/GB (the weights: ~33 GB)
+    counter = {"rx": 1_000}
+    rx = ReceivedSince(tmp_path / "rx_base", read=lambda: counter["rx"])
+    plan = {"price_per_hour": 1.0, "budget_usd": 5.0, "billing_started_at": 1.0,
+            "instance": {"inet_down_cost": 0.05}}
+    guard = CostGuard.from_plan(plan, clock=lambda: 3601.0, rx_bytes=rx)
+    assert guard.spend() == pytest.approx(1.0)  # the first reading is the base
+    counter["rx"] += 33_000_000_000
+    assert guard.spend() == pytest.approx(1.0 + 33 * 0.05)
+    assert guard.check(step=10, s_per_step=1.0, save_every=100) is None
+    counter["rx"] += 50_000_000_000  # another 50 GB: $2.50 more crosses the $5 cap
+    assert guard.cap_reached()
+    assert "budget $5.00 reached" in guard.check(step=10, s_per_step=1.0, save_every=100)
+    # a restarted agent counts from the same base; a restarted container from zero
+    again = ReceivedSince(tmp_path / "rx_base", read=lambda: counter["rx"])
+    assert again() == 83_000_000_000
+    assert ReceivedSince(tmp_path / "rx_base", read=lambda: 7)() == 7
+
+
+def test_traffic_on_free_traffic_or_without_a_count_costs_nothing(tmp_path: Path) -> None:
+    plan = {"price_per_hour": 1.0, "budget_usd": 5.0, "billing_started_at": 1.0, "instance": {}}
+    guard = CostGuard.from_plan(plan, clock=lambda: 3601.0, rx_bytes=lambda: 10**12)
+    assert guard.spend() == pytest.approx(1.0)
+    plan["instance"] = {"inet_down_cost": 0.05}
+    assert CostGuard.from_plan(plan, clock=lambda: 3601.0, rx_bytes=lambda: None).spend() == 1.0

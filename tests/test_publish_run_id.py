@@ -13,9 +13,13 @@ from tests.fakehub import FakeHub
 from tests.test_hf_publish import TOKEN, _cli, write_bundle
 
 
-def _run(run_id: str, out_dir: Path, *, bundle_path: Path | None = None) -> None:
+def _run(run_id: str, out_dir: Path, *, bundle_path: Path | None = None,
+         hf_repo: str | None = None) -> None:
+    # The repo comes from the spec the user launched (the journal's copy), never from the
+    # bundle's run.yaml, which the instance wrote.
     journal = open_journal()
-    journal.create_run(run_id=run_id, name="demo", provider="local", state="succeeded", spec={},
+    spec = {"publish": {"hf_repo": hf_repo}} if hf_repo else {}
+    journal.create_run(run_id=run_id, name="demo", provider="local", state="succeeded", spec=spec,
                        out_dir=str(out_dir), budget_usd=1.0)
     if bundle_path is not None:
         journal.update_run(run_id, bundle_path=str(bundle_path))
@@ -28,7 +32,8 @@ def test_publish_by_run_prefix_uses_the_recorded_bundle(
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.chdir(tmp_path)  # no folder named like the run id here
     bundle = write_bundle(tmp_path / "runs" / "demo" / "publish")
-    _run("demo-20261129-184000-3fa2", tmp_path / "runs" / "demo", bundle_path=bundle)
+    _run("demo-20261129-184000-3fa2", tmp_path / "runs" / "demo", bundle_path=bundle,
+         hf_repo="alice/demo-lora")
 
     result = CliRunner().invoke(_cli(), ["publish", "demo-2026", "--json"])
 

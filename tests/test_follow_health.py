@@ -279,3 +279,29 @@ def test_the_hard_cap_is_read_from_the_journaled_spec(tmp_path: Path) -> None:
     follower = Follower(ScriptedHost(), RunPaths("/r/spec-hard"), journal=journal, run_id=run_id,
                         price_per_hour=PRICE, billing_started_at=0.0, budget_usd=BUDGET)
     assert follower.hard_cap and follower.finish_allowance_s == HARD_FINISH_ALLOWANCE_S
+
+
+def test_an_agent_that_ends_between_the_reads_is_ended_not_vanished(tmp_path: Path) -> None:
+    """The exit code is read first, then the pid's life: an agent that ends in between is dead
+    by the second read, and its exit code (written before its session ends) is there for a
+    second look. Without it the run believed the agent vanished and started it again."""
+    from controller.journal import open_journal
+    from controller.run.follow import Follower, RunPaths
+    from tests.test_resume_gc import ScriptedHost
+
+    class EndsBetweenReads(ScriptedHost):
+        def is_alive(self, pid: int) -> bool:
+            self.files[paths.rc] = b"0\n"  # the agent ended just now
+            return False
+
+    paths = RunPaths("/r/x")
+    host = EndsBetweenReads()
+    host.files[paths.pid] = b"4242\n"
+    journal = open_journal()
+    journal.create_run(run_id="x", name="x", provider="ssh", state="running", spec={},
+                       out_dir=str(tmp_path / "out"), budget_usd=1.0)
+    follower = Follower(host, paths, journal=journal, run_id="x", price_per_hour=0.0,
+                        billing_started_at=0.0, budget_usd=1.0, clock=lambda: 1.0,
+                        sleep=lambda s: None)
+    snap = follower.poll()
+    assert snap.agent_alive is False and snap.agent_rc == 0

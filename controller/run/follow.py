@@ -376,6 +376,10 @@ class Follower:
         alive: bool | None = False if rc is not None else None
         if rc is None and pid is not None:
             alive = self.host.is_alive(pid)
+            if not alive:
+                # It may have ended between the two reads: its exit code is written before its
+                # session ends, so a look now tells an ended agent from a vanished one.
+                rc = read_int(self.host, self.paths.rc)
         status = read_json(self.host, self.paths.status, strict=True) or {}
         values = status_values(status)  # raises UntrustedInput: the run ends in its release path
         lines = self._tail_log()

@@ -36,6 +36,9 @@ INSTANCE_STOPPED = "stopped"
 INSTANCE_DESTROYING = "destroying"
 INSTANCE_DESTROYED = "destroyed"
 INSTANCE_FAILED = "failed"  # the create never produced an instance (offer gone, refused)
+# The run let its machine go to the batch's next run (``hand_over_instance``): the instance lives
+# on under that run's row; this row's ``destroyed_at`` is when its share of the bill ended.
+INSTANCE_HANDED_OVER = "handed_over"
 INSTANCE_ALIVE_STATES = (INSTANCE_CREATING, INSTANCE_LIVE, INSTANCE_STOPPED, INSTANCE_DESTROYING)
 
 
@@ -341,6 +344,43 @@ class Journal:
         self._set_instance(row_id, "rent_result", instance_id=str(instance_id),
                            state=INSTANCE_LIVE,
                            billing_started_at=billing_started_at or self.clock())
+
+    def hand_over_instance(self, row_id: int, to_run_id: str) -> int:
+        """Give a live instance to another run, in one transaction: this row ends
+        (``handed_over``, its bill stops now) and a new live row for ``to_run_id`` starts billing
+        now, with the same instance, endpoint and price. Returns the new row's id.
+
+        No API call is made: the instance keeps running (``controller.batch.reuse``)."""
+        now = self.clock()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM instances WHERE id = ?", (row_id,)).fetchone()
+            if row is None or row["state"] != INSTANCE_LIVE or not row["instance_id"]:
+                raise ValueError(f"instance row {row_id} is not a live instance")
+            first = json.loads(row["detail"] or "{}").get("machine_billing_started_at") \
+                if (row["detail"] or "").startswith("{") else None
+            detail = json.dumps({"from_run": row["run_id"], "from_row": row_id,
+                                 "machine_billing_started_at":
+                                     first or row["billing_started_at"]})
+            db.execute("UPDATE instances SET state = ?, destroyed_at = ?, updated_at = ? "
+                       "WHERE id = ?", (INSTANCE_HANDED_OVER, now, now, row_id))
+            cur = db.execute(
+                "INSERT INTO instances (run_id, provider, offer_id, instance_id, label, gpu_name,"
+                " num_gpus, dph_total, state, intent_at, billing_started_at, updated_at, detail,"
+                " ssh_host, ssh_port) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (to_run_id, row["provider"], row["offer_id"], row["instance_id"], row["label"],
+                 row["gpu_name"], row["num_gpus"], row["dph_total"], INSTANCE_LIVE, now, now, now,
+                 detail, row["ssh_host"], row["ssh_port"]))
+            new_row = int(cur.lastrowid)
+            self._event(db, row["run_id"], "handover_out", {
+                "instance_id": row["instance_id"], "to_run": to_run_id, "row": new_row})
+            self._event(db, to_run_id, "handover_in", {
+                "instance_id": row["instance_id"], "from_run": row["run_id"], "row": new_row})
+            return new_row
+
+    def machine_rows(self, instance_id: Any) -> list[dict[str, Any]]:
+        """Every row of one provider instance, in order: the runs it served one after another."""
+        return self._query("SELECT * FROM instances WHERE instance_id = ? AND state != ? "
+                           "ORDER BY id", (str(instance_id), INSTANCE_FAILED))
 
     def instance_failed(self, row_id: int, reason: str) -> None:
         """The create produced no instance (offer gone, refused, reconciled as never made)."""

@@ -88,6 +88,12 @@ class Provider(Protocol):
         confirmed. Idempotent: releasing an already released machine does nothing."""
         ...
 
+    def hand_over(self, run_id: str, to_run_id: str, journal: Journal) -> int:
+        """Give the run's live machine to ``to_run_id`` (a batch's next run): nothing is destroyed
+        or rented; the journal moves the instance to the new run in one transaction
+        (``Journal.hand_over_instance``). Returns the new instances row."""
+        ...
+
     def health(self, run_id: str, journal: Journal) -> str | None:
         """Why the run's machine cannot come back (gone, exited, outbid), or None when the provider
         sees nothing wrong. Asked only after the connection failed; one cheap call, journals a
@@ -158,6 +164,14 @@ class OwnMachineProvider:
 
     def release(self, run_id: str, journal: "Journal", *, keep_data: bool = False) -> None:
         release_own_machine(journal, run_id)
+
+    def hand_over(self, run_id: str, to_run_id: str, journal: "Journal") -> int:
+        from controller.errors import RunError
+
+        current = journal.current_instance(run_id)
+        if current is None:
+            raise RunError(f"run {run_id} holds no machine to hand over")
+        return journal.hand_over_instance(int(current["id"]), to_run_id)
 
     def health(self, run_id: str, journal: "Journal") -> str | None:
         return None

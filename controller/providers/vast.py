@@ -424,6 +424,21 @@ class VastProvider:
         self._destroy_row(journal, int(row["id"]))
         self._sweep_label(run_id, journal)
 
+    def hand_over(self, run_id: str, to_run_id: str, journal: "Journal") -> int:
+        """The batch's next run takes the instance: journaled first, then relabelled for the new
+        run (what the console and ``gc`` show). A failed relabel is only journaled: the journal,
+        not the label, says who owns a live instance."""
+        row = journal.current_instance(run_id)
+        if row is None or row["state"] != INSTANCE_LIVE:
+            raise RunError(f"run {run_id} holds no live instance to hand over")
+        new_row = journal.hand_over_instance(int(row["id"]), to_run_id)
+        label = instance_label(to_run_id)
+        try:
+            self.client.label_instance(int(row["instance_id"]), label)
+        except ProviderError as exc:
+            journal.add_event(to_run_id, "label_failed", {"label": label, "error": str(exc)})
+        return new_row
+
     def _sweep_label(self, run_id: str, journal: "Journal") -> None:
         """Destroy every other instance carrying exactly this run's label (journaled).
 
@@ -434,6 +449,9 @@ class VastProvider:
         label = instance_label(run_id)
         destroyed = {str(r["instance_id"]) for r in journal.instances()
                      if r.get("instance_id") and r["state"] == INSTANCE_DESTROYED}
+        # an instance handed to another run of the batch still carries this label for a moment
+        destroyed |= {str(r["instance_id"]) for r in journal.instances()
+                      if r.get("instance_id") and r["state"] == INSTANCE_LIVE}
         try:
             late = [i for i in self.client.list_instances(label)
                     if i.get("label") == label and str(i.get("id")) not in destroyed]

@@ -422,6 +422,10 @@ class BatchSpec(_Model):
     max_parallel: int = Field(1, ge=1, le=64, description="instances alive at once")
     retries: int = Field(1, ge=0, le=5,
                          description="infrastructure failures only, never a failed gate")
+    reuse_machines: bool = Field(
+        True, description="runs whose base model, trainer, gpu and provider sections match run "
+                          "one after another on a machine already set up (setup paid once per "
+                          "machine); false: a fresh instance per run")
     runs: list[dict[str, Any]] | None = Field(
         None, description="overrides (dotted keys or nested), one per run")
     sweep: dict[str, list[Any]] | None = Field(

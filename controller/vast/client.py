@@ -230,6 +230,12 @@ class VastClient:
         self._call("other", "PUT", f"/api/v0/instances/{int(instance_id)}/",
                    json_body={"state": "stopped"}, what=f"stop instance {instance_id}")
 
+    def label_instance(self, instance_id: int, label: str) -> None:
+        """Rename an instance: ``PUT .../instances/{id}/ {"label": ...}`` (vast-cli
+        ``label instance``)."""
+        self._call("other", "PUT", f"/api/v0/instances/{int(instance_id)}/",
+                   json_body={"label": label}, what=f"label instance {instance_id}")
+
     def start_instance(self, instance_id: int) -> None:
         """Start a stopped instance again: ``PUT .../instances/{id}/ {"state":"running"}``."""
         self._call("other", "PUT", f"/api/v0/instances/{int(instance_id)}/",

@@ -32,6 +32,9 @@ from typing import Any, Callable, Mapping
 
 DEFAULT_VAST_URL = "https://console.vast.ai"
 CHECK_INTERVAL_S = 30.0
+# Written into a finished run's dir when its machine is handed to the batch's next run
+# (``controller.run.handover``): the run's lingering watch ends, the next run's agent takes over.
+RELEASED_MARKER = "released"
 INSTANCE_VARS = ("CONTAINER_ID", "CONTAINER_API_KEY", "VAST_URL")
 
 
@@ -191,7 +194,8 @@ class Watchdog:
 def linger(plan: dict[str, Any], *, env: Mapping[str, str],
            clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
            opener: Callable[..., Any] = urllib.request.urlopen, max_s: float | None = None) -> bool:
-    """Watch a run that has ended until the instance is stopped or a new agent takes over.
+    """Watch a run that has ended until the instance is stopped, a new agent takes over, or the
+    machine is handed to another run (``released`` in the run dir, or the run dir removed).
 
     The agent itself exits when its run ends (the controller takes that as the signal to fetch),
     so on Vast it hands this job to a detached ``python -m remote.watchdog PLAN.json``.
@@ -202,6 +206,8 @@ def linger(plan: dict[str, Any], *, env: Mapping[str, str],
     grace = float(plan.get("heartbeat_grace_s") or 900)
 
     def ended() -> bool:
+        if (run_dir / RELEASED_MARKER).exists():
+            return False  # the machine serves another run now: its own agent watches it
         return (read_status(run_dir) or {}).get("state") in (*FINISHED_STATES, "failed")
 
     dog = Watchdog(run_dir, grace_s=grace, env=instance_env(plan, env),

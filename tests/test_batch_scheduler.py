@@ -78,11 +78,26 @@ def test_a_sweep_of_four_runs_two_instances_at_a_time(tmp_path: Path, fake_vast:
         assert verify_sums(Path(run["bundle_path"])) >= 3
         assert Path(run["bundle_path"]).parent == tmp_path / "out"
         assert "  loss.jsonl\n" in (Path(run["bundle_path"]) / "SHA256SUMS").read_text()
+    # two machines, each set up once and handed from its first run to the next
+    # (batch.reuse_machines, on by default); every one destroyed at the end
     rows = [i for r in runs for i in journal.instances(r["run_id"])]
-    assert len(rows) == 4 and all(i["state"] == "destroyed" for i in rows)  # no offer fights
-    assert len({i["offer_id"] for i in rows}) == 4
-    assert max_alive([(i["intent_at"], i["destroyed_at"]) for i in rows]) == 2
-    assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 4 and fake_vast.instances == {}
+    machines = {i["instance_id"] for i in rows}
+    assert len(rows) == 4 and len(machines) == 2 and len({i["offer_id"] for i in rows}) == 2
+    assert sorted(i["state"] for i in rows) == ["destroyed", "destroyed", "handed_over",
+                                                 "handed_over"]
+    spans = [(min(i["intent_at"] for i in rows if i["instance_id"] == m),
+              max(i["destroyed_at"] for i in rows if i["instance_id"] == m)) for m in machines]
+    assert max_alive(spans) == 2
+    assert len(fake_vast.calls("PUT", "/api/v0/asks/")) == 2 and fake_vast.instances == {}
+    for machine in machines:  # each run billed from when it took the machine to when it let go
+        chain = journal.machine_rows(machine)
+        assert chain[1]["billing_started_at"] == chain[0]["destroyed_at"]
+        assert json.loads(chain[1]["detail"])["from_run"] == chain[0]["run_id"]
+        assert journal.events(chain[1]["run_id"], "handover_in")
+        # the instance carries the run it now serves (vast-cli `label instance`)
+        labels = [c["json"]["label"] for c in fake_vast.calls("PUT", f"/api/v0/instances/{machine}/")
+                  if "label" in (c["json"] or {})]
+        assert labels == [f"flux-remote:{chain[1]['run_id']}"]
     # measured s/step of the first finished runs fed the plan of the later ones
     assert "RTX 5090" in journal.measured_s_per_step()
     sources = [json.dumps(journal.events(r["run_id"], "estimate")[0]["detail"]) for r in runs]

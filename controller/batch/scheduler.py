@@ -45,9 +45,14 @@ from controller.run.follow import MachineLost
 from controller.batch.ledger import reservation_for
 from controller.run.orchestrator import Options, Orchestrator
 from controller.providers.vast import OfferClaims
-from controller.run.states import run_lock
+from controller.run.states import run_lock, spec_of
+from controller.journal import INSTANCE_HANDED_OVER
+from controller.planning.reuse import machine_key, warm_estimate
 
 if TYPE_CHECKING:
+    from controller.providers.base import Machine
+    from controller.run.handover import HandOver
+    from controller.spec.model import RunSpec
     from controller.vast.client import VastClient
     from controller.journal import Journal
     from controller.providers.base import Estimate, Provider
@@ -83,8 +88,8 @@ class BatchOptions:
     finish_allowance_s: float | None = None  # None: the orchestrator's default
     lost_contact_s: float | None = None
 
-    def run_options(self) -> Options:
-        extra: dict[str, Any] = {}
+    def run_options(self, hand_over: "HandOver | None" = None) -> Options:
+        extra: dict[str, Any] = {"hand_over": hand_over}
         if self.finish_allowance_s is not None:
             extra["finish_allowance_s"] = self.finish_allowance_s
         if self.lost_contact_s is not None:
@@ -140,6 +145,10 @@ class BatchScheduler:
         self._threads: dict[int, threading.Thread] = {}
         self._waiting: set[int] = set()  # slots that did not fit: tried again once a run ends
         self._stops_sent: set[str] = set()  # runs this process wrote a deferred STOP for
+        # Slots are claimed from the loop and, when a run hands its machine over, from that
+        # run's thread: one claim at a time.
+        self._lock = threading.RLock()
+        self._estimates: dict[str, "Estimate"] = {}  # run id -> the estimate it was started on
 
     def _default_factory(self, name: str, claims: OfferClaims) -> "Provider":
         from controller.providers import provider_named
@@ -203,6 +212,10 @@ class BatchScheduler:
 
     def _collect(self) -> None:
         """Runs that ended: close their ledger entry, settle their slot (maybe retry it)."""
+        with self._lock:
+            self._collect_ended()
+
+    def _collect_ended(self) -> None:
         while True:
             try:
                 idx, run_id, exc = self._ended.get_nowait()
@@ -217,7 +230,7 @@ class BatchScheduler:
                 self.ledger.close(run_id, float(run.get("spend_usd") or 0.0))
             if self._frees_offer(run_id, state):  # a failed host's offer stays out of the batch
                 for row in self.journal.instances(run_id):
-                    if row.get("offer_id"):
+                    if row.get("offer_id") and row["state"] != INSTANCE_HANDED_OVER:
                         self.claims.release(row["offer_id"])
             if state == R.FAILED and classify_failure(run, exc) == "infra" \
                     and slot["attempts"] <= int(self.batch["retries"]):
@@ -264,11 +277,12 @@ class BatchScheduler:
                 self.board.note(slot["name"], f"could not write its STOP: {exc}")
 
     def _start_what_fits(self) -> None:
-        for slot in self._pending():
-            if len(self._threads) >= int(self.batch["max_parallel"]):
-                return
-            if slot["idx"] not in self._waiting:
-                self._try_start(slot)
+        with self._lock:
+            for slot in self._pending():
+                if len(self._threads) >= int(self.batch["max_parallel"]):
+                    return
+                if slot["idx"] not in self._waiting:
+                    self._try_start(slot)
 
     def _try_start(self, slot: dict[str, Any]) -> None:
         from controller.spec.model import RunSpec
@@ -294,16 +308,35 @@ class BatchScheduler:
             self.journal.update_batch_run(self.batch_id, slot["idx"], state=R.FAILED,
                                           note=f"could not estimate: {exc}")
             return
-        amount = reservation_for(estimate.est_usd, spec.budget.max_usd,
-                                 margin=spec.budget.safety_margin)
-        key = f"slot-{slot['idx']}"
-        if not self.ledger.try_reserve(key, amount):
+        run_id = self._claim(slot, spec, estimate, provider)
+        if run_id is None:
             if not self._threads:  # nothing running can give money back
+                amount = reservation_for(estimate.est_usd, spec.budget.max_usd,
+                                         margin=spec.budget.safety_margin)
                 self._skip(slot, f"skipped: budget (needs ${amount:.2f}, "
                                  f"${max(0.0, self.ledger.remaining()):.2f} left of "
                                  f"${self.ledger.total_usd:.2f})")
             self._waiting.add(slot["idx"])
             return
+        # Claimed: a stop from now on sees the run. One that came since the slot was read as
+        # pending (its cancel was just overwritten, or is about to be) is honoured here.
+        reason = stop_reason(self.journal, self.batch_id)
+        if reason is not None:
+            self._not_started(slot, run_id, reason)
+            return
+        self._spawn({**slot, "attempts": int(slot["attempts"]) + 1}, run_id, estimate, provider)
+
+    def _claim(self, slot: dict[str, Any], spec: "RunSpec", estimate: "Estimate",
+               provider: "Provider") -> str | None:
+        """Reserve the slot's estimate in the ledger and journal its run (``planned``); None
+        when the reservation does not fit."""
+        from controller.spec.model import RunSpec
+
+        amount = reservation_for(estimate.est_usd, spec.budget.max_usd,
+                                 margin=spec.budget.safety_margin)
+        key = f"slot-{slot['idx']}"
+        if not self.ledger.try_reserve(key, amount):
+            return None
         # The run's own cap: its reservation; free hardware reserves nothing and keeps its
         # budget, but never one above the batch's total.
         cap = amount if amount > 0 else min(spec.budget.max_usd, self.ledger.total_usd)
@@ -319,19 +352,66 @@ class BatchScheduler:
                                  spec_path=Path(self.batch["spec_path"])
                                  if self.batch["spec_path"] else None)
         self.ledger.rename(key, run_id)
+        self._estimates[run_id] = estimate
         self.journal.add_event(run_id, "ledger_reserve", {
             "batch_id": self.batch_id, "reserved_usd": amount, "est_usd": estimate.est_usd,
             "remaining_usd": self.ledger.remaining()})
-        attempts = int(slot["attempts"]) + 1
         self.journal.update_batch_run(self.batch_id, slot["idx"], state=ACTIVE, run_id=run_id,
-                                      attempts=attempts)
-        # Claimed: a stop from now on sees the run. One that came since the slot was read as
-        # pending (its cancel was just overwritten, or is about to be) is honoured here.
-        reason = stop_reason(self.journal, self.batch_id)
-        if reason is not None:
-            self._not_started(slot, run_id, reason)
-            return
-        self._spawn({**slot, "attempts": attempts}, run_id, estimate, provider)
+                                      attempts=int(slot["attempts"]) + 1)
+        return run_id
+
+    # ---- machines handed from one run to the next --------------------------------------------
+
+    def _offer_machine(self, run_id: str, machine: "Machine") -> str | None:
+        """Called from a run's thread once it ended well: give its machine to the first pending
+        slot with the same machine key whose warm estimate fits the ledger. Returns the run id
+        that took it (its thread is started), or None: the machine is destroyed."""
+        from controller.spec.model import RunSpec
+
+        with self._lock:
+            if stop_reason(self.journal, self.batch_id) is not None:
+                return None
+            run = self.journal.get_run(run_id) or {}
+            key = machine_key(spec_of(run))
+            provider = self.provider_factory(run.get("provider") or "local", self.claims)
+            for slot in self._pending():
+                spec = RunSpec.model_validate(json.loads(slot["spec_json"]))
+                if machine_key(spec) != key:
+                    continue
+                estimate = warm_estimate(self._estimate_on(spec, run_id, machine, provider))
+                taker = self._claim(slot, spec, estimate, provider)
+                if taker is None:
+                    continue  # a later slot may be cheaper
+                try:
+                    provider.hand_over(run_id, taker, self.journal)
+                except FluxRemoteError as exc:
+                    self.journal.update_run(taker, state=R.FAILED, ended_at=self.clock(),
+                                            error=f"could not take over the machine: {exc}")
+                    self.ledger.close(taker, 0.0)
+                    self.journal.update_batch_run(self.batch_id, slot["idx"], state=PENDING)
+                    return None
+                self._waiting.discard(slot["idx"])
+                self.board.note(slot["name"], f"takes over the machine of {run['name']} "
+                                              f"(already set up)")
+                self._spawn({**slot, "attempts": int(slot["attempts"]) + 1}, taker, estimate,
+                            provider)
+                return taker
+            return None
+
+    def _estimate_on(self, spec: "RunSpec", from_run: str, machine: "Machine",
+                     provider: "Provider") -> "Estimate":
+        """The run's cold estimate on the machine it would take over: planned on that machine's
+        own offer when the run before it was planned in this process, else by the provider."""
+        from controller.planning.reuse import estimate_on_offer
+
+        previous = self._estimates.get(from_run)
+        offer_id = machine.info.get("offer_id")
+        plan = getattr(previous, "plan", None)
+        for planned in getattr(plan, "offers", None) or []:
+            if str(planned.offer_id) == str(offer_id):
+                return estimate_on_offer(spec, planned.offer, plan,
+                                         measured=self.journal.measured_s_per_step())
+        return provider.estimate(spec)
 
     def _not_started(self, slot: dict[str, Any], run_id: str, reason: str) -> None:
         """A claimed slot whose batch was asked to stop before its run was spawned."""
@@ -362,7 +442,8 @@ class BatchScheduler:
         """One run, in its thread; whatever happens, the scheduler hears of its end."""
         error: BaseException | None = None
         try:
-            orch.drive(run_id, self.options.run_options(), estimate)
+            orch.drive(run_id, self.options.run_options(
+                self._offer_machine if self.batch.get("reuse_machines") else None), estimate)
         except StoppedBeforeStart as exc:  # the orchestrator marked it failed; nothing rented
             error = exc
             self.journal.update_run(run_id, state=R.STOPPED, error=str(exc))

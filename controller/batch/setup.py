@@ -84,7 +84,8 @@ def create_batch(journal: "Journal", loaded: "LoadedFile", *, out_dir: Path | No
     journal.create_batch(batch_id=batch_id, name=name,
                          spec_path=str(spec_path) if spec_path else None, out_dir=str(root),
                          max_usd=loaded.batch.max_usd, max_parallel=loaded.batch.max_parallel,
-                         retries=loaded.batch.retries, margin=0.0, varied=keys, items=items)
+                         retries=loaded.batch.retries, margin=0.0, varied=keys, items=items,
+                         reuse_machines=loaded.batch.reuse_machines)
     return batch_id
 
 

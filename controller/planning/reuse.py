@@ -63,3 +63,19 @@ def warm_estimate(estimate: "Estimate") -> "Estimate":
                    notes=[*estimate.notes, f"on a machine already set up: its setup "
                                            f"({seconds / 60:.0f} min, ${usd:.2f}) is not paid "
                                            f"again"])
+
+
+def estimate_on_offer(spec: "RunSpec", offer: dict[str, Any], plan: Any, *,
+                      measured: dict[str, float] | None = None) -> "Estimate":
+    """The cold estimate of ``spec`` on one offer (the machine a batch run would take over),
+    shaped as the Vast provider's ``estimate`` returns it."""
+    from controller.planning.planner import PlanResult, estimate
+    from controller.providers.base import Estimate
+
+    chosen = estimate(spec, offer, measured_s_per_step=measured)
+    result = PlanResult(chosen=chosen, offers=[chosen], excluded={},
+                        budget_usd=spec.budget.max_usd, safety_margin=spec.budget.safety_margin,
+                        max_hours=spec.budget.max_hours, considered=1)
+    return Estimate(provider="vast",
+                    price_per_hour=chosen.dph_total, est_usd=chosen.est_usd,
+                    est_hours=chosen.est_hours, gpu_name=chosen.gpu_name, plan=result)

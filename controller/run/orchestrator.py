@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from controller.run import relaunch
+from controller.run import handover, relaunch
 from controller.run import states as R
 from controller.errors import (FluxRemoteError, HostKeyError, ProviderError, RunError,
                                SpecError, TransportError)
@@ -40,6 +40,7 @@ from controller.run.ship import (remove_secrets, secrets_for, secrets_path, secr
 if TYPE_CHECKING:
     from controller.journal import Journal
     from controller.providers.base import Estimate, Machine, Provider
+    from controller.run.handover import HandOver
     from controller.spec.model import RunSpec
 
 @dataclass
@@ -49,6 +50,8 @@ class Options:
     finish_allowance_s: float = FINISH_ALLOWANCE_S
     lost_contact_s: float = LOST_CONTACT_S
     max_agent_restarts: int = 1  # an agent that vanished without an exit code is started again
+    # a batch's taker for the machine once the run has ended well (``controller.run.handover``)
+    hand_over: "HandOver | None" = None
 
 
 @dataclass
@@ -141,7 +144,7 @@ class Orchestrator:
                     return self._outcome(run, detached=True)
                 self._follow(run, options)
             elif state == R.FETCHING:
-                return self._finish(run)
+                return self._finish(run, options)
             else:
                 return self._outcome(run)
 
@@ -432,8 +435,9 @@ class Orchestrator:
 
     # ---- step: finish ----------------------------------------------------------------------
 
-    def _finish(self, run: dict[str, Any]) -> Outcome:
-        """Fetch and verify the bundle, then destroy; an unverifiable bundle stops instead."""
+    def _finish(self, run: dict[str, Any], options: Options | None = None) -> Outcome:
+        """Fetch and verify the bundle, then destroy (or, in a batch, hand the machine to the
+        next run); an unverifiable bundle stops instead."""
         run_id = run["run_id"]
         machine = self.machine(run_id)
         host, paths = machine.host, self.paths(run)
@@ -459,14 +463,14 @@ class Orchestrator:
                               checkpoint_max_bytes=spec.publish.max_checkpoint_mb << 20)
         instance = self.journal.get_instance(machine.instance_row)
         remove_secrets(host, machine.root, run_id)
-        try:
-            self.provider.release(run_id, self.journal)
-        except FluxRemoteError as exc:
-            self._set(run_id, R.FAILED, error=f"the bundle is home in {out_dir} but destroying "
-                                              f"the machine failed: {exc}\n  retry: flux-remote "
-                                              f"down {run_id} --force", ended_at=self.clock())
-            raise
-        destroyed_at = self.clock()
+        reusable = handover.machine_reusable(status, bundle_home=fetched is not None,
+                                             untrusted=bool(untrusted))
+        taker = self._let_go(run_id, machine, paths, (options or Options()).hand_over
+                             if reusable else None)
+        if taker is not None:
+            instance = self.journal.get_instance(machine.instance_row) or instance
+        destroyed_at = float((instance or {}).get("destroyed_at") or 0.0) if taker else 0.0
+        destroyed_at = destroyed_at or self.clock()
         # earlier machines of the run: offers given up during readiness and lost machines alike
         spend = relaunch.earlier_machines_usd(self.journal, run_id, destroyed_at,
                                               current_row=machine.instance_row) + meter(
@@ -483,6 +487,8 @@ class Orchestrator:
             from remote.plan import write_json_atomic
 
             receipt["machines"] = relaunch.machines(self.journal, run_id, destroyed_at)
+            if taker is not None:
+                receipt["handed_over_to"] = taker
             write_json_atomic(out_dir / CONTROLLER_RECEIPT, receipt)
         s_per_step = self._safe_number(status.get("s_per_step"))
         if s_per_step and not untrusted and machine.info.get("gpu_name"):
@@ -500,6 +506,30 @@ class Orchestrator:
             self._set(run_id, R.FAILED, error=self._agent_error(host, paths, status),
                       ended_at=self.clock())
         return self._outcome(self._run(run_id), receipt=receipt, extras=extras)
+
+    def _let_go(self, run_id: str, machine: "Machine", paths: RunPaths,
+                hand_over: "HandOver | None") -> str | None:
+        """Hand the machine to the batch's next run when there is a taker; else destroy it.
+        Returns the taker's run id."""
+        if hand_over is not None and handover.mark_released(machine, paths):
+            taker = hand_over(run_id, machine)
+            if taker is not None:
+                self._machines.pop(run_id, None)
+                problem = handover.remove_run_dir(machine, paths)
+                if problem:
+                    self.journal.add_event(run_id, "run_dir_left", {"error": problem})
+                machine.host.close()
+                self.reporter.note(f"the machine goes on to run {taker} (its setup is done)")
+                return taker
+        try:
+            self.provider.release(run_id, self.journal)
+        except FluxRemoteError as exc:
+            out_dir = self._run(run_id)["out_dir"]
+            self._set(run_id, R.FAILED, error=f"the bundle is home in {out_dir} but destroying "
+                                              f"the machine failed: {exc}\n  retry: flux-remote "
+                                              f"down {run_id} --force", ended_at=self.clock())
+            raise
+        return None
 
     def _publish_to_hub(self, run_id: str, out_dir: Path) -> None:
         """Upload the verified bundle from this machine when ``publish.hf_repo`` is set.

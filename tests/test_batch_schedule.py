@@ -16,6 +16,7 @@ from controller.planning.planner import plan_offers
 from controller.planning.reuse import warm_estimate
 from controller.planning.schedule import ScheduleItem, schedule_batch
 from controller.providers.base import Estimate
+from tests.fakevast import FakeVast
 from tests.test_plan_cli import write_offers, write_spec
 from tests.test_planner import make_spec, offer
 
@@ -146,3 +147,11 @@ def test_plan_batch_table_and_budget_exit(tmp_path: Path) -> None:
     data = json.loads(result.stdout)
     assert data["ok"] is False and data["error"] == "BudgetError"
     assert "do not fit the batch budget $0.20" in data["message"]
+
+
+def test_plan_batch_searches_vast_once_per_query(tmp_path: Path, fake_vast: FakeVast) -> None:
+    result = runner.invoke(app, ["plan", str(write_batch(tmp_path, 60.0)), "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(fake_vast.calls("POST", "/api/v0/bundles/")) == 1  # six runs, one query
+    assert json.loads(result.stdout)["setups"] == 2
+    assert not fake_vast.calls("PUT") and not fake_vast.instances

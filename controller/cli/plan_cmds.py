@@ -212,10 +212,11 @@ def render_schedule(schedule: "BatchSchedule", out: Any) -> None:
               f"{schedule.machine_hours:.2f} machine-hours")
     per_run = schedule.per_run
     if per_run is not None:
+        saved = per_run.setups - schedule.setups
         out.print(f"one instance per run: est ${per_run.total_usd:.2f}, {per_run.setups} setups, "
                   f"{per_run.wall_hours:.2f} h wall clock, {per_run.machine_hours:.2f} "
                   f"machine-hours; this schedule saves ${schedule.saving_usd or 0.0:.2f} and "
-                  f"{per_run.setups - schedule.setups} setups. Nothing was rented.")
+                  f"{saved} setup{'' if saved == 1 else 's'}. Nothing was rented.")
 
 
 def plan_batch_file(loaded: "LoadedFile", offers: list[dict[str, Any]] | None,

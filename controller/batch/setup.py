@@ -7,7 +7,8 @@ failed | stopped``, or ``skipped``.
 The rest reads a batch back for the views and ``resume``: :func:`find_batch` (id or prefix),
 :func:`batch_ledger` (the :class:`~controller.batch.ledger.Ledger` rebuilt from the journal),
 :func:`batch_rows` (one row per slot with its run's live numbers), and :func:`plan_batch` (what
-each run would cost and reserve, for ``launch --dry-run``).
+each run would cost and reserve, for ``launch --dry-run``), and :func:`estimate_runs` (each run's
+estimate on a fresh machine, for the schedule ``flux-remote plan BATCH.yaml`` shows).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from controller.batch.ledger import Ledger, reservation_for
 
 if TYPE_CHECKING:
     from controller.journal import Journal
-    from controller.providers.base import Provider
+    from controller.planning.schedule import ScheduleItem
+    from controller.providers.base import Estimate, Provider
     from controller.spec.loader import LoadedFile
+    from controller.spec.model import RunSpec
 
 PENDING, ACTIVE, SKIPPED = "pending", "active", "skipped"
 SLOT_TERMINAL = (R.DONE, R.FAILED, R.STOPPED, R.BUDGET, SKIPPED)
@@ -140,3 +143,33 @@ def plan_batch(loaded: "LoadedFile",
                                                     margin=spec.budget.safety_margin),
                      "note": ""})
     return rows
+
+
+def offers_estimate(spec: "RunSpec", offers: list[dict[str, Any]],
+                    measured_s_per_step: dict[str, float] | None = None) -> "Estimate":
+    """The run's estimate on the cheapest fitting offer of ``offers``, as the Vast provider makes
+    it (``VastProvider.estimate``); ``BudgetError`` when no offer fits."""
+    from controller.planning.planner import plan_offers
+    from controller.providers.base import Estimate
+
+    plan = plan_offers(spec, offers, measured_s_per_step=measured_s_per_step)
+    chosen = plan.chosen
+    if chosen is None:
+        raise BudgetError(f"no Vast.ai offer can finish {spec.name!r}: {plan.refusal()}")
+    return Estimate(provider="vast", price_per_hour=chosen.dph_total, est_usd=chosen.est_usd,
+                    est_hours=chosen.est_hours, gpu_name=chosen.gpu_name, plan=plan)
+
+
+def estimate_runs(loaded: "LoadedFile",
+                  estimate_one: Callable[["RunSpec"], "Estimate"]) -> list["ScheduleItem"]:
+    """Each run of a batch with its estimate on a fresh machine, or the ``BudgetError`` that
+    says no offer fits it (for :func:`controller.planning.schedule.schedule_batch`)."""
+    from controller.planning.schedule import ScheduleItem
+
+    items = []
+    for spec in loaded.runs:
+        try:
+            items.append(ScheduleItem(spec.name, spec, estimate=estimate_one(spec)))
+        except BudgetError as exc:
+            items.append(ScheduleItem(spec.name, spec, error=str(exc)))
+    return items

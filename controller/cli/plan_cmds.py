@@ -1,4 +1,8 @@
-"""``flux-remote plan``: which offer would run this spec, for how many dollars. Nothing is rented."""
+"""``flux-remote plan``: which offer would run this spec, for how many dollars. Nothing is rented.
+
+A batch file gets its schedule instead (``controller.planning.schedule``): which run goes on
+which machine, in what order, with the setup paid once per machine, against the batch budget.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +17,10 @@ from controller.errors import EXIT_BUDGET, SpecError
 
 if TYPE_CHECKING:
     from controller.planning.planner import PlanResult
+    from controller.planning.schedule import BatchSchedule
+    from controller.providers.base import Estimate
+    from controller.spec.loader import LoadedFile
     from controller.spec.model import RunSpec
-
-
-def load_run_spec(path: Path) -> "RunSpec":
-    """The validated spec, with located errors (``controller.spec.loader.load_spec``)."""
-    from controller.spec.loader import load_spec
-
-    return load_spec(path)
 
 
 def load_offers_file(path: Path) -> list[dict[str, Any]]:
@@ -142,11 +142,108 @@ def render_plan(result: "PlanResult", out: Any, *, top: int = 10) -> None:
         )
 
 
+def batch_schedule(loaded: "LoadedFile",
+                   offers: list[dict[str, Any]] | None) -> "BatchSchedule":
+    """The batch's schedule, each run estimated on ``offers`` (or a live search, one per
+    distinct query)."""
+    from controller.batch.setup import estimate_runs, offers_estimate
+    from controller.planning.planner import search_query
+    from controller.planning.schedule import schedule_batch
+    from controller.providers.base import own_machine_estimate
+
+    batch = loaded.batch
+    if batch is None:
+        raise SpecError(f"{loaded.path} has no batch: section")
+    measured = measured_speeds()
+    searches: dict[str, list[dict[str, Any]]] = {}
+
+    def estimate_one(spec: "RunSpec") -> "Estimate":
+        if spec.provider.type != "vast":
+            return own_machine_estimate(spec.provider.type, spec)
+        found = offers
+        if found is None:
+            key = json.dumps([search_query(spec), spec.gpu.interruptible], sort_keys=True)
+            if key not in searches:
+                searches[key] = search_live(spec)
+            found = searches[key]
+        return offers_estimate(spec, found, measured)
+
+    return schedule_batch(estimate_runs(loaded, estimate_one), max_parallel=batch.max_parallel,
+                          budget_usd=batch.max_usd, reuse=batch.reuse_machines)
+
+
+def _hours(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}"
+
+
+def render_schedule(schedule: "BatchSchedule", out: Any) -> None:
+    """The schedule on a rich Console ``out``: machines with their runs in order, then the total
+    against the budget and against one instance per run."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="Batch schedule: machines and their runs in order", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for name, justify in (("machine", "left"), ("#", "right"), ("run", "left"),
+                          ("start", "left"), ("from h", "right"), ("to h", "right"),
+                          ("est $", "right"), ("reserve $", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    rows = {row.name: row for row in schedule.runs}
+    for machine in schedule.machines:
+        offer = "own hardware" if machine.offer_id is None else f"offer {machine.offer_id}"
+        bid = " (bid)" if machine.interruptible else ""
+        table.add_row(f"[bold]{machine.index + 1}[/]", "", f"[bold]{offer}, {machine.gpu_name}"
+                      f"{bid}, ${machine.dph_total:.3f}/h[/]", "setup",
+                      f"{machine.start_h:.2f}", "", f"{machine.setup_usd:.2f}", "",
+                      end_section=False)
+        for name in machine.runs:
+            row = rows[name]
+            table.add_row("", str(row.order), name, str(row.start), _hours(row.start_h),
+                          _hours(row.end_h), f"{row.est_usd or 0.0:.2f}",
+                          f"{row.reserved_usd or 0.0:.2f}", end_section=name == machine.runs[-1])
+    if schedule.machines:
+        out.print(table)
+    for row in schedule.skipped:
+        out.print(f"[red]skipped[/] {row.name}: {row.skipped}")
+    setups = ", ".join(f"{m.setup_s / 60:.0f} min ${m.setup_usd:.2f}" for m in schedule.machines)
+    out.print(f"setup paid once per machine ({len(schedule.machines)}): {setups or 'none'}")
+    out.print(f"[bold]total:[/] est ${schedule.total_usd:.2f} of the "
+              f"${schedule.budget_usd:.2f} batch budget; {schedule.wall_hours:.2f} h wall clock, "
+              f"{schedule.machine_hours:.2f} machine-hours")
+    per_run = schedule.per_run
+    if per_run is not None:
+        saved = per_run.setups - schedule.setups
+        out.print(f"one instance per run: est ${per_run.total_usd:.2f}, {per_run.setups} setups, "
+                  f"{per_run.wall_hours:.2f} h wall clock, {per_run.machine_hours:.2f} "
+                  f"machine-hours; this schedule saves ${schedule.saving_usd or 0.0:.2f} and "
+                  f"{saved} setup{'' if saved == 1 else 's'}. Nothing was rented.")
+
+
+def plan_batch_file(loaded: "LoadedFile", offers: list[dict[str, Any]] | None,
+                    as_json: bool) -> None:
+    """``plan BATCH.yaml``: print the schedule; exit with the budget code when it does not fit."""
+    from controller.errors import BudgetError
+
+    schedule = batch_schedule(loaded, offers)
+    if as_json:
+        data = schedule.to_dict()
+        if not schedule.fits:
+            emit_json({"ok": False, "error": "BudgetError", "message": schedule.refusal(),
+                       **data})
+            raise typer.Exit(EXIT_BUDGET)
+        emit_json({"ok": True, **data})
+        return
+    render_schedule(schedule, console())
+    if not schedule.fits:
+        raise BudgetError(schedule.refusal(),
+                          hint="raise batch.max_usd, drop runs, or relax the gpu filters")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     @handles_errors
     def plan(
-        file: Path = typer.Argument(..., help="The run spec (run.yaml)."),
+        file: Path = typer.Argument(..., help="The run spec (run.yaml) or a batch file."),
         offers: Optional[Path] = typer.Option(
             None, "--offers", help='Plan against a saved search result ({"offers": [...]}) '
             "instead of asking Vast.ai."),
@@ -154,12 +251,19 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Show which offer would train this spec most cheaply, and the estimate vs the budget.
+        For a batch file: which run goes on which machine, in what order, against the batch budget.
 
         Example: flux-remote plan run.yaml --top 5
         """
         from controller.planning.planner import plan_offers
+        from controller.spec.loader import load_file
 
-        spec = load_run_spec(file)
+        loaded = load_file(file)
+        if loaded.batch is not None:
+            plan_batch_file(loaded, load_offers_file(offers) if offers is not None else None,
+                            as_json)
+            return
+        spec = loaded.runs[0]
         found = load_offers_file(offers) if offers is not None else search_live(spec)
         result = plan_offers(spec, found, measured_s_per_step=measured_speeds())
         account = read_account() if offers is None else None

@@ -1,0 +1,358 @@
+"""The plan of a batch: which run goes on which machine, in what order, for how many dollars.
+
+:func:`schedule_batch` simulates the batch scheduler (``controller.batch.scheduler``) with every
+estimate taken as the run's actual duration and cost. The rule it mirrors:
+
+1. Slots are taken in batch order; machines alive at once never exceed ``max_parallel``.
+2. When a run ends, its machine goes to the first pending slot with the same
+   :func:`~controller.planning.reuse.machine_key` (when ``reuse``); that run reserves
+   ``reservation_for(warm estimate)`` in the ledger. When no compatible slot is pending, or that
+   slot's warm reservation does not fit the money left, the machine is destroyed.
+3. Otherwise a pending slot starts on a new machine when fewer than ``max_parallel`` are alive,
+   an offer no live machine of the batch holds still fits its plan (the provider's offer
+   claims), and the ledger has room for its cold reservation.
+4. Otherwise it waits; a slot that does not fit while nothing runs is skipped (budget).
+5. A run that ends gives back its reservation; what it cost (its estimate: cold for the first
+   run on a machine, warm for the later ones) stays counted.
+
+So a tight budget gives fewer machines and more runs per machine, and a roomy one up to
+``max_parallel`` machines. The same runs priced one instance per run (reuse off, no batch cap)
+come with the schedule, so the saving is measured against a baseline computed in the same call.
+Pure: no I/O, deterministic for equal inputs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from controller.batch.ledger import Ledger, reservation_for
+from controller.planning.reuse import machine_key, setup_part, warm_estimate
+
+if TYPE_CHECKING:
+    from controller.planning.planner import OfferEstimate
+    from controller.providers.base import Estimate
+    from controller.spec.model import RunSpec
+
+COLD, WARM = "cold", "warm"
+
+
+@dataclass(frozen=True)
+class ScheduleItem:
+    """One slot of the batch: its spec and its estimate on a fresh machine, or why there is
+    none (the provider's ``BudgetError`` message)."""
+
+    name: str
+    spec: "RunSpec"
+    estimate: "Estimate | None" = None
+    error: str | None = None
+
+
+@dataclass
+class RunRow:
+    """Where and when one run is planned (``machine`` None when it is skipped)."""
+
+    name: str
+    machine: int | None = None
+    order: int | None = None  # 1 for the run that pays the machine's setup
+    start: str | None = None  # COLD | WARM
+    est_usd: float | None = None
+    est_hours: float | None = None
+    reserved_usd: float | None = None
+    start_h: float | None = None
+    end_h: float | None = None
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "machine": self.machine, "order": self.order,
+                "start": self.start, "est_usd": _r(self.est_usd), "est_hours": _r(self.est_hours),
+                "reserved_usd": _r(self.reserved_usd), "start_h": _r(self.start_h),
+                "end_h": _r(self.end_h), "skipped": self.skipped}
+
+
+@dataclass
+class MachinePlan:
+    """One machine of the schedule: rented for its first run, handed from run to run."""
+
+    index: int
+    offer_id: int | None
+    gpu_name: str | None
+    dph_total: float
+    interruptible: bool
+    setup_s: float  # paid once, by the first run
+    setup_usd: float
+    start_h: float
+    end_h: float = 0.0
+    runs: list[str] = field(default_factory=list)
+    est_usd: float = 0.0
+
+    @property
+    def hours(self) -> float:
+        return self.end_h - self.start_h
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "offer_id": self.offer_id, "gpu_name": self.gpu_name,
+                "dph_total": _r(self.dph_total), "interruptible": self.interruptible,
+                "setup_s": _r(self.setup_s, 1), "setup_usd": _r(self.setup_usd),
+                "start_h": _r(self.start_h), "end_h": _r(self.end_h), "hours": _r(self.hours),
+                "runs": list(self.runs), "est_usd": _r(self.est_usd)}
+
+
+@dataclass
+class BatchSchedule:
+    """The simulated batch; ``per_run`` is the same runs one instance per run (None inside it)."""
+
+    budget_usd: float
+    max_parallel: int
+    reuse: bool
+    machines: list[MachinePlan]
+    runs: list[RunRow]
+    per_run: "BatchSchedule | None" = None
+
+    @property
+    def total_usd(self) -> float:
+        return sum(m.est_usd for m in self.machines)
+
+    @property
+    def wall_hours(self) -> float:
+        return max((m.end_h for m in self.machines), default=0.0)
+
+    @property
+    def machine_hours(self) -> float:
+        """Billed instance time: every machine's life summed."""
+        return sum(m.hours for m in self.machines)
+
+    @property
+    def setups(self) -> int:
+        return len(self.machines)
+
+    @property
+    def skipped(self) -> list[RunRow]:
+        return [row for row in self.runs if row.skipped is not None]
+
+    @property
+    def fits(self) -> bool:
+        return not self.skipped and self.total_usd <= self.budget_usd + 1e-9
+
+    @property
+    def saving_usd(self) -> float | None:
+        return None if self.per_run is None else self.per_run.total_usd - self.total_usd
+
+    def refusal(self) -> str:
+        """Why the batch does not fit ("" when it does)."""
+        if self.fits:
+            return ""
+        parts = [f"{row.name}: {row.skipped}" for row in self.skipped]
+        return (f"{len(self.skipped)} of {len(self.runs)} runs do not fit the batch budget "
+                f"${self.budget_usd:.2f}: " + "; ".join(parts))
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "budget_usd": self.budget_usd, "max_parallel": self.max_parallel,
+            "reuse_machines": self.reuse, "fits": self.fits, "total_usd": _r(self.total_usd),
+            "wall_hours": _r(self.wall_hours), "machine_hours": _r(self.machine_hours),
+            "setups": self.setups, "machines": [m.to_dict() for m in self.machines],
+            "runs": [row.to_dict() for row in self.runs],
+            "skipped": [row.name for row in self.skipped]}
+        if self.per_run is not None:
+            per_run = self.per_run
+            data["one_instance_per_run"] = {
+                "total_usd": _r(per_run.total_usd), "wall_hours": _r(per_run.wall_hours),
+                "machine_hours": _r(per_run.machine_hours), "setups": per_run.setups,
+                "machines": [m.to_dict() for m in per_run.machines]}
+            data["saving_usd"] = _r(self.saving_usd)
+            data["setups_saved"] = per_run.setups - self.setups
+        return data
+
+
+def _r(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+# ---- one slot's numbers ------------------------------------------------------------------------
+
+@dataclass
+class _Slot:
+    idx: int
+    item: ScheduleItem
+    key: str
+    row: RunRow
+    margin: float
+
+    def fitting_offers(self) -> list["OfferEstimate"]:
+        plan = getattr(self.item.estimate, "plan", None)
+        return [o for o in getattr(plan, "offers", None) or [] if o.fits]
+
+    def reservation(self, estimate: "Estimate") -> float:
+        return reservation_for(estimate.est_usd, self.item.spec.budget.max_usd,
+                               margin=self.margin)
+
+
+def _on_offer(estimate: "Estimate", offer: "OfferEstimate") -> "Estimate":
+    """``estimate`` as if the planner had chosen ``offer`` (what the provider rents when the
+    batch's other machines hold the cheaper offers)."""
+    plan = replace(estimate.plan, chosen=offer)
+    return replace(estimate, price_per_hour=offer.dph_total, est_usd=offer.est_usd,
+                   est_hours=offer.est_hours, gpu_name=offer.gpu_name, plan=plan)
+
+
+def _offer_identity(estimate: "Estimate") -> tuple[int, bool] | None:
+    chosen = getattr(getattr(estimate, "plan", None), "chosen", None)
+    return None if chosen is None else (int(chosen.offer_id), bool(chosen.interruptible))
+
+
+def _cold_estimate(slot: _Slot, claimed: set[tuple[int, bool]]) -> "Estimate | None":
+    """The slot's estimate on the cheapest fitting offer no live machine holds; None when every
+    fitting offer is held. Estimates without offers (own hardware) are used as they are."""
+    estimate = slot.item.estimate
+    if estimate is None:
+        return None
+    if getattr(estimate, "plan", None) is None or not hasattr(estimate.plan, "offers"):
+        return estimate
+    for offer in slot.fitting_offers():
+        if (int(offer.offer_id), bool(offer.interruptible)) not in claimed:
+            return _on_offer(estimate, offer)
+    return None
+
+
+def _warm_on(slot: _Slot, machine_estimate: "Estimate") -> "Estimate":
+    """The slot's estimate on the machine another run set up: its own estimate for that offer,
+    without the setup."""
+    estimate = slot.item.estimate
+    identity = _offer_identity(machine_estimate)
+    plan = getattr(estimate, "plan", None)
+    if estimate is not None and identity is not None and plan is not None:
+        for offer in getattr(plan, "offers", None) or []:
+            if (int(offer.offer_id), bool(offer.interruptible)) == identity:
+                return warm_estimate(_on_offer(estimate, offer))
+    return warm_estimate(estimate if estimate is not None else machine_estimate)
+
+
+def _hours(estimate: "Estimate") -> float:
+    return float(estimate.est_hours or 0.0)
+
+
+def _cost(estimate: "Estimate") -> float:
+    return float(estimate.est_usd or 0.0)
+
+
+# ---- the simulation --------------------------------------------------------------------------
+
+class _Simulation:
+    def __init__(self, items: list[ScheduleItem], *, max_parallel: int, budget_usd: float,
+                 margin: float | None, reuse: bool) -> None:
+        self.max_parallel = max(1, int(max_parallel))
+        self.reuse = reuse
+        self.ledger = Ledger(budget_usd)
+        self.slots = [
+            _Slot(idx, item, machine_key(item.spec), RunRow(item.name),
+                  item.spec.budget.safety_margin if margin is None else float(margin))
+            for idx, item in enumerate(items)]
+        self.pending: list[_Slot] = []
+        self.machines: list[MachinePlan] = []
+        self.machine_estimates: list["Estimate"] = []  # the cold estimate each was rented on
+        self.machine_keys: list[str] = []  # the machine_key of each machine's first run
+        self.claimed: dict[int, tuple[int, bool]] = {}  # machine index -> offer it holds
+        self.ends: list[tuple[float, int, int, float]] = []  # (end h, machine, slot idx, cost)
+        for slot in self.slots:
+            if slot.item.estimate is None:
+                slot.row.skipped = f"budget ({slot.item.error or 'no estimate'})"
+            else:
+                self.pending.append(slot)
+
+    def run(self) -> None:
+        self._start_what_fits(0.0)
+        while self.ends:
+            now, machine, idx, cost = heapq.heappop(self.ends)
+            self.ledger.close(f"slot-{idx}", cost)
+            if not (self.reuse and self._hand_over(machine, now)):
+                self.machines[machine].end_h = now
+                self.claimed.pop(machine, None)
+            self._start_what_fits(now)
+
+    def _hand_over(self, machine: int, now: float) -> bool:
+        """Rule 2: the first pending slot with the machine's key takes it, warm."""
+        slot = next((s for s in self.pending if s.key == self.machine_keys[machine]), None)
+        if slot is None:
+            return False
+        estimate = _warm_on(slot, self.machine_estimates[machine])
+        amount = slot.reservation(estimate)
+        if not self.ledger.try_reserve(f"slot-{slot.idx}", amount):
+            return False
+        self._place(slot, machine, estimate, amount, now, WARM)
+        return True
+
+    def _start_what_fits(self, now: float) -> None:
+        """Rules 3 and 4, in batch order."""
+        for slot in list(self.pending):
+            if len(self.claimed) >= self.max_parallel:
+                return
+            estimate = _cold_estimate(slot, set(self.claimed.values()))
+            amount = None if estimate is None else slot.reservation(estimate)
+            if estimate is None or amount is None or \
+                    not self.ledger.try_reserve(f"slot-{slot.idx}", amount):
+                if not self.claimed:  # nothing running can give money or an offer back
+                    self.pending.remove(slot)
+                    slot.row.skipped = self._why_not(slot, estimate, amount)
+                continue
+            setup_s, setup_usd = setup_part(estimate)
+            chosen = getattr(getattr(estimate, "plan", None), "chosen", None)
+            index = len(self.machines)
+            self.machines.append(MachinePlan(
+                index=index, offer_id=None if chosen is None else int(chosen.offer_id),
+                gpu_name=estimate.gpu_name, dph_total=float(estimate.price_per_hour),
+                interruptible=bool(chosen is not None and chosen.interruptible),
+                setup_s=setup_s, setup_usd=setup_usd, start_h=now))
+            self.machine_estimates.append(estimate)
+            self.machine_keys.append(slot.key)
+            identity = _offer_identity(estimate)
+            self.claimed[index] = identity if identity is not None else (-1 - index, False)
+            self._place(slot, index, estimate, amount, now, COLD)
+
+    def _why_not(self, slot: _Slot, estimate: "Estimate | None", amount: float | None) -> str:
+        if estimate is None or amount is None:
+            return "budget (no offer fits its plan)"
+        return (f"budget (needs ${amount:.2f}, ${max(0.0, self.ledger.remaining()):.2f} left "
+                f"of ${self.ledger.total_usd:.2f})")
+
+    def _place(self, slot: _Slot, machine: int, estimate: "Estimate", amount: float,
+               now: float, start: str) -> None:
+        self.pending.remove(slot)
+        plan = self.machines[machine]
+        plan.runs.append(slot.item.name)
+        plan.est_usd += _cost(estimate)
+        end = now + _hours(estimate)
+        plan.end_h = end
+        row = slot.row
+        row.machine, row.order, row.start = machine, len(plan.runs), start
+        row.est_usd, row.est_hours = estimate.est_usd, estimate.est_hours
+        row.reserved_usd, row.start_h, row.end_h = amount, now, end
+        heapq.heappush(self.ends, (end, machine, slot.idx, _cost(estimate)))
+
+
+def _simulate(items: list[ScheduleItem], *, max_parallel: int, budget_usd: float,
+              margin: float | None, reuse: bool) -> BatchSchedule:
+    sim = _Simulation(items, max_parallel=max_parallel, budget_usd=budget_usd, margin=margin,
+                      reuse=reuse)
+    sim.run()
+    return BatchSchedule(budget_usd=budget_usd, max_parallel=sim.max_parallel, reuse=reuse,
+                         machines=sim.machines, runs=[slot.row for slot in sim.slots])
+
+
+def schedule_batch(items: list[ScheduleItem], *, max_parallel: int, budget_usd: float,
+                   margin: float | None = None, reuse: bool = True) -> BatchSchedule:
+    """The batch as the scheduler would run it if every estimate came true (module docstring).
+
+    ``margin`` overrides each run's ``budget.safety_margin`` in its reservation. The result's
+    ``per_run`` prices the runs this schedule places, one instance per run, with the same
+    ``max_parallel`` and no batch cap (so it prices all of them): the baseline of the saving.
+    """
+    schedule = _simulate(items, max_parallel=max_parallel, budget_usd=budget_usd,
+                         margin=margin, reuse=reuse)
+    placed = {row.name for row in schedule.runs if row.skipped is None}
+    schedule.per_run = _simulate([item for item in items if item.name in placed],
+                                 max_parallel=max_parallel, budget_usd=math.inf, margin=margin,
+                                 reuse=False)
+    return schedule

@@ -89,7 +89,7 @@ def test_a_batch_counts_a_run_the_budget_ended_as_finished(tmp_path: Path) -> No
                             provider_factory=lambda name, claims: ScriptedProvider(host)).run()
 
     slots = {row["name"]: row for row in result.rows}
-    assert slots["bc-ok"]["slot_state"] == "done"
+    assert slots["bc-ok"]["slot_state"] == "done", json.dumps(result.rows, default=str)[:3000]
     assert slots["bc-cap"]["slot_state"] == "budget" and slots["bc-cap"]["attempts"] == 1
     assert result.state == "partial"
     [run] = [r for r in journal.runs_of_batch(batch_id) if r["name"] == "bc-cap"]

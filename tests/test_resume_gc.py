@@ -129,6 +129,7 @@ class ScriptedProvider:
         self.price = price
         self.started_ago = started_ago
         self.released: list[bool] = []
+        self.handed_over: list[tuple[str, str]] = []
         self.problem: str | None = None
 
     def estimate(self, spec: Any) -> Estimate:
@@ -153,6 +154,10 @@ class ScriptedProvider:
         self.released.append(keep_data)
         if not keep_data:
             release_own_machine(journal, run_id)
+
+    def hand_over(self, run_id: str, to_run_id: str, journal: Any) -> int:
+        self.handed_over.append((run_id, to_run_id))
+        return journal.hand_over_instance(int(journal.current_instance(run_id)["id"]), to_run_id)
 
     def health(self, run_id: str, journal: Any) -> str | None:
         return self.problem

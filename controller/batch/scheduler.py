@@ -384,11 +384,13 @@ class BatchScheduler:
                     continue  # a later slot may be cheaper
                 try:
                     provider.hand_over(run_id, taker, self.journal)
-                except FluxRemoteError as exc:
+                except Exception as exc:  # noqa: BLE001 - the slot must not stay claimed
                     self.journal.update_run(taker, state=R.FAILED, ended_at=self.clock(),
                                             error=f"could not take over the machine: {exc}")
                     self.ledger.close(taker, 0.0)
-                    self.journal.update_batch_run(self.batch_id, slot["idx"], state=PENDING)
+                    self.journal.update_batch_run(self.batch_id, slot["idx"], state=PENDING,
+                                                  run_id=None, attempts=int(slot["attempts"]))
+                    self.journal.add_event(run_id, "handover_failed", {"error": str(exc)})
                     return None
                 self._waiting.discard(slot["idx"])
                 self.board.note(slot["name"], f"takes over the machine of {run['name']} "

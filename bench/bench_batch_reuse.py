@@ -32,7 +32,9 @@ saving depends on it, and it is a choice of this benchmark (on Vast the image pu
 ~33 GB of weights are often a third or more of a short run's bill, issue 17).
 
 Run: ``python bench/bench_batch_reuse.py [--runs 6] [--steps 12] [--loading-s 30]
-[--onstart-s 15]``; writes ``bench/results/batch_reuse.json``. Needs root (mount namespaces),
+[--onstart-s 15]
+[--write-doc]``; writes ``bench/results/batch_reuse.json`` (and, with ``--write-doc``, its table
+between its own markers in ``docs/performance.md``). Needs root (mount namespaces),
 ``/usr/sbin/sshd``, ``ssh-keygen`` and ``rsync``.
 """
 
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=6, choices=range(2, len(SWEEP_LRS) + 1))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--loading-s", type=float, default=30.0, help="image pull, seconds")
+    parser.add_argument("--write-doc", action="store_true",
+                        help="write this run's table into docs/performance.md (its own markers)")
     parser.add_argument("--onstart-s", type=float, default=15.0, help="onstart script, seconds")
     args = parser.parse_args(argv)
     reason = unavailable()
@@ -211,7 +215,48 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "batch_reuse.json").write_text(json.dumps(result, indent=2) + "\n",
                                               encoding="utf-8")
     print(f"wrote {out_dir / 'batch_reuse.json'}")
+    if args.write_doc:
+        write_doc(result, "python bench/bench_batch_reuse.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]))
     return 0
+
+
+DOC = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- bench_batch_reuse:begin -->", "<!-- bench_batch_reuse:end -->"
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    """This benchmark's block of docs/performance.md, from its JSON only."""
+    lines = [BEGIN, f"Written by `{command.strip()}` on {time.strftime('%Y-%m-%d')} "
+             f"(load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}): "
+             f"{result['runs']} runs, max_parallel {result['max_parallel']}, "
+             f"{result['steps']} steps each; setup per machine {result['loading_s']:g} s image "
+             f"pull + {result['onstart_s']:g} s onstart, "
+             f"{result['setup_share_of_baseline'] or 0:.0%} of the baseline's billed time.", "",
+             "| arm | instances | runs done | instance h | GPU h | $ | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ("baseline", "reuse"):
+        a = result[name]
+        lines.append(f"| {name} | {a['instances']} | {a['runs_done']} | "
+                     f"{a['instance_hours']:.4f} | {a['gpu_hours']:.4f} | {a['usd']:.4f} | "
+                     f"{a['wall_s']:.1f} |")
+
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}"
+
+    lines += ["", f"reuse / baseline: billed instance time **{fmt(result['instance_time_ratio'])}"
+              f"**, GPU time {fmt(result['gpu_time_ratio'])}, dollars "
+              f"{fmt(result['usd_ratio'])}; target <= {result['target_ratio']:.2f}: "
+              + ("met" if result["met"] else "**MISSED**"), END]
+    return "\n".join(lines)
+
+
+def write_doc(result: dict[str, Any], command: str, doc: Path = DOC) -> None:
+    text = doc.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc}: no {BEGIN} ... {END} markers to write between")
+    head, rest = text.split(BEGIN, 1)
+    doc.write_text(head + markdown(result, command) + rest.split(END, 1)[1], encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ BENCHES: dict[str, tuple[str, str, list[str], list[str]]] = {
     "estimate": ("bench_estimate.py", "estimate.json", [], []),
     "controller": ("bench_controller.py", "controller.json", [], ["--quick"]),
     "gpu": ("bench_gpu.py", "gpu.json", [], ["--quick"]),
+    "batch_reuse": ("bench_batch_reuse.py", "batch_reuse.json", [],
+                    ["--runs", "4", "--steps", "4"]),
 }
 
 Row = tuple[str, str, str, str, "bool | None"]  # benchmark, measure, value, target, met
@@ -133,6 +135,17 @@ def _estimate(d: dict[str, Any]) -> list[Row]:
              a["share_within"] == 1.0)]
 
 
+def _batch_reuse(d: dict[str, Any]) -> list[Row]:
+    base, reuse = d["baseline"], d["reuse"]
+    ratio = d["instance_time_ratio"]
+    return [("batch_reuse", f"{d['runs']}-run sweep, max_parallel {d['max_parallel']}: billed "
+                            "instance time, reuse / one instance per run (the fake's bill)",
+             f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({reuse['instances']} vs "
+             f"{base['instances']} instances; GPU time {d['gpu_time_ratio'] or 0:.2f}, $ "
+             f"{d['usd_ratio'] or 0:.2f}; setup {d['setup_share_of_baseline'] or 0:.0%} of the "
+             "baseline)", f"<= {d['target_ratio']:.2f}, every run done", d["met"])]
+
+
 def _controller(d: dict[str, Any]) -> list[Row]:
     s = d["single"]
     start = s["start"]
@@ -183,6 +196,7 @@ def _gpu(d: dict[str, Any]) -> list[Row]:
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "cli_startup": _cli, "ingest": _ingest, "sync": _sync, "planner": _planner,
     "estimate": _estimate, "controller": _controller, "gpu": _gpu,
+    "batch_reuse": _batch_reuse,
 }
 
 

@@ -25,7 +25,9 @@ State
 Behaviour
     A new instance is not listed at all for ``unlisted_polls`` show calls (``{"instances":
     null}``, absent from the list), then has ``actual_status`` null once, ``loading`` for
-    ``loading_polls`` shows, then ``running`` with the direct endpoint (``public_ipaddr`` +
+    ``loading_polls`` shows (with ``loading_s``, also until that many seconds have passed since
+    the create: the image pull's wall time), then ``running`` with the direct endpoint
+    (``public_ipaddr`` +
     ``ports["22/tcp"]`` from ``ssh_endpoint``) and Vast's proxy (``ssh_host``/``ssh_port`` from
     ``proxy_endpoint``: a different address). Once running, the onstart script really runs
     (``bash -c``, after ``onstart_delay_s``) with the container variables (``CONTAINER_ID``,
@@ -35,10 +37,15 @@ Behaviour
     ``running`` and runs onstart again. The per-instance key (the create answer's
     ``instance_api_key``, in the container as ``CONTAINER_API_KEY``) may show, stop, start and
     destroy that one instance and nothing else.
-    ``bill(iid)``: GPU hours x the rented ``dph_base`` while running, storage
-    (``storage_cost`` $/GB/month x ``disk``) in every state until destroyed, and GB received x
+    ``bill(iid)``: GPU hours (``hours``) x the rented ``dph_base`` while running, storage
+    (``storage_cost`` $/GB/month x ``disk``) in every state until destroyed (``instance_hours``:
+    create to destroy), and GB received x
     ``inet_down_cost`` (``image_gb`` at the first start, plus ``receive(iid, gb)``); the
     instance's ``dph_total`` is re-priced with its own disk, as ``allocated_storage`` does.
+    ``containers`` (optional, e.g. ``tests.fakecontainer.Containers``): each instance gets its
+    own container at its first ``running`` (``boot(iid)`` -> its SSH endpoint, instead of the
+    shared ``ssh_endpoint``), its onstart runs inside it (``exec_prefix(iid)``), and destroy
+    ends it (``destroy(iid)``); without it every instance is this machine, one filesystem.
 
 Fault knobs
     ``api_key``                     the Bearer key accepted (anything else: 401 auth_error,
@@ -162,7 +169,8 @@ class FakeVast:
                  proxy_endpoint: tuple[str, int] = ("ssh4.vast.ai.invalid", 10000),
                  unlisted_polls: int = 0, scheduling_polls: int = 1,
                  onstart_delay_s: float = 0.0, image_path: str = DEFAULT_IMAGE_PATH,
-                 image_gb: float = 0.0, clock: Callable[[], float] = time.time) -> None:
+                 image_gb: float = 0.0, loading_s: float = 0.0, containers: Any = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.api_key = api_key
         self.offers = offers if offers is not None else reference_offers()
         self.instances: dict[int, dict[str, Any]] = {}
@@ -179,6 +187,8 @@ class FakeVast:
         self.onstart_delay_s = onstart_delay_s
         self.image_path = image_path
         self.image_gb = image_gb
+        self.loading_s = loading_s
+        self.containers = containers
         self.clock = clock
         self.on_state: Callable[[int, str], None] | None = None
         self.onstart_runs: dict[int, list[tuple[int, str]]] = {}
@@ -286,7 +296,13 @@ class FakeVast:
             storage = (now - m["created"]) / 3600 * m["storage_dph"]
             bandwidth = m["down_gb"] * m["inet_down_cost"]
             return {"gpu": gpu, "storage": storage, "bandwidth": bandwidth,
-                    "total": gpu + storage + bandwidth, "hours": gpu_s / 3600}
+                    "total": gpu + storage + bandwidth, "hours": gpu_s / 3600,
+                    "instance_hours": (now - m["created"]) / 3600}
+
+    def created(self) -> list[int]:
+        """Every instance id ever created (destroyed ones too): what ``bill`` can be asked."""
+        with self._lock:
+            return sorted(self._meters)
 
     def calls(self, method: str, path_prefix: str = "") -> list[dict[str, Any]]:
         """The logged requests with this method and path prefix."""
@@ -460,6 +476,12 @@ class FakeVast:
                             f"manifest for {inst['image_uuid']} not found")
             elif inst["actual_status"] == "scheduling" and polls <= self.scheduling_polls:
                 pass  # vast-cli `start instance` epilog: a start waits in "scheduling"
+            elif self._pulling(iid):
+                # Reference README: "An instance can sit in `loading` for many minutes on a
+                # slow image pull" (storage bills meanwhile, the GPU does not: bill()).
+                if polls > 1:  # null once first, as below
+                    inst.update(actual_status="loading",
+                                status_msg=f"Pulling from {inst['image_uuid']}")
             elif self.loading_polls <= 0 or polls > self.loading_polls + (
                     self.scheduling_polls if inst.get("_restarted") else 1):
                 self._make_running(iid, inst)
@@ -469,12 +491,20 @@ class FakeVast:
                             status_msg=f"Pulling from {inst['image_uuid']}")
         return self._public(inst)
 
+    def _pulling(self, iid: int) -> bool:
+        """Whether the first image pull of this instance is still under way (``loading_s``).
+        Only the first start pulls: the image stays on the machine (as ``image_gb`` is billed
+        once), so a restart loads for its polls only."""
+        meter = self._meters[iid]
+        return not meter["pulled"] and self.clock() - meter["created"] < self.loading_s
+
     @staticmethod
     def _public(inst: dict[str, Any]) -> dict[str, Any]:
         return {k: copy.deepcopy(v) for k, v in inst.items() if not k.startswith("_")}
 
     def _make_running(self, iid: int, inst: dict[str, Any]) -> None:
-        host, port = self.ssh_endpoint
+        host, port = self.containers.boot(iid) if self.containers is not None \
+            else self.ssh_endpoint
         proxy_host, proxy_port = self.proxy_endpoint
         # Reference README: direct SSH is public_ipaddr + ports["22/tcp"][0]["HostPort"] (a
         # string); ssh_host/ssh_port is Vast's proxy, another address.
@@ -506,11 +536,12 @@ class FakeVast:
                "VAST_CONTAINERLABEL": f"C.{iid}", "PUBLIC_IPADDR": str(inst["public_ipaddr"]),
                **{str(k): str(v) for k, v in inst["extra_env"]}}
         delay = self.onstart_delay_s
+        prefix = self.containers.exec_prefix(iid) if self.containers is not None else []
 
         def run() -> None:
             if delay:
                 time.sleep(delay)
-            proc = subprocess.run(["bash", "-c", script], env=env, cwd="/", check=False,
+            proc = subprocess.run([*prefix, "bash", "-c", script], env=env, cwd="/", check=False,
                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
             with self._lock:
                 self.onstart_runs.setdefault(iid, []).append(
@@ -576,6 +607,8 @@ class FakeVast:
             return 404, {"success": False, "error": "no_such_instance", "msg": "no such instance"}
         self._stop_meter(iid)
         self._meters[iid]["ended"] = self.clock()
+        if self.containers is not None:
+            self.containers.destroy(iid)  # its processes and its disk go with it
         self._changed.append((iid, "destroyed"))
         return 200, {"success": True}
 

@@ -88,6 +88,8 @@ class SshServer:
         self.log_path = root / "sshd.log"
         self.pid_path = root / "sshd.pid"
         self._proc: subprocess.Popen[bytes] | None = None
+        # Run sshd through this (e.g. unshare, for tests.fakecontainer); it must exec sshd.
+        self.argv_prefix: list[str] = []
         _keygen(self.host_key_path)
         authorized = root / "authorized_keys"
         authorized.write_text(Path(f"{client_key}.pub").read_text())
@@ -133,7 +135,7 @@ class SshServer:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         log = open(self.log_path, "ab")
         self._proc = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(self.config_path)],
+            [*self.argv_prefix, SSHD, "-D", "-e", "-f", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -43,6 +43,7 @@ from controller.errors import (BudgetError, FluxRemoteError, ProviderError, RunE
                                SpecError, TransportError)
 from controller.run.follow import MachineLost
 from controller.batch.ledger import reservation_for
+from controller.run.handover import Taker
 from controller.run.orchestrator import Options, Orchestrator
 from controller.providers.vast import OfferClaims
 from controller.run.states import run_lock, spec_of
@@ -149,6 +150,7 @@ class BatchScheduler:
         # run's thread: one claim at a time.
         self._lock = threading.RLock()
         self._estimates: dict[str, "Estimate"] = {}  # run id -> the estimate it was started on
+        self._starting: set[int] = set()  # slots handed a machine whose thread is not started yet
 
     def _default_factory(self, name: str, claims: OfferClaims) -> "Provider":
         from controller.providers import provider_named
@@ -176,7 +178,7 @@ class BatchScheduler:
                 self._start_what_fits()
                 if self.on_tick is not None:
                     self.on_tick(self)
-                if not self._threads and not self._pending():
+                if not self._threads and not self._starting and not self._pending():
                     break
                 try:  # sleep until a run ends or the next tick, whichever comes first
                     ended = self._ended.get(timeout=self.options.tick_s)
@@ -279,7 +281,7 @@ class BatchScheduler:
     def _start_what_fits(self) -> None:
         with self._lock:
             for slot in self._pending():
-                if len(self._threads) >= int(self.batch["max_parallel"]):
+                if len(self._threads) + len(self._starting) >= int(self.batch["max_parallel"]):
                     return
                 if slot["idx"] not in self._waiting:
                     self._try_start(slot)
@@ -362,10 +364,11 @@ class BatchScheduler:
 
     # ---- machines handed from one run to the next --------------------------------------------
 
-    def _offer_machine(self, run_id: str, machine: "Machine") -> str | None:
+    def _offer_machine(self, run_id: str, machine: "Machine") -> Taker | None:
         """Called from a run's thread once it ended well: give its machine to the first pending
-        slot with the same machine key whose warm estimate fits the ledger. Returns the run id
-        that took it (its thread is started), or None: the machine is destroyed."""
+        slot with the same machine key whose warm estimate fits the ledger. Returns the run that
+        took it (journaled as the machine's owner; its thread starts when the finished run calls
+        ``Taker.start``), or None: the machine is destroyed."""
         from controller.spec.model import RunSpec
 
         with self._lock:
@@ -395,10 +398,25 @@ class BatchScheduler:
                 self._waiting.discard(slot["idx"])
                 self.board.note(slot["name"], f"takes over the machine of {run['name']} "
                                               f"(already set up)")
-                self._spawn({**slot, "attempts": int(slot["attempts"]) + 1}, taker, estimate,
-                            provider)
-                return taker
+                self._starting.add(slot["idx"])  # counted as running until its thread starts
+                return Taker(taker, self._starter({**slot, "attempts": int(slot["attempts"]) + 1},
+                                                  taker, estimate, provider))
             return None
+
+    def _starter(self, slot: dict[str, Any], run_id: str, estimate: "Estimate",
+                 provider: "Provider") -> Callable[["Machine"], None]:
+        def start(machine: "Machine") -> None:
+            row = self.journal.current_instance(run_id)
+            adopted = None
+            if row is not None and str(row.get("instance_id")) == str(machine.info.get(
+                    "instance_id", row.get("instance_id"))):
+                adopted = replace(machine, instance_row=int(row["id"]),
+                                  billing_started_at=float(row["billing_started_at"]),
+                                  info={**machine.info, "restarted": False})
+            with self._lock:
+                self._starting.discard(slot["idx"])
+                self._spawn(slot, run_id, estimate, provider, machine=adopted)
+        return start
 
     def _estimate_on(self, spec: "RunSpec", from_run: str, machine: "Machine",
                      provider: "Provider") -> "Estimate":
@@ -428,12 +446,14 @@ class BatchScheduler:
         self.journal.update_batch_run(self.batch_id, slot["idx"], state=SKIPPED, note=note)
 
     def _spawn(self, slot: dict[str, Any], run_id: str, estimate: "Estimate | None",
-               provider: "Provider | None" = None) -> None:
+               provider: "Provider | None" = None, *, machine: "Machine | None" = None) -> None:
         run = self.journal.get_run(run_id) or {}
         provider = provider or self.provider_factory(run.get("provider") or "local", self.claims)
         orch = Orchestrator(self.journal, StopGate(provider, self.batch_id),
                             reporter=self.board.reporter(run_id, slot["name"]), env=self.env,
                             clock=self.clock, sleep=self.sleep)
+        if machine is not None:  # handed over on its open connection by the run before it
+            orch.adopt_machine(run_id, machine)
         thread = threading.Thread(target=self._drive, args=(orch, slot["idx"], run_id, estimate),
                                   name=f"batch-{slot['name']}", daemon=True)
         self._threads[slot["idx"]] = thread

@@ -10,7 +10,8 @@ orchestrator, after bringing the bundle home and verifying it, asks that callbac
 2. the callback claims the next compatible slot, journals its run and moves the instance to it
    (``Provider.hand_over``: one journal transaction; the instance is relabelled on Vast);
 3. this run's directory is removed from the instance (its bundle is home and verified), which
-   frees the disk for the next run.
+   frees the disk for the next run;
+4. the next run starts on the same connection (``Taker.start``): no reconnect, no new rental.
 
 A run whose machine failed it (runtime checks, the install, a full disk, an agent that vanished,
 data that did not verify) never hands it over: that machine is destroyed.
@@ -19,6 +20,7 @@ data that did not verify) never hands it over: that machine is destroyed.
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from controller.errors import FluxRemoteError
@@ -29,8 +31,19 @@ if TYPE_CHECKING:
     from controller.providers.base import Machine
     from controller.run.follow import RunPaths
 
-HandOver = Callable[[str, "Machine"], "str | None"]
-"""``hand_over(run_id, machine)``: the run id that took the machine, or None (destroy it)."""
+
+
+@dataclass
+class Taker:
+    """The run that took the machine (journaled as its owner already) and how to start it on
+    that machine once the finished run has cleared its directory: ``start`` must be called."""
+
+    run_id: str
+    start: Callable[["Machine"], None]
+
+
+HandOver = Callable[[str, "Machine"], "Taker | None"]
+"""``hand_over(run_id, machine)``: the run that took the machine, or None (destroy it)."""
 
 # Agent failure causes (``status.json`` ``cause``) that say the run, not the machine, was at
 # fault: its spec, data or settings. Anything else (checks, bootstrap_command, disk_full,

@@ -195,8 +195,8 @@ class Orchestrator:
         run_id = run["run_id"]
         spec = spec_of(run)
         try:
-            machine = None
-            if self.journal.current_instance(run_id) is not None:
+            machine = self._machines.get(run_id)  # handed over by the batch's previous run
+            if machine is None and self.journal.current_instance(run_id) is not None:
                 machine = self._reattach_or_release(run_id, spec)
             if machine is None and relaunch.continuation(self.journal, run_id) is not None:
                 self._set(run_id, R.RENTING)  # after a lost machine: what is left, money left
@@ -514,13 +514,16 @@ class Orchestrator:
         if hand_over is not None and handover.mark_released(machine, paths):
             taker = hand_over(run_id, machine)
             if taker is not None:
-                self._machines.pop(run_id, None)
-                problem = handover.remove_run_dir(machine, paths)
-                if problem:
-                    self.journal.add_event(run_id, "run_dir_left", {"error": problem})
-                machine.host.close()
-                self.reporter.note(f"the machine goes on to run {taker} (its setup is done)")
-                return taker
+                self._machines.pop(run_id, None)  # the connection is the taker's from now on
+                try:
+                    problem = handover.remove_run_dir(machine, paths)
+                    if problem:
+                        self.journal.add_event(run_id, "run_dir_left", {"error": problem})
+                    self.reporter.note(f"the machine goes on to run {taker.run_id} (its setup "
+                                       f"is done)")
+                finally:
+                    taker.start(machine)  # never left journaled as the owner but not started
+                return taker.run_id
         try:
             self.provider.release(run_id, self.journal)
         except FluxRemoteError as exc:

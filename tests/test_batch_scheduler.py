@@ -113,6 +113,19 @@ def test_a_sweep_of_four_runs_two_instances_at_a_time(tmp_path: Path, fake_vast:
     summary = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
     assert summary["varied"] == ["training.lr", "training.rank"]
     assert summary["spent_usd"] <= summary["budget_usd"]
+    # the split: each machine's setup paid once, carried in equal shares by its two runs; the
+    # shares add up to what was metered
+    assert summary["reuse_machines"] is True and len(summary["machines"]) == 2
+    for machine in summary["machines"]:
+        assert len(machine["runs"]) == 2 and machine["setup_s"] > 0
+        assert machine["setup_usd"] > 0 and machine["setup_share_usd"] == pytest.approx(
+            machine["setup_usd"] / 2, abs=1e-6)
+    assert sum(e["share_usd"] for e in summary["runs"]) == pytest.approx(
+        sum(e["usd"] for e in summary["runs"]), abs=1e-4)
+    for entry in summary["runs"]:
+        receipt = json.loads((Path(entry["bundle"]) / "controller_receipt.json").read_text())
+        assert receipt["machine_share"]["share_usd"] == entry["share_usd"]
+        assert receipt["machine_share"]["setup_share_usd"] > 0
     for entry in summary["runs"]:
         assert entry["result"] == "done" and entry["bundle"] and entry["usd"] > 0
         assert entry["hours"] > 0 and entry["final_loss"] is not None and entry["s_per_step"]

@@ -104,13 +104,28 @@ def run_entry(row: dict[str, Any]) -> dict[str, Any]:
 def build_summary(journal: "Journal", batch_id: str) -> dict[str, Any]:
     from controller.batch.setup import batch_ledger, batch_rows
 
+    from controller.batch.shares import machine_split
+
     batch = journal.get_batch(batch_id) or {}
-    runs = [run_entry(row) for row in batch_rows(journal, batch_id)]
+    rows = batch_rows(journal, batch_id)
+    runs = [run_entry(row) for row in rows]
+    machines, shares = machine_split(journal, [r["run_id"] for r in rows if r.get("run_id")],
+                                     journal.clock())
+    names = {r["run_id"]: r["name"] for r in rows if r.get("run_id")}
+    for run in runs:
+        share = shares.get(run.get("run_id") or "")
+        if share is not None:
+            run.update(setup_share_usd=share["setup_share_usd"], share_usd=share["share_usd"],
+                       machines=share["machines"])
+    for machine in machines:
+        machine["run_names"] = [names.get(run_id, run_id) for run_id in machine["runs"]]
     return {
         "batch_id": batch_id, "name": batch.get("name"), "state": batch.get("state"),
         "budget_usd": batch.get("max_usd"), "max_parallel": batch.get("max_parallel"),
+        "reuse_machines": bool(batch.get("reuse_machines")),
         "spent_usd": round(sum(r["usd"] for r in runs), 6),
         "ledger": batch_ledger(journal, batch).to_dict() if batch else {},
+        "machines": machines,
         "varied": json.loads(batch.get("varied_json") or "[]"),
         "runs": [{k: v for k, v in r.items() if k != "loss_points"} for r in runs],
     }, runs
@@ -125,8 +140,31 @@ def write_report(journal: "Journal", batch_id: str) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     summary_path, report_path = folder / SUMMARY_NAME, folder / REPORT_NAME
     write_text_atomic(summary_path, json.dumps(summary, indent=2, default=str) + "\n", mode=0o644)
+    _share_into_receipts(summary)
     write_text_atomic(report_path, render_html(summary, runs), mode=0o644)
     return summary_path, report_path
+
+
+def _share_into_receipts(summary: dict[str, Any]) -> None:
+    """Each run's controller receipt gets its share of the machines it ran on (the batch's
+    final split: known only once every run on a machine has ended)."""
+    from controller.state import write_text_atomic
+
+    machines = {m["instance_id"]: m for m in summary.get("machines") or []}
+    for run in summary["runs"]:
+        if not run.get("bundle") or "share_usd" not in run:
+            continue
+        path = Path(run["bundle"]) / "controller_receipt.json"
+        receipt = _read_json(path)
+        if not receipt:
+            continue
+        receipt["machine_share"] = {
+            "share_usd": run["share_usd"], "setup_share_usd": run["setup_share_usd"],
+            "metered_usd": run["usd"],
+            "machines": [{key: machines[iid].get(key) for key in
+                          ("instance_id", "run_names", "setup_s", "setup_usd", "metered_usd")}
+                         for iid in run.get("machines") or [] if iid in machines]}
+        write_text_atomic(path, json.dumps(receipt, indent=2) + "\n", mode=0o644)
 
 
 def run_caption(run: dict[str, Any]) -> str:

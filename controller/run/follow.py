@@ -293,6 +293,7 @@ class Follower:
         self.finish_allowance_s = (min(finish_allowance_s, HARD_FINISH_ALLOWANCE_S)
                                    if self.hard_cap else finish_allowance_s)
         self.offset = int(run.get("log_offset") or 0)
+        self.stage_seen = run.get("stage")  # a change is journaled (``agent_stage``)
         self.stop_requested = bool(run.get("stop_requested"))
         self.stop_grace_s = stop_grace_s
         # when the cap's STOP must have been obeyed (journaled: a reattaching controller keeps it)
@@ -407,6 +408,9 @@ class Follower:
                     "deadline": self.stop_deadline})
                 how = "at once (on_cap: hard_stop)" if self.hard_cap else "gracefully"
                 self.reporter.note(f"{reason}: asked the agent to stop {how}")
+        if snap.stage and snap.stage != self.stage_seen:  # when setup ended, for the batch's
+            self.stage_seen = snap.stage  # split of a machine between its runs (batch.shares)
+            self.journal.add_event(self.run_id, "agent_stage", {"stage": snap.stage})
         self.journal.update_run(self.run_id, log_offset=self.offset, stage=snap.stage,
                                 step=snap.step, total=snap.total, loss=snap.loss,
                                 spend_usd=spend)

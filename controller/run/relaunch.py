@@ -53,7 +53,7 @@ def continues(spec: "RunSpec") -> bool:
     return spec.provider.type == "vast" and spec.gpu.on_lost == "continue"
 
 
-def _row_usd(row: dict[str, Any], now: float) -> float:
+def row_usd(row: dict[str, Any], now: float) -> float:
     """What one instance row billed: ``dph_total`` from billing start to its destroy (or now,
     for a row not destroyed yet: a stopped instance still bills its storage)."""
     started = row.get("billing_started_at")
@@ -69,7 +69,7 @@ def earlier_machines_usd(journal: "Journal", run_id: str, now: float, *,
     journal's current instance), bandwidth apart."""
     current = journal.current_instance(run_id) if current_row is None else {"id": current_row}
     current_id = current["id"] if current is not None else None
-    return sum(_row_usd(row, now) for row in journal.instances(run_id) if row["id"] != current_id)
+    return sum(row_usd(row, now) for row in journal.instances(run_id) if row["id"] != current_id)
 
 
 def machines(journal: "Journal", run_id: str, now: float) -> list[dict[str, Any]]:
@@ -78,7 +78,7 @@ def machines(journal: "Journal", run_id: str, now: float) -> list[dict[str, Any]
              "offer_id": row.get("offer_id"), "price_per_hour": float(row.get("dph_total") or 0),
              "billing_started_at": row.get("billing_started_at"),
              "ended_at": now if row.get("destroyed_at") is None else row["destroyed_at"],
-             "state": row.get("state"), "usd": round(_row_usd(row, now), 6)}
+             "state": row.get("state"), "usd": round(row_usd(row, now), 6)}
             for row in journal.instances(run_id) if row.get("billing_started_at") is not None]
 
 

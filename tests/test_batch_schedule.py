@@ -84,6 +84,19 @@ def test_a_tight_budget_runs_the_batch_on_one_machine() -> None:
     assert schedule.to_dict()["setups_saved"] == 5
 
 
+def test_a_second_machine_that_would_cost_runs_is_not_started() -> None:
+    """Room for two cold reservations, but not for the other runs warm after the second setup:
+    the batch stays on one machine and finishes every run (it used to start two and skip)."""
+    items = sweep(6)
+    margin = items[0].spec.budget.safety_margin
+    cold = items[0].estimate.est_usd * (1 + margin)
+    warm = warm_estimate(items[0].estimate).est_usd * (1 + margin)
+    budget = 2 * cold + 3 * warm  # two machines fit; the 4 other runs warm do not
+    schedule = schedule_batch(items, max_parallel=2, budget_usd=budget)
+    assert placement(schedule) == [["r0", "r1", "r2", "r3", "r4", "r5"]]
+    assert schedule.fits and not schedule.skipped
+
+
 def test_reuse_off_rents_one_machine_per_run() -> None:
     schedule = schedule_batch(sweep(6), max_parallel=2, budget_usd=100.0, reuse=False)
     assert placement(schedule) == [["r0"], ["r1"], ["r2"], ["r3"], ["r4"], ["r5"]]

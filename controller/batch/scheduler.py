@@ -310,6 +310,9 @@ class BatchScheduler:
             self.journal.update_batch_run(self.batch_id, slot["idx"], state=R.FAILED,
                                           note=f"could not estimate: {exc}")
             return
+        if not self._room_for_warm_runs(slot, spec, estimate):
+            self._waiting.add(slot["idx"])  # a running machine takes it, warm, when it ends
+            return
         run_id = self._claim(slot, spec, estimate, provider)
         if run_id is None:
             if not self._threads:  # nothing running can give money back
@@ -327,6 +330,27 @@ class BatchScheduler:
             self._not_started(slot, run_id, reason)
             return
         self._spawn({**slot, "attempts": int(slot["attempts"]) + 1}, run_id, estimate, provider)
+
+    def _room_for_warm_runs(self, slot: dict[str, Any], spec: "RunSpec",
+                            estimate: "Estimate") -> bool:
+        """Whether a new machine for ``slot`` still leaves the money the batch's other pending
+        runs of its machine key need on a machine already set up (each priced like this one,
+        warm). When it does not and a machine is running, the slot waits for that machine: a
+        second setup must not cost runs that one machine could have finished."""
+        from controller.spec.model import RunSpec
+
+        if not self.batch.get("reuse_machines") or not self._threads:
+            return True
+        key = machine_key(spec)
+        others = sum(1 for s in self._pending() if s["idx"] != slot["idx"] and machine_key(
+            RunSpec.model_validate(json.loads(s["spec_json"]))) == key)
+        if not others:
+            return True
+        margin = spec.budget.safety_margin
+        cold = reservation_for(estimate.est_usd, spec.budget.max_usd, margin=margin)
+        warm = reservation_for(warm_estimate(estimate).est_usd, spec.budget.max_usd,
+                               margin=margin)
+        return self.ledger.remaining() - cold >= others * warm
 
     def _claim(self, slot: dict[str, Any], spec: "RunSpec", estimate: "Estimate",
                provider: "Provider") -> str | None:

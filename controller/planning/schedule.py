@@ -5,12 +5,15 @@ estimate taken as the run's actual duration and cost. The rule it mirrors:
 
 1. Slots are taken in batch order; machines alive at once never exceed ``max_parallel``.
 2. When a run ends, its machine goes to the first pending slot with the same
-   :func:`~controller.planning.reuse.machine_key` (when ``reuse``); that run reserves
-   ``reservation_for(warm estimate)`` in the ledger. When no compatible slot is pending, or that
-   slot's warm reservation does not fit the money left, the machine is destroyed.
+   :func:`~controller.planning.reuse.machine_key` (when ``reuse``) whose
+   ``reservation_for(warm estimate)`` fits the ledger; that run reserves it. When no compatible
+   slot is pending, or none of their warm reservations fits the money left, the machine is
+   destroyed.
 3. Otherwise a pending slot starts on a new machine when fewer than ``max_parallel`` are alive,
    an offer no live machine of the batch holds still fits its plan (the provider's offer
-   claims), and the ledger has room for its cold reservation.
+   claims), and the ledger has room for its cold reservation; with reuse and a machine already
+   running, only when what is left after it still covers the other pending runs of its key
+   warm (else it waits for that machine: a second setup must not cost runs).
 4. Otherwise it waits; a slot that does not fit while nothing runs is skipped (budget).
 5. A run that ends gives back its reservation; what it cost (its estimate: cold for the first
    run on a machine, warm for the later ones) stays counted.
@@ -273,16 +276,15 @@ class _Simulation:
             self._start_what_fits(now)
 
     def _hand_over(self, machine: int, now: float) -> bool:
-        """Rule 2: the first pending slot with the machine's key takes it, warm."""
-        slot = next((s for s in self.pending if s.key == self.machine_keys[machine]), None)
-        if slot is None:
-            return False
-        estimate = _warm_on(slot, self.machine_estimates[machine])
-        amount = slot.reservation(estimate)
-        if not self.ledger.try_reserve(f"slot-{slot.idx}", amount):
-            return False
-        self._place(slot, machine, estimate, amount, now, WARM)
-        return True
+        """Rule 2: the first pending slot with the machine's key whose warm reservation fits
+        takes it."""
+        for slot in [s for s in self.pending if s.key == self.machine_keys[machine]]:
+            estimate = _warm_on(slot, self.machine_estimates[machine])
+            amount = slot.reservation(estimate)
+            if self.ledger.try_reserve(f"slot-{slot.idx}", amount):
+                self._place(slot, machine, estimate, amount, now, WARM)
+                return True
+        return False
 
     def _start_what_fits(self, now: float) -> None:
         """Rules 3 and 4, in batch order."""
@@ -291,6 +293,9 @@ class _Simulation:
                 return
             estimate = _cold_estimate(slot, set(self.claimed.values()))
             amount = None if estimate is None else slot.reservation(estimate)
+            if estimate is not None and amount is not None and \
+                    not self._room_for_warm_runs(slot, estimate, amount):
+                continue  # waits for a running machine of its key
             if estimate is None or amount is None or \
                     not self.ledger.try_reserve(f"slot-{slot.idx}", amount):
                 if not self.claimed:  # nothing running can give money or an offer back
@@ -310,6 +315,15 @@ class _Simulation:
             identity = _offer_identity(estimate)
             self.claimed[index] = identity if identity is not None else (-1 - index, False)
             self._place(slot, index, estimate, amount, now, COLD)
+
+    def _room_for_warm_runs(self, slot: _Slot, estimate: "Estimate", amount: float) -> bool:
+        """Rule 3's limit (the scheduler's ``_room_for_warm_runs``): with a machine running, a new
+        one must leave the money the other pending runs of its key need warm."""
+        if not self.reuse or not self.claimed:
+            return True
+        others = sum(1 for s in self.pending if s is not slot and s.key == slot.key)
+        warm = slot.reservation(warm_estimate(estimate))
+        return self.ledger.remaining() - amount >= others * warm
 
     def _why_not(self, slot: _Slot, estimate: "Estimate | None", amount: float | None) -> str:
         if estimate is None or amount is None:

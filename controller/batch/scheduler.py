@@ -209,8 +209,26 @@ class BatchScheduler:
                     self.journal.update_batch_run(self.batch_id, slot["idx"], state=ACTIVE,
                                                   run_id=mine[-1]["run_id"])
                     slot = {**slot, "state": ACTIVE, "run_id": mine[-1]["run_id"]}
+            if slot["state"] == ACTIVE and slot["run_id"] and self._never_started(slot):
+                continue  # pending again: claimed afresh (a new estimate and reservation)
             if slot["state"] == ACTIVE and slot["run_id"]:
                 self._spawn(slot, slot["run_id"], None)
+
+    def _never_started(self, slot: dict[str, Any]) -> bool:
+        """A slot claimed by a controller that stopped before its run rented or took over
+        anything (``planned``, no instance row): its claim may have been priced warm for a
+        machine it never got, so the run is closed and the slot is pending again."""
+        run_id = slot["run_id"]
+        run = self.journal.get_run(run_id) or {}
+        if run.get("state") != R.PLANNED or self.journal.instances(run_id):
+            return False
+        self.journal.update_run(run_id, state=R.FAILED, ended_at=self.clock(),
+                                error="claimed by the batch, never started (its controller "
+                                      "stopped first); the slot was started again")
+        self.ledger.close(run_id, 0.0)
+        self.journal.update_batch_run(self.batch_id, slot["idx"], state=PENDING, run_id=None,
+                                      attempts=max(0, int(slot["attempts"]) - 1))
+        return True
 
     def _collect(self) -> None:
         """Runs that ended: close their ledger entry, settle their slot (maybe retry it)."""

@@ -21,13 +21,14 @@ import pytest
 from controller.batch.scheduler import BatchResult, BatchScheduler
 from controller.batch.setup import create_batch
 from controller.batch.shares import BOOT_DOWNLOAD, machine_split
-from controller.batch.stop import cancel_pending
+from controller.batch.stop import BATCH_STOP, cancel_pending
 from controller.journal import Journal, open_journal
 from controller.providers.base import Machine, claim_own_machine, own_machine_row
+from controller.run.relaunch import row_usd
 from controller.spec.loader import load_file
+from remote.status import STAGES
 from remote.watchdog import RELEASED_MARKER
 from tests.faults import controller
-from tests.test_batch_cli import local_batch
 from tests.test_batch_scheduler import FAST, batch_file
 from tests.test_launch_local import write_spec
 from tests.test_resume_gc import ScriptedHost, ScriptedProvider
@@ -36,11 +37,16 @@ Script = Callable[[ScriptedHost, str], None]
 
 
 def agent_fails(host: ScriptedHost, run_dir: str, cause: str) -> None:
-    """The agent ends ``failed`` with ``cause`` and no bundle (as ``remote.runner`` writes it)."""
-    host.files[f"{run_dir}/agent.log"] = b"step 0\n"
+    """The agent ends ``failed`` with ``cause`` and no bundle, as ``remote.runner._fail`` writes
+    it: the stage that failed (``checks``, ``quality_gate``; a cause read from the trainer's log,
+    such as ``disk_full``: ``train``), ``error`` and ``cause``, exit code 1 (``EXIT_FAILED``)."""
+    stage = cause if cause in STAGES else "train"
+    error = f"scripted {cause}"
+    host.files[f"{run_dir}/agent.log"] = f"stage {stage} failed: {error}\n".encode()
     host.files[f"{run_dir}/status.json"] = json.dumps(
-        {"state": "failed", "stage": "train", "cause": cause, "error": f"scripted {cause}",
-         "step": 0, "total": 2}).encode()
+        {"state": "failed", "stage": stage, "error": error, "cause": cause, "step": None,
+         "total": None, "stages": {stage: {"state": "failed",
+                                           "detail": {"error": error, "cause": cause}}}}).encode()
     host.files[f"{run_dir}/agent.rc"] = b"1\n"
     host.alive.clear()
 
@@ -61,7 +67,9 @@ class FleetHost(ScriptedHost):
 class Fleet(ScriptedProvider):
     """A scripted provider where every ``acquire`` is a new machine: its own host and instance
     id (``m1``, ``m2``...), so the journal's machine chains can be told apart. ``script`` plays
-    each run's agent; ``ran_on`` says which machine each run's agent was started on."""
+    each run's agent; ``ran_on`` says which machine each run's agent was started on. Its rows
+    are journaled as own hardware's are (``claim_own_machine``; handing over: the parent's
+    ``hand_over``, as ``OwnMachineProvider.hand_over`` in controller/providers/base.py)."""
 
     def __init__(self, script: Script) -> None:
         super().__init__(ScriptedHost())
@@ -218,36 +226,43 @@ def test_reuse_machines_false_gives_every_run_its_own_machine(tmp_path: Path) ->
                    for r in runs for h in fleet.hosts.values())
 
 
+@pytest.mark.parametrize("lands", ["whole", "request_only"])
 def test_a_stop_while_a_run_finishes_destroys_its_machine_and_starts_nothing(
-        tmp_path: Path) -> None:
+        tmp_path: Path, lands: str) -> None:
     """``stop BATCH`` lands while the first run brings its bundle home: its machine is not
-    handed over (destroyed) and the pending slots never start."""
+    handed over (destroyed) and the pending slots never start. ``request_only``: the stop's
+    first transaction (its request, ``batch_stop``) is in the journal, its cancel of the pending
+    slots not yet: the request alone must keep the machine from the next slot."""
+    spec = write_spec(tmp_path, name="rb", steps=2)
+    journal = open_journal()
+    batch_id = create_batch(journal, load_file(batch_file(spec, {
+        "max_usd": 2.0, "max_parallel": 1, "sweep": {"training.lr": [1e-3, 2e-3, 3e-3]}})),
+        out_dir=tmp_path / "out")
+    note = "stopped by the user before it started"
     stops: list[int] = []
+
+    def stop_now(remote: str) -> None:  # the bundle download of the orchestrator's _finish
+        if stops:
+            return
+        if lands == "whole":
+            stops.append(cancel_pending(journal, batch_id, note))
+        else:  # as cancel_pending journals it, before it marks any slot
+            journal.add_event(None, BATCH_STOP, {"batch_id": batch_id, "note": note})
+            stops.append(0)
 
     def script(host: ScriptedHost, run_dir: str) -> None:
         host.finish(run_dir, "done")
-
-        def stop_now(remote: str) -> None:  # the bundle download of _finish
-            if not stops:
-                stops.append(cancel_pending(open_journal(), batch_id[0],
-                                            "stopped by the user before it started"))
-
         assert isinstance(host, FleetHost)
         host.on_download = stop_now
 
-    batch_id: list[str] = []
-    spec = write_spec(tmp_path, name="rb", steps=2)
-    journal = open_journal()
-    batch_id.append(create_batch(journal, load_file(batch_file(spec, {
-        "max_usd": 2.0, "max_parallel": 1, "sweep": {"training.lr": [1e-3, 2e-3, 3e-3]}})),
-        out_dir=tmp_path / "out"))
     fleet = Fleet(script)
-    result = BatchScheduler(journal, batch_id[0], options=FAST,
+    result = BatchScheduler(journal, batch_id, options=FAST,
                             provider_factory=lambda kind, claims: fleet).run()
 
-    assert stops == [2]  # the stop came while the two other slots were pending
+    assert stops == [2 if lands == "whole" else 0]
     assert [r["slot_state"] for r in result.rows] == ["done", "stopped", "stopped"], dump(result)
-    [run] = journal.runs_of_batch(batch_id[0])
+    assert [r["note"] for r in result.rows[1:]] == [note, note]
+    [run] = journal.runs_of_batch(batch_id)
     assert run["state"] == "done" and run["bundle_path"]
     assert fleet.handed_over == [] and list(fleet.hosts) == ["m1"]
     assert rows_of(journal, run["run_id"]) == [("m1", "destroyed")]
@@ -259,7 +274,10 @@ def test_a_stop_while_a_run_finishes_destroys_its_machine_and_starts_nothing(
 @pytest.mark.slow
 def test_sigkill_right_after_the_handover_then_resume_finishes_on_the_handed_machine(
         tmp_path: Path) -> None:
-    path = local_batch(tmp_path, "hk", 2, steps=2, max_parallel=1)
+    # a priced local machine ($3.60/h): the money of a run killed mid-handover is checked too
+    path = batch_file(write_spec(tmp_path, name="hk", steps=2, budget=1.5,
+                                 provider={"type": "local", "price_per_hour": 3.6}),
+                      {"max_usd": 4.0, "max_parallel": 1, "sweep": {"training.lr": [1e-3, 2e-3]}})
     out = tmp_path / "out"
     killed = controller("launch", path, "--yes", "--json", "--out", out, "--poll-interval", "0.1",
                         env={"FLUX_REMOTE_FAULT": "after:handover_in"})
@@ -288,8 +306,31 @@ def test_sigkill_right_after_the_handover_then_resume_finishes_on_the_handed_mac
     assert [i["state"] for i in journal.instances(first["run_id"])] == ["handed_over"]
     assert [e["kind"] for e in journal.events(second["run_id"])].count("agent_started") == 1
     assert not journal.events(second["run_id"], "rent_intent")
+    states = [e["detail"]["state"] for e in journal.events(second["run_id"], "state")]
+    assert "renting" not in states and states[-1] == "done", states  # reattached, not rented
     assert not [i for i in journal.instances() if i["state"] not in ("destroyed", "handed_over")]
     assert journal.pending_intents() == []
+    # The first run's money, as when nothing was killed: metered up to the handover (the end
+    # of its handed-over row), a controller receipt with its share of the machine, and a split
+    # in batch_summary.json that adds up to what the runs were metered.
+    [gone] = journal.instances(first["run_id"])
+    assert gone["destroyed_at"] == row["billing_started_at"]
+    spent, billed = journal.get_run(first["run_id"])["spend_usd"], row_usd(gone, 0.0)
+    summary = json.loads((out / "batch_summary.json").read_text())
+    problems = []
+    if spent != pytest.approx(billed, abs=1e-6):
+        problems.append(f"{first['name']}: spend_usd {spent} but its machine row billed {billed} "
+                        f"up to the handover")
+    for run in runs:
+        receipt = (Path(run["bundle_path"]) / "controller_receipt.json")
+        if "machine_share" not in (json.loads(receipt.read_text()) if receipt.is_file() else {}):
+            problems.append(f"{run['name']}: no controller receipt with its machine share")
+    shares, metered = (sum(e["share_usd"] for e in summary["runs"]),
+                       sum(e["usd"] for e in summary["runs"]))
+    if shares != pytest.approx(metered, abs=1e-5):
+        problems.append(f"batch_summary.json: the shares add up to {shares}, the runs' usd to "
+                        f"{metered}")
+    assert not problems, "\n".join(problems)
 
 
 # ---- the money split ------------------------------------------------------------------------

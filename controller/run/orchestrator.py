@@ -179,17 +179,35 @@ class Orchestrator:
     # ---- step: get a machine ---------------------------------------------------------------
 
     def _machine_gone(self, run: dict[str, Any]) -> Outcome:
-        """The journal says the run's machine no longer exists: keep what is home, end the run."""
+        """The journal says the run's machine no longer exists (or went on to the batch's next
+        run before this controller stopped): keep what is home, meter every machine row the run
+        had to its end, end the run."""
         out_dir = Path(run["out_dir"])
+        run_id = run["run_id"]
+        metered = relaunch.earlier_machines_usd(self.journal, run_id, self.clock(),
+                                                current_row=-1) + self.bandwidth_usd(run_id)
+        if metered > float(run.get("spend_usd") or 0.0):
+            self.journal.update_run(run_id, spend_usd=metered)
         try:
-            bundle_of_run(out_dir, run["run_id"])
+            verified = bundle_of_run(out_dir, run_id)
         except RunError:
-            self._set(run["run_id"], R.FAILED, ended_at=self.clock(),
+            self._set(run_id, R.FAILED, ended_at=self.clock(),
                       error=run.get("error") or "the run's machine is gone and no verified "
                                                  "bundle is home")
         else:
-            self._set(run["run_id"], R.DONE, bundle_path=str(out_dir), ended_at=self.clock())
-        return self._outcome(self._run(run["run_id"]))
+            rows = self.journal.instances(run_id)
+            if rows and not (out_dir / CONTROLLER_RECEIPT).exists():
+                from remote.plan import write_json_atomic
+
+                ended = float(rows[-1].get("destroyed_at") or self.clock())
+                receipt = controller_receipt(
+                    run=self._run(run_id), instance=rows[-1], status={}, destroyed_at=ended,
+                    spend_usd=max(metered, float(run.get("spend_usd") or 0.0)),
+                    bandwidth_usd=self.bandwidth_usd(run_id), files_verified=verified)
+                receipt["machines"] = relaunch.machines(self.journal, run_id, ended)
+                write_json_atomic(out_dir / CONTROLLER_RECEIPT, receipt)
+            self._set(run_id, R.DONE, bundle_path=str(out_dir), ended_at=self.clock())
+        return self._outcome(self._run(run_id))
 
     def _acquire(self, run: dict[str, Any], estimate: "Estimate | None") -> None:
         run_id = run["run_id"]

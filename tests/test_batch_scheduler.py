@@ -138,6 +138,7 @@ def test_a_sweep_of_four_runs_two_instances_at_a_time(tmp_path: Path, fake_vast:
     report = (tmp_path / "out" / "batch_report.html").read_text()
     assert report.count('<path d="M') == 4 and report.count("<img ") == 4
     assert 'src="http' not in report and "rank=4" in report
+    assert report.count("<h2>Machines</h2>") == 1  # each machine with the runs it served
 
 
 def test_the_report_takes_the_loss_curve_from_the_bundle_and_else_from_the_log(

@@ -266,6 +266,31 @@ def _result(run: dict[str, Any]) -> str:
     return text
 
 
+def machines_table(summary: dict[str, Any]) -> str:
+    """The machines and the runs each served in turn, with the setup paid once and each run's
+    share (``controller.batch.shares``); nothing when no machine served more than one run."""
+    from remote.publish.report_html import duration, usd
+
+    machines = summary.get("machines") or []
+    if not any(len(m.get("runs") or []) > 1 for m in machines):
+        return ""
+    share = {run.get("run_id"): run.get("share_usd") for run in summary.get("runs") or []}
+    rows = []
+    for machine in machines:
+        served = ", ".join(f"{html.escape(str(name))} ({usd(share.get(run_id))})"
+                           for name, run_id in zip(machine.get("run_names") or [],
+                                                   machine.get("runs") or []))
+        rows.append(f"<tr><td>{_cell(machine.get('instance_id'))}</td>"
+                    f"<td>{_cell(machine.get('gpu_name'))}</td><td>{served}</td>"
+                    f"<td>{duration(float(machine.get('setup_s') or 0))} · "
+                    f"{usd(machine.get('setup_usd'))}</td>"
+                    f"<td>{usd(machine.get('metered_usd'))}</td></tr>")
+    return ("<h2>Machines</h2><p class=\"muted\">Each machine was set up once; the runs it served "
+            "one after another carry equal shares of that setup.</p><table><tr><th>instance</th>"
+            "<th>GPU</th><th>runs in order (each one's share)</th><th>setup, paid once</th>"
+            f"<th>metered</th></tr>{''.join(rows)}</table>")
+
+
 def render_html(summary: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     from remote.publish.report_html import CSS, duration, usd
 
@@ -297,6 +322,7 @@ def render_html(summary: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             f"<title>{title}: flux-remote batch report</title><style>{CSS}</style></head><body>"
             f"<h1>{title}</h1>{headline}"
             f"<h2>Runs</h2><table><tr>{head}</tr>{''.join(body)}</table>"
+            f"{machines_table(summary)}"
             f"<h2>Final samples</h2>{samples_table(runs)}"
             f"<h2>Loss</h2>{losses_svg(runs)}"
             '<p class="muted">Made by flux-remote. This page is self-contained: it loads nothing '

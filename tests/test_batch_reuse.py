@@ -385,3 +385,26 @@ def test_the_split_pays_the_setup_once_in_equal_shares_that_add_up(tmp_path: Pat
     assert ra["share_usd"] + rb["share_usd"] == pytest.approx(
         ra["metered_usd"] + rb["metered_usd"], abs=1e-6)
     assert ra["share_usd"] < ra["metered_usd"] and rb["share_usd"] > rb["metered_usd"]
+
+
+def test_own_hardware_machines_are_told_apart_by_their_handovers(tmp_path: Path) -> None:
+    """``local`` journals every machine as "localhost": two lanes of a batch (max_parallel 2) are
+    two machines of two runs each, not one chain of four."""
+    now = [0.0]
+    journal = Journal(tmp_path / "j.sqlite3", clock=lambda: now[0])
+    for run_id in ("a1", "b1", "a2", "b2"):
+        journal.create_run(run_id=run_id, name=run_id, provider="local", state="running",
+                           spec={}, out_dir=str(tmp_path / run_id), budget_usd=5.0)
+    rows = {}
+    for run_id in ("a1", "b1"):
+        rows[run_id] = journal.instance_intent(run_id, provider="local", dph_total=1.0)
+        journal.instance_created(rows[run_id], "localhost", billing_started_at=0.0)
+    now[0] = 100.0
+    rows["b2"] = journal.hand_over_instance(rows["b1"], "b2")
+    now[0] = 150.0
+    rows["a2"] = journal.hand_over_instance(rows["a1"], "a2")
+
+    machines, _ = machine_split(journal, ["a1", "b1", "a2", "b2"], now=200.0)
+
+    assert sorted(m["runs"] for m in machines) == [["a1", "a2"], ["b1", "b2"]]
+    assert len({m["instance_id"] for m in machines}) == 2

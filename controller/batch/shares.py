@@ -14,6 +14,7 @@ Setup ends, for the first run on a machine, when the controller first saw its ag
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from controller.journal import INSTANCE_FAILED
@@ -37,7 +38,7 @@ def _setup_end(journal: "Journal", run_id: str) -> float | None:
 def _rented(journal: "Journal", run_id: str) -> list[dict[str, Any]]:
     """The run's rows for machines it rented itself (each paid its own boot download)."""
     return [r for r in journal.instances(run_id)
-            if r["state"] != INSTANCE_FAILED and '"from_run"' not in str(r.get("detail") or "")]
+            if r["state"] != INSTANCE_FAILED and _from_row(r) is None]
 
 
 def _bandwidth(journal: "Journal", run_id: str) -> tuple[float, float]:
@@ -52,24 +53,39 @@ def _bandwidth(journal: "Journal", run_id: str) -> tuple[float, float]:
     return boot, other
 
 
+def _from_row(row: dict[str, Any]) -> int | None:
+    """The row this one took its machine over from (``Journal.hand_over_instance``), or None."""
+    try:
+        detail = json.loads(row.get("detail") or "{}")
+    except ValueError:
+        return None
+    found = detail.get("from_row") if isinstance(detail, dict) else None
+    return int(found) if isinstance(found, int) else None
+
+
 def machine_split(journal: "Journal", run_ids: list[str],
                   now: float) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """The batch's machines (each with its runs in order, its setup and its total) and, per run,
-    what it was metered and what its share is (own time and transfers + its share of setups)."""
-    runs = set(run_ids)
+    what it was metered and what its share is (own time and transfers + its share of setups).
+
+    A machine is a chain of rows linked by their handovers (``from_row``), not an instance id:
+    own hardware (``local``, ``ssh``) journals every machine under one name."""
     per_run = {run_id: {"metered_usd": 0.0, "own_usd": 0.0, "setup_share_usd": 0.0,
                         "share_usd": 0.0, "machines": []} for run_id in run_ids}
+    rows = [r for run_id in run_ids for r in journal.instances(run_id)
+            if r["state"] != INSTANCE_FAILED]
+    taken = {_from_row(r): r for r in rows if _from_row(r) is not None}
     machines: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for run_id in run_ids:
-        for row in journal.instances(run_id):
-            iid = str(row.get("instance_id") or f"row-{row['id']}")
-            if iid in seen or row["state"] == INSTANCE_FAILED:
-                continue
-            seen.add(iid)
-            chain = [r for r in (journal.machine_rows(iid) if row.get("instance_id") else [row])
-                     if r["run_id"] in runs]
-            machines.append(_machine(journal, iid, chain, per_run, now))
+    names: set[str] = set()
+    for head in sorted((r for r in rows if _from_row(r) is None), key=lambda r: r["id"]):
+        chain = [head]
+        while chain[-1]["id"] in taken:
+            chain.append(taken[chain[-1]["id"]])
+        iid = str(head.get("instance_id") or f"row-{head['id']}")
+        if iid in names:
+            iid = f"{iid}#{head['id']}"
+        names.add(iid)
+        machines.append(_machine(journal, iid, chain, per_run, now))
     for run_id, entry in per_run.items():
         boot, other = _bandwidth(journal, run_id)
         entry["metered_usd"] += boot + other

@@ -304,6 +304,9 @@ def test_a_vast_host_that_dies_mid_run_is_stopped_and_the_run_retried_elsewhere(
                         offer=row["offer_id"], run_dir=run["remote_run_dir"])
             fake_vast.interrupt(died["iid"], "exited")
             sshd.stop()
+            # the delay only had to keep this run mid-training until now: the retry's agent
+            # (its Orchestrator is made later, from ``env``) trains at full speed
+            env.pop("FLUX_REMOTE_TINY_STEP_DELAY", None)
         elif died and sshd.pid is None and slot["attempts"] == 2:
             sshd.start()
 

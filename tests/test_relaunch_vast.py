@@ -72,6 +72,9 @@ def test_a_run_outbid_on_fake_vast_continues_on_the_next_offer(
             run_dir = Path(run["remote_run_dir"])
             outbid.update(iid=int(row["instance_id"]), step=run["step"])
             fake_vast.outbid(outbid["iid"])
+            # the delay only had to keep the first machine mid-run until now: the next
+            # machine's agent (started with ``orch.env``) trains at full speed
+            orch.env.pop("FLUX_REMOTE_TINY_STEP_DELAY", None)
             kill_processes_of(run_dir)
             sshd.stop()
             shutil.rmtree(run_dir)

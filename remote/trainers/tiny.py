@@ -38,6 +38,7 @@ import torch
 
 from remote import __version__
 from remote.trainers import checkpoints as ck
+from remote.trainers.adamw import AdamW
 from remote.trainers.bar import format_bar, loss_postfix
 from remote.trainers.config import ConfigError, TinyConfig, load_config
 from remote.trainers.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
@@ -87,7 +88,7 @@ class TinyTrainer:
         want_cuda = cfg.device.startswith("cuda") and torch.cuda.is_available()
         self.device = torch.device(cfg.device if want_cuda else "cpu")
         self.model: torch.nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: AdamW | None = None
         self.step = 0
         self.last_saved = 0  # nothing new to save before the first step
         self.n_images = 0
@@ -154,7 +155,7 @@ class TinyTrainer:
         model = build_base_model()
         inject_lora(model, cfg.rank, cfg.alpha)
         self.model = model.to(self.device)
-        self.optimizer = torch.optim.AdamW(lora_parameters(model), lr=min(cfg.lr * LR_SCALE, MAX_LR))
+        self.optimizer = AdamW(lora_parameters(model), lr=min(cfg.lr * LR_SCALE, MAX_LR))
         self.out.line(f"create LoRA network. base dim (rank): {cfg.rank}, alpha: {cfg.alpha:g}")
 
     def _resume(self, path: Path, step: int) -> None:

@@ -266,3 +266,24 @@ def test_plan_shows_both_credit_and_balance_and_refuses_nothing_on_them(
     assert "credit $0.01, balance $0.00" in " ".join(shown.output.split())
     as_json = CliRunner().invoke(app, ["plan", str(spec), "--json"])
     assert json.loads(as_json.output)["account"] == {"credit": 0.01, "balance": 0.0}
+
+
+def test_a_reattach_reuses_the_interpreter_found_when_the_instance_was_rented(
+        tmp_path: Path) -> None:
+    """The probe imports torch (seconds); a reattach takes the journaled choice while it is still
+    an executable file on that instance, and probes again otherwise."""
+    import sys
+
+    from controller.hosts.local import LocalHost
+    from controller.journal import Journal
+    from controller.providers.vast import VastProvider
+
+    journal = Journal(tmp_path / "j.sqlite3")
+    journal.create_run(run_id="r", name="r", provider="vast", state="running", spec={},
+                       out_dir=str(tmp_path), budget_usd=1.0)
+    journal.add_event("r", "remote_python", {"instance_id": "7", "python": sys.executable})
+    journal.add_event("r", "remote_python", {"instance_id": "8", "python": "/nowhere/python3"})
+    host = LocalHost()
+    assert VastProvider._known_python(host, journal, "7") == sys.executable
+    assert VastProvider._known_python(host, journal, "8") is None  # gone: probe again
+    assert VastProvider._known_python(host, journal, "9") is None  # never seen

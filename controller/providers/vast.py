@@ -219,6 +219,22 @@ class VastProvider:
         return find_python(host, spec.provider.remote_root,
                            None if named == DEFAULT_REMOTE_PYTHON else named)
 
+    @staticmethod
+    def _known_python(host: "Host", journal: "Journal", instance_id: str) -> str | None:
+        """The interpreter found on this instance when it was rented (journaled), if it is still
+        an executable file there: the full probe imports torch, seconds at every reattach."""
+        import shlex
+
+        found = [e["detail"].get("python") for e in journal.events(kind="remote_python")
+                 if e["detail"].get("instance_id") == instance_id]
+        if not found or not found[-1]:
+            return None
+        try:
+            answer = host.run(f"test -x {shlex.quote(found[-1])}", timeout=60, check=False)
+        except TransportError:
+            return None
+        return str(found[-1]) if answer.ok else None
+
     def _booted(self, host: "Host", spec: "RunSpec", instance_id: Any, notify: Notify) -> None:
         """Wait for the onstart script's marker: ``running`` comes before onstart has run."""
         from controller.vast.onstart import ONSTART_S, wait_for_onstart
@@ -367,7 +383,8 @@ class VastProvider:
                               new_instance=first_contact)
         # No marker wait here: onstart finished once on this container (the run got this far)
         # and what it left (rsync, the variables file) persists on the container's disk.
-        python = self._python(host, spec)
+        python = self._known_python(host, journal, str(row["instance_id"])) or \
+            self._python(host, spec)
         return Machine(host=host, root=spec.provider.remote_root,
                        python=python,
                        price_per_hour=float(row["dph_total"] or 0.0),

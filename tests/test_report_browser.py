@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 
 from remote.plan import make_plan
 from remote.publish.bundle import pack_run
-from remote.publish.report_html import render_report, thumbnail_data_uri
+from remote.publish.report_html import thumbnail_data_uri
 from remote.status import blank_status
 from remote.validate import validate_lora, validate_samples
 from tests.browser import chromium_binary, inspect_page

@@ -481,6 +481,10 @@ class Orchestrator:
                               checkpoint_max_bytes=spec.publish.max_checkpoint_mb << 20)
         instance = self.journal.get_instance(machine.instance_row)
         remove_secrets(host, machine.root, run_id)
+        s_per_step = self._safe_number(status.get("s_per_step"))
+        if s_per_step and not untrusted and machine.info.get("gpu_name"):
+            # before the machine goes on: the next run on it is planned with this speed
+            self.journal.record_s_per_step(machine.info["gpu_name"], s_per_step, run_id)
         reusable = handover.machine_reusable(status, bundle_home=fetched is not None,
                                              untrusted=bool(untrusted))
         taker = self._let_go(run_id, machine, paths, (options or Options()).hand_over
@@ -508,9 +512,6 @@ class Orchestrator:
             if taker is not None:
                 receipt["handed_over_to"] = taker
             write_json_atomic(out_dir / CONTROLLER_RECEIPT, receipt)
-        s_per_step = self._safe_number(status.get("s_per_step"))
-        if s_per_step and not untrusted and machine.info.get("gpu_name"):
-            self.journal.record_s_per_step(machine.info["gpu_name"], s_per_step, run_id)
         if untrusted:
             self._set(run_id, R.FAILED, error=untrusted, ended_at=self.clock(),
                       **({"bundle_path": str(out_dir)} if fetched is not None else {}))

@@ -14,9 +14,11 @@ instead of fetching it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -197,12 +199,17 @@ def inspect_page(page: Path, *, width: int = 1200, timeout: float = 60.0,
     if binary is None:
         raise FileNotFoundError("no chromium binary on PATH")
     deadline = time.monotonic() + timeout
-    with tempfile.TemporaryDirectory(prefix="flux-remote-chromium-") as tmp:
+    # Chromium's helpers (zygote, renderers, crashpad) can outlive the browser process for a
+    # moment and still write into the profile: the whole group is ended, and a profile file that
+    # appears during the clean-up does not fail the check.
+    with tempfile.TemporaryDirectory(prefix="flux-remote-chromium-",
+                                     ignore_cleanup_errors=True) as tmp:
         profile = Path(tmp)
         proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}",
                                  "--remote-debugging-port=0", f"--window-size={width},900",
                                  "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         try:
             port = _devtools_port(profile, proc, deadline)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
@@ -214,12 +221,19 @@ def inspect_page(page: Path, *, width: int = 1200, timeout: float = 60.0,
             finally:
                 ws.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _end_group(proc)
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to Chromium's whole process group, SIGKILL after 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _drive(cdp: DevTools, page: Path, width: int, deadline: float) -> PageReport:

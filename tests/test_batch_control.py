@@ -34,10 +34,13 @@ WAIT_S = 60.0
 def launch_in_background(path: Path, out: Path, delay: float = 0.3) -> subprocess.Popen[bytes]:
     """``flux-remote launch BATCH`` in its own process group (as a terminal's foreground job)."""
     env = {**os.environ, "FLUX_REMOTE_TINY_STEP_DELAY": str(delay)}
+    # a terminal's job takes Ctrl-C even when this test runs as a background job (which starts
+    # with SIGINT ignored, and a child inherits that)
     return subprocess.Popen([sys.executable, "-m", "controller", "launch", str(path), "--yes",
                              "--json", "--out", str(out), "--poll-interval", "0.2"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_two_training(proc: subprocess.Popen[bytes]) -> dict[str, Any]:

@@ -23,6 +23,14 @@ if TYPE_CHECKING:
     from controller.spec.model import RunSpec
 
 
+def load_run_spec(path: Path) -> "RunSpec":
+    """The validated spec, with located errors (``controller.spec.loader.load_spec``); the
+    notebook loads its spec with it."""
+    from controller.spec.loader import load_spec
+
+    return load_spec(path)
+
+
 def load_offers_file(path: Path) -> list[dict[str, Any]]:
     """Offers saved from a search: the API's ``{"offers": [...]}`` shape (a bare list works too)."""
     try:

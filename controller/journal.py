@@ -174,7 +174,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_f
 
 RUN_FIELDS = {
     "state", "error", "ended_at", "est_usd", "log_offset", "remote_run_dir", "step", "total",
-    "loss", "stage", "spend_usd", "stop_requested", "bundle_path", "out_dir",
+    "loss", "stage", "spend_usd", "stop_requested", "bundle_path", "out_dir", "budget_usd",
 }
 INSTANCE_FIELDS = {
     "instance_id", "state", "billing_started_at", "destroyed_at", "detail", "ssh_host", "ssh_port",

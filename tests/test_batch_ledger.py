@@ -160,3 +160,28 @@ def test_batch_tables_migrate_and_round_trip(tmp_path: Path) -> None:
     journal.close()
     again = open_journal(tmp_path / "j.sqlite3")  # an existing file is not migrated twice
     assert again.applied_migrations().count("m003_batches") == 1
+
+
+def test_the_purse_grants_a_run_more_only_from_what_the_batch_has_left(tmp_path: Path) -> None:
+    """``LedgerPurse`` (what a run whose lost machine needs more asks): the run's reservation
+    grows and is journaled (``resume`` rebuilds it), never past the batch's total."""
+    from types import SimpleNamespace
+
+    from controller.batch.scheduler import LedgerPurse
+    from controller.journal import Journal
+
+    journal = Journal(tmp_path / "j.sqlite3")
+    journal.create_run(run_id="r1", name="r1", provider="vast", state="running", spec={},
+                       out_dir=str(tmp_path), budget_usd=2.0)
+    ledger = Ledger(10.0)
+    assert ledger.try_reserve("r1", 2.0) and ledger.try_reserve("r2", 5.0)
+    purse = LedgerPurse(SimpleNamespace(ledger=ledger, journal=journal, batch_id="b",
+                                        _lock=threading.RLock()))
+    assert purse.available() == pytest.approx(3.0)
+    assert purse.grant("r1", 2.5)
+    assert ledger.entry("r1").reserved == pytest.approx(4.5)
+    assert purse.available() == pytest.approx(0.5)
+    assert not purse.grant("r1", 1.0) and ledger.entry("r1").reserved == pytest.approx(4.5)
+    assert not purse.grant("nobody", 0.1)
+    [event] = journal.events("r1", "ledger_reserve")
+    assert event["detail"]["reserved_usd"] == pytest.approx(4.5)

@@ -467,3 +467,57 @@ def test_without_torch_the_header_of_a_checkpoint_is_checked(tmp_path: Path) -> 
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(lora(12)[:-8])  # the tensor data ends before its offsets say
     assert relaunch.header_report(cut, rank=RANK)["problems"]
+
+
+class Purse:
+    """A batch's ledger as ``Options.purse`` sees it (controller.batch.scheduler.LedgerPurse)."""
+
+    def __init__(self, usd: float, *, grants: bool = True) -> None:
+        self.usd, self.grants, self.granted = usd, grants, []
+
+    def available(self) -> float:
+        return self.usd
+
+    def grant(self, run_id: str, usd: float) -> bool:
+        if not self.grants or usd > self.usd:
+            return False
+        self.usd -= usd
+        self.granted.append(usd)
+        return True
+
+
+def dearer_after_the_first_machine(fleet: Fleet) -> None:
+    first_acquire = fleet.acquire
+
+    def acquire(*args: Any, **kw: Any) -> Machine:
+        fleet.usd_per_step = 0.2  # from now on the 36 steps left would cost $7.20: over $5
+        return first_acquire(*args, **kw)
+
+    fleet.acquire = acquire  # type: ignore[method-assign]
+
+
+def test_in_a_batch_the_rest_takes_what_it_needs_from_the_batch(tmp_path: Path) -> None:
+    """A batch run (its reservation: no room for a second setup) whose machine is lost goes on
+    when the batch's ledger can pay the difference: its budget is raised by just that."""
+    orch, fleet, agent, run_id = setup(tmp_path, [30])
+    dearer_after_the_first_machine(fleet)
+    purse = Purse(10.0)
+    outcome = orch.drive(run_id, Options(poll_interval=0, purse=purse))
+    assert outcome.state == "done", outcome.error
+    [granted] = purse.granted
+    left = orch.journal.events(run_id, kind="budget_top_up")[0]["detail"]["money_left"]
+    assert left == pytest.approx(36 * 0.2 * 1.15)  # the rest's estimate with its safety margin
+    # the run's own cap (the follower's and the agent's) is raised by what was granted
+    assert orch.journal.get_run(run_id)["budget_usd"] == pytest.approx(5.0 + granted)
+    assert agent.starts[1]["budget"] == pytest.approx(left)
+    assert granted > 0 and len(fleet.hosts) == 2
+    every_machine_destroyed(orch, run_id)
+
+
+def test_in_a_batch_without_the_money_the_rest_still_ends_budget(tmp_path: Path) -> None:
+    orch, fleet, agent, run_id = setup(tmp_path, [30])
+    dearer_after_the_first_machine(fleet)
+    for purse in (Purse(1.0), Purse(10.0, grants=False)):
+        outcome = orch.drive(run_id, Options(poll_interval=0, purse=purse))
+        assert outcome.state == "budget" and purse.granted == []
+    assert len(fleet.hosts) == 1

@@ -44,7 +44,7 @@ from controller.errors import (BudgetError, FluxRemoteError, ProviderError, RunE
 from controller.run.follow import MachineLost
 from controller.batch.ledger import reservation_for
 from controller.run.handover import Taker
-from controller.run.orchestrator import Options, Orchestrator
+from controller.run.orchestrator import Options, Orchestrator, Purse
 from controller.providers.vast import OfferClaims
 from controller.run.states import run_lock, spec_of
 from controller.journal import INSTANCE_HANDED_OVER
@@ -89,8 +89,9 @@ class BatchOptions:
     finish_allowance_s: float | None = None  # None: the orchestrator's default
     lost_contact_s: float | None = None
 
-    def run_options(self, hand_over: "HandOver | None" = None) -> Options:
-        extra: dict[str, Any] = {"hand_over": hand_over}
+    def run_options(self, hand_over: "HandOver | None" = None,
+                    purse: "Purse | None" = None) -> Options:
+        extra: dict[str, Any] = {"hand_over": hand_over, "purse": purse}
         if self.finish_allowance_s is not None:
             extra["finish_allowance_s"] = self.finish_allowance_s
         if self.lost_contact_s is not None:
@@ -115,6 +116,32 @@ class BatchResult:
         return {"ok": self.ok, "batch_id": self.batch_id, "state": self.state,
                 "ledger": self.ledger, "summary": self.summary_path, "report": self.report_path,
                 "runs": self.rows}
+
+
+class LedgerPurse:
+    """The batch's ledger as a run's purse: a run whose lost machine's successor needs more
+    than its reservation (``controller.run.relaunch``) may take it from what the batch has left;
+    the total is never passed."""
+
+    def __init__(self, scheduler: "BatchScheduler") -> None:
+        self.scheduler = scheduler
+
+    def available(self) -> float:
+        return max(0.0, self.scheduler.ledger.remaining())
+
+    def grant(self, run_id: str, usd: float) -> bool:
+        sched = self.scheduler
+        with sched._lock:
+            entry = sched.ledger.entry(run_id)
+            if entry is None or not entry.open:
+                return False
+            reserved = entry.reserved + usd
+            if not sched.ledger.try_reserve(run_id, reserved):
+                return False
+            sched.journal.add_event(run_id, "ledger_reserve", {
+                "batch_id": sched.batch_id, "reserved_usd": reserved, "top_up_usd": usd,
+                "remaining_usd": sched.ledger.remaining()})
+            return True
 
 
 class BatchScheduler:
@@ -507,7 +534,8 @@ class BatchScheduler:
         error: BaseException | None = None
         try:
             orch.drive(run_id, self.options.run_options(
-                self._offer_machine if self.batch.get("reuse_machines") else None), estimate)
+                self._offer_machine if self.batch.get("reuse_machines") else None,
+                LedgerPurse(self)), estimate)
         except StoppedBeforeStart as exc:  # the orchestrator marked it failed; nothing rented
             error = exc
             self.journal.update_run(run_id, state=R.STOPPED, error=str(exc))

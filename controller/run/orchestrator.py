@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from controller.run import handover, relaunch
 from controller.run import states as R
@@ -52,6 +52,21 @@ class Options:
     max_agent_restarts: int = 1  # an agent that vanished without an exit code is started again
     # a batch's taker for the machine once the run has ended well (``controller.run.handover``)
     hand_over: "HandOver | None" = None
+    # a batch's ledger, asked for more when a lost machine's successor needs it (relaunch)
+    purse: "Purse | None" = None
+
+
+class Purse(Protocol):
+    """What a batch can still give one of its runs (``controller.batch.scheduler``)."""
+
+    def available(self) -> float:
+        """Dollars the batch's ledger has left."""
+        ...
+
+    def grant(self, run_id: str, usd: float) -> bool:
+        """Add ``usd`` to the run's reservation; False when it no longer fits (the caller
+        raises the run's budget by as much)."""
+        ...
 
 
 @dataclass
@@ -93,6 +108,7 @@ class Orchestrator:
         self.clock = clock
         self.sleep = sleep
         self._machines: dict[str, "Machine"] = {}
+        self.purse: Purse | None = None  # set by ``drive`` from its options
 
     # ---- creating a run --------------------------------------------------------------------
 
@@ -124,6 +140,7 @@ class Orchestrator:
             return self._drive(run_id, options, estimate)
 
     def _drive(self, run_id: str, options: Options, estimate: "Estimate | None") -> Outcome:
+        self.purse = options.purse
         if self.state(run_id) in R.ACTIVE_STATES:
             for line in self.provider.reconcile(self.journal):
                 self.reporter.note(line)

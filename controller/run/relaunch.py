@@ -254,15 +254,47 @@ def acquire_next(orch: "Orchestrator", run: dict[str, Any], spec: "RunSpec",
     (the run then ended ``budget``: ``budget_end``)."""
     detail = continuation(orch.journal, run["run_id"]) or {}
     left = money_left(orch, run)
-    rest = remaining_spec(spec, step=int(detail.get("step") or 0), money_left=left)
+    step = int(detail.get("step") or 0)
+    rest = remaining_spec(spec, step=step, money_left=left)
     try:
         estimate: "Estimate" = orch.provider.estimate(rest)
     except BudgetError as exc:
-        _end_for_budget(orch, run, detail, left, exc)
-        return None
+        topped = _top_up(orch, run, spec, step, left)
+        if topped is None:
+            _end_for_budget(orch, run, detail, left, exc)
+            return None
+        left, rest, estimate = topped
     orch.journal.add_event(run["run_id"], "estimate", {**estimate.to_dict(), "rest": True,
                                                        "money_left": left})
     return orch.provider.acquire(run["run_id"], rest, estimate, orch.journal, notify)
+
+
+def _top_up(orch: "Orchestrator", run: dict[str, Any], spec: "RunSpec", step: int,
+            left: float) -> "tuple[float, RunSpec, Estimate] | None":
+    """In a batch (``Orchestrator.purse``): when the money left cannot pay the next machine (a
+    run that started on a machine already set up reserved no setup), ask the batch's ledger for
+    what the rest needs beyond it. Returns ``(money left, the rest's spec, its estimate)`` once
+    granted (the run's budget is raised by as much in the journal), else None."""
+    purse = orch.purse
+    if purse is None:
+        return None
+    more = purse.available()
+    if more <= 0:
+        return None
+    try:
+        estimate = orch.provider.estimate(remaining_spec(spec, step=step, money_left=left + more))
+    except BudgetError:
+        return None
+    need = float(estimate.est_usd or 0.0) * (1 + spec.budget.safety_margin) - left
+    if need > more or not purse.grant(run["run_id"], max(0.0, need)):
+        return None
+    left += max(0.0, need)
+    budget = float((orch.journal.get_run(run["run_id"]) or run)["budget_usd"]) + max(0.0, need)
+    orch.journal.update_run(run["run_id"], budget_usd=budget)  # the follower's and agent's cap
+    orch.journal.add_event(run["run_id"], "budget_top_up", {"usd": max(0.0, need),
+                                                            "money_left": left,
+                                                            "budget_usd": budget})
+    return left, remaining_spec(spec, step=step, money_left=left), estimate
 
 
 def _end_for_budget(orch: "Orchestrator", run: dict[str, Any], detail: dict[str, Any],

@@ -4,7 +4,7 @@ A run's journaled state names the step still to do, so ``drive`` is one loop for
 and for ``resume`` alike::
 
     planned/renting/booting --acquire--> shipping --ship+start--> running --follow--> fetching
-    fetching --fetch, verify, destroy--> done | stopped | failed
+    fetching --fetch, verify, destroy--> done | stopped | failed    (controller.run.finish)
 
 Every step is idempotent: renting goes through the provider, which journals each create and
 destroy and reconciles unfinished intents first; shipping is rsync (unchanged files are not sent
@@ -21,17 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
-from controller.run import handover, relaunch
+from controller.run import finish, relaunch
 from controller.run import states as R
 from controller.errors import (FluxRemoteError, HostKeyError, ProviderError, RunError,
                                SpecError, TransportError)
-from controller.run.fetch import (CONTROLLER_RECEIPT, bundle_of_run, controller_receipt,
-                              fetch_bundle, fetch_extras, has_bundle, train_stop_reason)
+from controller.run.fetch import fetch_bundle, fetch_extras, has_bundle
 from controller.run.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower, MachineLost,
-                               NullReporter, Reporter, RunPaths, Snapshot, StopIgnored,
-                               fetched_checkpoint, meter, read_int, read_json,
-                               request_stop)
-from controller.untrusted import UntrustedInput, clean_text, number, text_field
+                                   NullReporter, Reporter, RunPaths, Snapshot, StopIgnored,
+                                   fetched_checkpoint, read_json, request_stop)
+from controller.untrusted import UntrustedInput, clean_text
 from controller.hosts.ssh import SshHost
 from controller.run.states import run_lock, spec_of
 from controller.run.ship import (remove_secrets, secrets_for, secrets_path, secrets_payload,
@@ -145,33 +143,33 @@ class Orchestrator:
             for line in self.provider.reconcile(self.journal):
                 self.reporter.note(line)
         while True:
-            run = self._run(run_id)
+            run = self.run_row(run_id)
             state = run["state"]
             if state in (R.SHIPPING, R.RUNNING, R.FETCHING) and \
                     self.journal.current_instance(run_id) is None:
-                return self._machine_gone(run)
+                return finish.machine_gone(self, run)
             if state in (R.PLANNED, R.RENTING, R.BOOTING):
                 self._acquire(run, estimate)
             elif state == R.SHIPPING:
                 self._ship_and_start(run)
                 if options.detach:
-                    return self._outcome(self._run(run_id), detached=True)
+                    return self.outcome_of(self.run_row(run_id), detached=True)
             elif state == R.RUNNING:
                 if options.detach:
-                    return self._outcome(run, detached=True)
+                    return self.outcome_of(run, detached=True)
                 self._follow(run, options)
             elif state == R.FETCHING:
-                return self._finish(run, options)
+                return finish.finish(self, run, options)
             else:
-                return self._outcome(run)
+                return self.outcome_of(run)
 
-    def _run(self, run_id: str) -> dict[str, Any]:
+    def run_row(self, run_id: str) -> dict[str, Any]:
         run = self.journal.get_run(run_id)
         if run is None:
             raise RunError(f"no run {run_id!r} in the journal", hint="see `flux-remote ls`")
         return run
 
-    def _set(self, run_id: str, state: str, **fields: Any) -> None:
+    def set_state(self, run_id: str, state: str, **fields: Any) -> None:
         self.journal.update_run(run_id, state=state, **fields)
 
     def _fail(self, run_id: str, message: str, *, release: bool = True,
@@ -183,48 +181,17 @@ class Orchestrator:
                 self.provider.release(run_id, self.journal, keep_data=keep_data)
             except FluxRemoteError as exc:
                 message += f"\n(and releasing its machine failed: {exc})"
-        self._set(run_id, state, error=message, ended_at=self.clock())
+        self.set_state(run_id, state, error=message, ended_at=self.clock())
 
     def _notify(self, run_id: str) -> Callable[[str, str], None]:
         def notify(state: str, message: str) -> None:
             if state in (R.RENTING, R.BOOTING):
-                self._set(run_id, state)
+                self.set_state(run_id, state)
             if message:
                 self.reporter.note(message)
         return notify
 
     # ---- step: get a machine ---------------------------------------------------------------
-
-    def _machine_gone(self, run: dict[str, Any]) -> Outcome:
-        """The journal says the run's machine no longer exists (or went on to the batch's next
-        run before this controller stopped): keep what is home, meter every machine row the run
-        had to its end, end the run."""
-        out_dir = Path(run["out_dir"])
-        run_id = run["run_id"]
-        metered = relaunch.earlier_machines_usd(self.journal, run_id, self.clock(),
-                                                current_row=-1) + self.bandwidth_usd(run_id)
-        if metered > float(run.get("spend_usd") or 0.0):
-            self.journal.update_run(run_id, spend_usd=metered)
-        try:
-            verified = bundle_of_run(out_dir, run_id)
-        except RunError:
-            self._set(run_id, R.FAILED, ended_at=self.clock(),
-                      error=run.get("error") or "the run's machine is gone and no verified "
-                                                 "bundle is home")
-        else:
-            rows = self.journal.instances(run_id)
-            if rows and not (out_dir / CONTROLLER_RECEIPT).exists():
-                from remote.plan import write_json_atomic
-
-                ended = float(rows[-1].get("destroyed_at") or self.clock())
-                receipt = controller_receipt(
-                    run=self._run(run_id), instance=rows[-1], status={}, destroyed_at=ended,
-                    spend_usd=max(metered, float(run.get("spend_usd") or 0.0)),
-                    bandwidth_usd=self.bandwidth_usd(run_id), files_verified=verified)
-                receipt["machines"] = relaunch.machines(self.journal, run_id, ended)
-                write_json_atomic(out_dir / CONTROLLER_RECEIPT, receipt)
-            self._set(run_id, R.DONE, bundle_path=str(out_dir), ended_at=self.clock())
-        return self._outcome(self._run(run_id))
 
     def _acquire(self, run: dict[str, Any], estimate: "Estimate | None") -> None:
         run_id = run["run_id"]
@@ -234,12 +201,12 @@ class Orchestrator:
             if machine is None and self.journal.current_instance(run_id) is not None:
                 machine = self._reattach_or_release(run_id, spec)
             if machine is None and relaunch.continuation(self.journal, run_id) is not None:
-                self._set(run_id, R.RENTING)  # after a lost machine: what is left, money left
+                self.set_state(run_id, R.RENTING)  # after a lost machine: what is left, money left
                 machine = relaunch.acquire_next(self, run, spec, self._notify(run_id))
                 if machine is None:
                     return  # no offer fits: the run ended (budget_end)
             elif machine is None:
-                self._set(run_id, R.RENTING)
+                self.set_state(run_id, R.RENTING)
                 estimate = estimate or self.provider.estimate(spec)
                 machine = self.provider.acquire(run_id, spec, estimate, self.journal,
                                                 self._notify(run_id))
@@ -247,7 +214,7 @@ class Orchestrator:
             self._fail(run_id, str(exc))
             raise
         self._machines[run_id] = machine
-        self._set(run_id, R.SHIPPING, remote_run_dir=f"{machine.root}/{run_id}")
+        self.set_state(run_id, R.SHIPPING, remote_run_dir=f"{machine.root}/{run_id}")
 
     def _reattach_or_release(self, run_id: str, spec: "RunSpec") -> "Machine | None":
         """A machine from a previous attempt: use it if it answers, else destroy it."""
@@ -266,13 +233,22 @@ class Orchestrator:
         if machine is not None:
             machine.host.close()
 
+    def let_go_of(self, run_id: str) -> None:
+        """Drop this process's handle on the run's machine without closing its connection: the
+        machine went on to another run, which uses it now (``controller.run.handover``)."""
+        self._machines.pop(run_id, None)
+
+    def held(self, run_id: str) -> "Machine | None":
+        """The run's machine if this process holds it (no reconnecting)."""
+        return self._machines.get(run_id)
+
     def adopt_machine(self, run_id: str, machine: "Machine") -> None:
         self._machines[run_id] = machine
 
     def machine(self, run_id: str) -> "Machine":
         """The run's machine, reconnecting through the journal when this process has none."""
         if run_id not in self._machines:
-            run = self._run(run_id)
+            run = self.run_row(run_id)
             self._machines[run_id] = self.provider.reattach(run_id, spec_of(run), self.journal)
         return self._machines[run_id]
 
@@ -282,7 +258,7 @@ class Orchestrator:
 
     # ---- step: ship and start --------------------------------------------------------------
 
-    def _transfer_cost(self, run_id: str, machine: "Machine", direction: str,
+    def transfer_cost(self, run_id: str, machine: "Machine", direction: str,
                        stats: Any) -> float:
         """Journal one transfer and its bandwidth price; returns the dollars."""
         price = float(machine.info.get("inet_down_cost" if direction == "up" else
@@ -308,10 +284,10 @@ class Orchestrator:
             for stats in upload_run(host, paths, Path(spec.dataset.path),
                                     caption_ext=spec.dataset.caption_ext,
                                     max_files=spec.dataset.max_files):
-                self._transfer_cost(run_id, machine, "up", stats)
+                self.transfer_cost(run_id, machine, "up", stats)
             shipped = relaunch.ship_checkpoint(self, run, machine, f"{paths.run_dir}/dataset")
             if shipped is not None:
-                self._transfer_cost(run_id, machine, "up", shipped)
+                self.transfer_cost(run_id, machine, "up", shipped)
             secrets_file = None
             values, warnings = secrets_for(spec, self.env)
             for warning in warnings:
@@ -331,7 +307,7 @@ class Orchestrator:
         except (TransportError, ProviderError, SpecError) as exc:
             self._fail(run_id, f"shipping to the machine failed: {exc}")
             raise
-        self._set(run_id, R.RUNNING, remote_run_dir=paths.run_dir)
+        self.set_state(run_id, R.RUNNING, remote_run_dir=paths.run_dir)
 
     def _start_agent(self, run_id: str, machine: "Machine", paths: RunPaths) -> None:
         pid = start_agent(machine.host, paths, machine.python, self.env)
@@ -362,7 +338,7 @@ class Orchestrator:
                         lost_contact_s=options.lost_contact_s, reporter=self.reporter,
                         health=lambda: self.provider.health(run["run_id"], self.journal),
                         checkpoint_dir=Path(run["out_dir"]) / "checkpoints" if fetch else None,
-                        transfer_cost=lambda stats: self._transfer_cost(run["run_id"], machine,
+                        transfer_cost=lambda stats: self.transfer_cost(run["run_id"], machine,
                                                                         "down", stats),
                         # the run's other machines: offers given up during readiness (each billed
                         # while it loaded) and machines lost earlier
@@ -394,7 +370,7 @@ class Orchestrator:
                 message = f"the instance sent unusable data: {clean_text(exc)}"
                 self.journal.add_event(run_id, "untrusted_input", {"error": message})
                 self.reporter.note(f"{message}; ending the run")
-                self._set(run_id, R.FETCHING)
+                self.set_state(run_id, R.FETCHING)
                 return
             except MachineLost as exc:
                 if relaunch.continues(spec_of(run)):
@@ -414,7 +390,7 @@ class Orchestrator:
             self.reporter.note("the agent vanished without an exit code; starting it again "
                                "(it resumes from its last finished stage)")
             self._start_agent(run_id, self.machine(run_id), self.paths(run))
-        self._set(run_id, R.FETCHING)
+        self.set_state(run_id, R.FETCHING)
 
     def _lost_message(self, run: dict[str, Any], exc: MachineLost) -> str:
         """What the user reads when the machine is lost: how to fetch if it comes back and, when
@@ -463,163 +439,18 @@ class Orchestrator:
 
     def request_stop(self, run_id: str, reason: str = "stop requested by the user") -> None:
         """Write STOP (the agent checkpoints, publishes what exists and ends)."""
-        run = self._run(run_id)
+        run = self.run_row(run_id)
         request_stop(self.machine(run_id).host, self.paths(run), reason)
         self.journal.update_run(run_id, stop_requested=1)
         self.journal.add_event(run_id, "stop_requested", {"reason": reason})
 
     # ---- step: finish ----------------------------------------------------------------------
 
-    def _finish(self, run: dict[str, Any], options: Options | None = None) -> Outcome:
-        """Fetch and verify the bundle, then destroy (or, in a batch, hand the machine to the
-        next run); an unverifiable bundle stops instead."""
-        run_id = run["run_id"]
-        machine = self.machine(run_id)
-        host, paths = machine.host, self.paths(run)
-        out_dir = Path(run["out_dir"])
-        spec = spec_of(run)
-        status = read_json(host, paths.status) or {}
-        agent_state = text_field(status.get("state")) or "failed"
-        # the follow loop ended on unusable data from the instance: the run fails, with that error
-        flagged = self.journal.events(run_id, kind="untrusted_input")
-        untrusted = flagged[-1]["detail"].get("error") if flagged else None
-        extras: list[str] = []
-        fetched = None
-        if has_bundle(host, paths):
-            self.reporter.note(f"fetching the bundle into {out_dir}")
-            try:
-                fetched = fetch_bundle(host, paths, out_dir,
-                                       max_bytes=spec.publish.max_bundle_mb << 20)
-                self._transfer_cost(run_id, machine, "down", fetched.stats)
-            except (TransportError, RunError) as exc:
-                return self._keep_for_later(run, exc)
-        extras = fetch_extras(host, paths, out_dir,
-                              checkpoint=None if fetched else status.get("last_checkpoint"),
-                              checkpoint_max_bytes=spec.publish.max_checkpoint_mb << 20)
-        instance = self.journal.get_instance(machine.instance_row)
-        remove_secrets(host, machine.root, run_id)
-        s_per_step = self._safe_number(status.get("s_per_step"))
-        if s_per_step and not untrusted and machine.info.get("gpu_name"):
-            # before the machine goes on: the next run on it is planned with this speed
-            self.journal.record_s_per_step(machine.info["gpu_name"], s_per_step, run_id)
-        reusable = handover.machine_reusable(status, bundle_home=fetched is not None,
-                                             untrusted=bool(untrusted))
-        taker = self._let_go(run_id, machine, paths, (options or Options()).hand_over
-                             if reusable else None)
-        if taker is not None:
-            instance = self.journal.get_instance(machine.instance_row) or instance
-        destroyed_at = float((instance or {}).get("destroyed_at") or 0.0) if taker else 0.0
-        destroyed_at = destroyed_at or self.clock()
-        # earlier machines of the run: offers given up during readiness and lost machines alike
-        spend = relaunch.earlier_machines_usd(self.journal, run_id, destroyed_at,
-                                              current_row=machine.instance_row) + meter(
-            machine.price_per_hour, machine.billing_started_at, destroyed_at,
-            self.bandwidth_usd(run_id))
-        self.journal.add_spend_sample(run_id, usd=spend, dph_total=machine.price_per_hour,
-                                      bandwidth_usd=self.bandwidth_usd(run_id))
-        receipt = None
-        if fetched is not None:
-            receipt = controller_receipt(run=self._run(run_id), instance=instance, status=status,
-                                         destroyed_at=destroyed_at, spend_usd=spend,
-                                         bandwidth_usd=self.bandwidth_usd(run_id),
-                                         files_verified=fetched.files_verified)
-            from remote.plan import write_json_atomic
-
-            receipt["machines"] = relaunch.machines(self.journal, run_id, destroyed_at)
-            if taker is not None:
-                receipt["handed_over_to"] = taker
-            write_json_atomic(out_dir / CONTROLLER_RECEIPT, receipt)
-        if untrusted:
-            self._set(run_id, R.FAILED, error=untrusted, ended_at=self.clock(),
-                      **({"bundle_path": str(out_dir)} if fetched is not None else {}))
-        elif fetched is not None and agent_state in ("done", "stopped"):
-            final = R.DONE if agent_state == "done" else R.stopped_state(
-                cap_stopped=bool(self.journal.events(run_id, kind="cap_stop")),
-                stop_reason=train_stop_reason(status))
-            self._set(run_id, final, bundle_path=str(out_dir), ended_at=self.clock())
-            self._publish_to_hub(run_id, out_dir)
-        else:
-            self._set(run_id, R.FAILED, error=self._agent_error(host, paths, status),
-                      ended_at=self.clock())
-        return self._outcome(self._run(run_id), receipt=receipt, extras=extras)
-
-    def _let_go(self, run_id: str, machine: "Machine", paths: RunPaths,
-                hand_over: "HandOver | None") -> str | None:
-        """Hand the machine to the batch's next run when there is a taker; else destroy it.
-        Returns the taker's run id."""
-        if hand_over is not None and handover.mark_released(machine, paths):
-            taker = hand_over(run_id, machine)
-            if taker is not None:
-                self._machines.pop(run_id, None)  # the connection is the taker's from now on
-                try:
-                    problem = handover.remove_run_dir(machine, paths)
-                    if problem:
-                        self.journal.add_event(run_id, "run_dir_left", {"error": problem})
-                    self.reporter.note(f"the machine goes on to run {taker.run_id} (its setup "
-                                       f"is done)")
-                finally:
-                    taker.start(machine)  # never left journaled as the owner but not started
-                return taker.run_id
-        try:
-            self.provider.release(run_id, self.journal)
-        except FluxRemoteError as exc:
-            out_dir = self._run(run_id)["out_dir"]
-            self._set(run_id, R.FAILED, error=f"the bundle is home in {out_dir} but destroying "
-                                              f"the machine failed: {exc}\n  retry: flux-remote "
-                                              f"down {run_id} --force", ended_at=self.clock())
-            raise
-        return None
-
-    def _publish_to_hub(self, run_id: str, out_dir: Path) -> None:
-        """Upload the verified bundle from this machine when ``publish.hf_repo`` is set.
-
-        After the destroy on purpose: the instance bills nothing while the upload runs, and
-        a failed upload loses nothing (the bundle is home; ``flux-remote publish`` retries).
-        """
-        spec = spec_of(self._run(run_id))
-        if not spec.publish.hf_repo:
-            return
-        from controller.hf_publish import publish_bundle
-
-        self.reporter.note(f"publishing to the Hugging Face Hub: {spec.publish.hf_repo}")
-        try:
-            url = publish_bundle(out_dir, spec.publish.hf_repo, private=spec.publish.hf_private,
-                                 token=self.env.get("HF_TOKEN"))
-        except FluxRemoteError as exc:
-            self.journal.add_event(run_id, "publish_failed", {"error": str(exc)})
-            self.reporter.note(f"publishing failed (the bundle is safe in {out_dir}): {exc}\n"
-                               f"  retry: flux-remote publish {run_id}")
-            return
-        self.journal.add_event(run_id, "published", {"url": url})
-        self.reporter.note(f"published: {url}")
-
-    @staticmethod
-    def _safe_number(value: Any) -> float | None:
-        """A number the agent reported, or None when it is not one (only a statistic here)."""
-        try:
-            return number(value, field="s_per_step", where="status.json")
-        except UntrustedInput:
-            return None
-
-    @staticmethod
-    def _agent_error(host: Any, paths: RunPaths, status: dict[str, Any]) -> str:
-        state = text_field(status.get("state"), limit=40)
-        if state in ("failed", "done", "stopped"):
-            error = text_field(status.get("error")) or f"the agent ended {state} without a bundle"
-            cause = text_field(status.get("cause"), limit=80)
-            return f"{error} (cause: {cause})" if cause else error
-        rc = read_int(host, paths.rc)
-        out = clean_text((host.read_bytes(paths.out, 0, 1 << 20) or b"")
-                         .decode("utf-8", errors="replace"))
-        tail = "\n".join(out.strip().splitlines()[-15:])
-        return (f"the agent exited with code {rc} before finishing" if rc is not None else
-                "the agent is gone without an exit code") + (f":\n{tail}" if tail else "")
-
     # ---- commands on an existing run ------------------------------------------------------
 
     def fetch_now(self, run_id: str) -> dict[str, Any]:
         """``fetch``: the verified bundle if there is one, else the newest checkpoint and logs."""
-        run = self._run(run_id)
+        run = self.run_row(run_id)
         machine = self.machine(run_id)
         paths, out_dir = self.paths(run), Path(run["out_dir"])
         spec = spec_of(run)
@@ -651,7 +482,7 @@ class Orchestrator:
         remove_secrets(machine.host, machine.root, run_id)
         self.provider.release(run_id, self.journal)
         if self.state(run_id) in R.ACTIVE_STATES:
-            self._set(run_id, R.DONE, bundle_path=str(out_dir), ended_at=self.clock())
+            self.set_state(run_id, R.DONE, bundle_path=str(out_dir), ended_at=self.clock())
 
     def down(self, run_id: str, *, force: bool = False) -> Outcome:
         """Destroy the run's machine now; first fetch what can be fetched unless ``force``."""
@@ -659,7 +490,7 @@ class Orchestrator:
             return self._down(run_id, force=force)
 
     def _down(self, run_id: str, *, force: bool) -> Outcome:
-        self._run(run_id)  # an unknown run id fails here, before anything is destroyed
+        self.run_row(run_id)  # an unknown run id fails here, before anything is destroyed
         fetched: dict[str, Any] = {}
         if self.journal.current_instance(run_id) is not None and not force:
             try:
@@ -670,34 +501,18 @@ class Orchestrator:
             remove_secrets(self._machines[run_id].host, self._machines[run_id].root, run_id)
         self.provider.release(run_id, self.journal)
         if self.state(run_id) in R.ACTIVE_STATES:  # a fetch may have ended it (done)
-            self._set(run_id, R.STOPPED, error="taken down by the user", ended_at=self.clock(),
+            self.set_state(run_id, R.STOPPED, error="taken down by the user", ended_at=self.clock(),
                       **({"bundle_path": fetched["bundle"]} if fetched.get("bundle") else {}))
-        return self._outcome(self._run(run_id), extras=fetched.get("extras") or [])
-
-    def _keep_for_later(self, run: dict[str, Any], exc: Exception) -> Outcome:
-        run_id = run["run_id"]
-        message = (f"the bundle could not be fetched and verified: {exc}\n"
-                   f"The instance was stopped, not destroyed, so the files are kept.\n"
-                   f"  fetch it later:  flux-remote fetch {run_id}\n"
-                   f"  then destroy it: flux-remote down {run_id}")
-        machine = self._machines.get(run_id)
-        if machine is not None:
-            remove_secrets(machine.host, machine.root, run_id)  # also when the disk is kept
-        try:
-            self.provider.release(run_id, self.journal, keep_data=True)
-        except FluxRemoteError as stop_exc:
-            message += f"\n(stopping the instance failed too: {stop_exc})"
-        self._set(run_id, R.FAILED, error=message, ended_at=self.clock())
-        raise RunError(message)
+        return self.outcome_of(self.run_row(run_id), extras=fetched.get("extras") or [])
 
     def outcome(self, run_id: str, *, detached: bool = False) -> Outcome:
         """The run as it stands in the journal (``detached``: it carries on without us)."""
-        return self._outcome(self._run(run_id), detached=detached)
+        return self.outcome_of(self.run_row(run_id), detached=detached)
 
     def state(self, run_id: str) -> str:
-        return str(self._run(run_id)["state"])
+        return str(self.run_row(run_id)["state"])
 
-    def _outcome(self, run: dict[str, Any], *, detached: bool = False,
+    def outcome_of(self, run: dict[str, Any], *, detached: bool = False,
                  receipt: dict[str, Any] | None = None, extras: list[str] | None = None) -> Outcome:
         return Outcome(run_id=run["run_id"], state=run["state"], out_dir=run["out_dir"],
                        bundle=run.get("bundle_path"), spend_usd=float(run.get("spend_usd") or 0.0),

@@ -355,17 +355,14 @@ class Journal:
         (``handed_over``, its bill stops now) and a new live row for ``to_run_id`` starts billing
         now, with the same instance, endpoint and price. Returns the new row's id.
 
-        No API call is made: the instance keeps running (``controller.batch.reuse``)."""
+        No API call is made: the instance keeps running (``controller.run.handover``); the
+        rows of one machine form a chain through ``detail.from_row`` (``controller.batch.shares``)."""
         now = self.clock()
         with self._tx() as db:
             row = db.execute("SELECT * FROM instances WHERE id = ?", (row_id,)).fetchone()
             if row is None or row["state"] != INSTANCE_LIVE or not row["instance_id"]:
                 raise ValueError(f"instance row {row_id} is not a live instance")
-            first = json.loads(row["detail"] or "{}").get("machine_billing_started_at") \
-                if (row["detail"] or "").startswith("{") else None
-            detail = json.dumps({"from_run": row["run_id"], "from_row": row_id,
-                                 "machine_billing_started_at":
-                                     first or row["billing_started_at"]})
+            detail = json.dumps({"from_run": row["run_id"], "from_row": row_id})
             db.execute("UPDATE instances SET state = ?, destroyed_at = ?, updated_at = ? "
                        "WHERE id = ?", (INSTANCE_HANDED_OVER, now, now, row_id))
             cur = db.execute(

@@ -493,8 +493,9 @@ class FakeVast:
 
     def _pulling(self, iid: int) -> bool:
         """Whether the first image pull of this instance is still under way (``loading_s``).
-        Only the first start pulls: the image stays on the machine (as ``image_gb`` is billed
-        once), so a restart loads for its polls only."""
+        Only the first start pulls: a stopped instance keeps its disk (reference README: storage
+        is billed in every state), and the image with it, so a restart loads for its polls only
+        (as ``image_gb`` is billed once; the docs do not say how long a restart loads)."""
         meter = self._meters[iid]
         return not meter["pulled"] and self.clock() - meter["created"] < self.loading_s
 

@@ -514,10 +514,14 @@ def test_in_a_batch_the_rest_takes_what_it_needs_from_the_batch(tmp_path: Path) 
     every_machine_destroyed(orch, run_id)
 
 
-def test_in_a_batch_without_the_money_the_rest_still_ends_budget(tmp_path: Path) -> None:
+@pytest.mark.parametrize("purse", [Purse(1.0), Purse(10.0, grants=False)],
+                         ids=["too-little-left", "refused"])
+def test_in_a_batch_without_the_money_the_rest_still_ends_budget(tmp_path: Path,
+                                                                 purse: Purse) -> None:
     orch, fleet, agent, run_id = setup(tmp_path, [30])
     dearer_after_the_first_machine(fleet)
-    for purse in (Purse(1.0), Purse(10.0, grants=False)):
-        outcome = orch.drive(run_id, Options(poll_interval=0, purse=purse))
-        assert outcome.state == "budget" and purse.granted == []
-    assert len(fleet.hosts) == 1
+    outcome = orch.drive(run_id, Options(poll_interval=0, purse=purse))
+    assert outcome.state == "budget" and purse.granted == []
+    assert len(fleet.hosts) == 1  # nothing rented that the money could not finish
+    assert not orch.journal.events(run_id, kind="budget_top_up")
+    assert orch.journal.get_run(run_id)["budget_usd"] == pytest.approx(5.0)

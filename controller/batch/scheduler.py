@@ -2,17 +2,25 @@
 
 The batch's slots are journaled by :func:`~controller.batch.setup.create_batch`. The
 :class:`BatchScheduler` then loops: collect runs that ended, meter the spend of those running,
-start what fits. Starting a slot means: estimate it (Vast: plan the offers nobody in the batch has
-taken; measured s/step from runs already finished feed that plan), reserve the estimate plus its
-safety margin in the :class:`~controller.batch.ledger.Ledger`, and launch it with its budget lowered to
-that reservation, so the controller's meter and the agent's cost guard keep the batch under its
-total. A slot whose reservation does not fit is started later if running runs may still give money
-back, else it is ``skipped: budget``.
+start what fits. Starting a slot means: estimate it (Vast: plan the offers nobody in the batch
+has taken; measured s/step from runs already finished feed that plan), reserve the estimate plus
+its safety margin in the :class:`~controller.batch.ledger.Ledger`, and launch it with its budget
+lowered to that reservation, so the controller's meter and the agent's cost guard keep the batch
+under its total. A slot whose reservation does not fit is started later if running runs may
+still give money back, else it is ``skipped: budget``.
 
-Each run is driven by its own :class:`~controller.run.orchestrator.Orchestrator` in a thread (a run's
-drive mostly waits). One run failing never stops the others; an infrastructure failure (no machine,
-a host that died or failed its checks) is retried on another offer up to ``batch.retries`` times; a
-failed quality gate, a bad spec or a crashed trainer is not.
+With ``batch.reuse_machines`` a run that ended well gives its machine to the first pending slot
+of the same :func:`~controller.planning.reuse.machine_key` whose warm reservation fits
+(:meth:`BatchScheduler._offer_machine`, called from that run's thread through
+``controller.run.handover``), and a new machine is started only when it leaves the money the
+other pending runs of its key need warm (:meth:`BatchScheduler._room_for_warm_runs`). A run whose
+lost machine's successor needs more than its reservation may take it from the ledger
+(:class:`LedgerPurse`).
+
+Each run is driven by its own :class:`~controller.run.orchestrator.Orchestrator` in a thread (a
+run's drive mostly waits). One run failing never stops the others; an infrastructure failure (no
+machine, a host that died or failed its checks) is retried on another offer up to
+``batch.retries`` times; a failed quality gate, a bad spec or a crashed trainer is not.
 
 Everything is journaled (``batches`` and ``batch_runs``, plus the runs themselves), so a
 controller killed mid-batch is followed by ``resume BATCH``: running runs are reattached (never
@@ -78,6 +86,13 @@ def classify_failure(run: dict[str, Any] | None, exc: BaseException | None) -> s
     if "gone without an exit code" in error or "machine is gone" in error:
         return "infra"
     return "run"
+
+
+def slot_spec(slot: dict[str, Any]) -> "RunSpec":
+    """The run spec a slot was journaled with."""
+    from controller.spec.model import RunSpec
+
+    return RunSpec.model_validate(json.loads(slot["spec_json"]))
 
 
 # ---- the scheduler --------------------------------------------------------------------------
@@ -177,7 +192,6 @@ class BatchScheduler:
         # run's thread: one claim at a time.
         self._lock = threading.RLock()
         self._estimates: dict[str, "Estimate"] = {}  # run id -> the estimate it was started on
-        self._starting: set[int] = set()  # slots handed a machine whose thread is not started yet
 
     def _default_factory(self, name: str, claims: OfferClaims) -> "Provider":
         from controller.providers import provider_named
@@ -205,7 +219,7 @@ class BatchScheduler:
                 self._start_what_fits()
                 if self.on_tick is not None:
                     self.on_tick(self)
-                if not self._threads and not self._starting and not self._pending():
+                if not self._threads and not self._pending():
                     break
                 try:  # sleep until a run ends or the next tick, whichever comes first
                     ended = self._ended.get(timeout=self.options.tick_s)
@@ -326,20 +340,18 @@ class BatchScheduler:
     def _start_what_fits(self) -> None:
         with self._lock:
             for slot in self._pending():
-                if len(self._threads) + len(self._starting) >= int(self.batch["max_parallel"]):
+                if len(self._threads) >= int(self.batch["max_parallel"]):
                     return
                 if slot["idx"] not in self._waiting:
                     self._try_start(slot)
 
     def _try_start(self, slot: dict[str, Any]) -> None:
-        from controller.spec.model import RunSpec
-
         reason = stop_reason(self.journal, self.batch_id)
         if reason is not None:  # e.g. a retry set pending after the stop
             self.journal.update_batch_run(self.batch_id, slot["idx"], state=R.STOPPED,
                                           note=reason)
             return
-        spec = RunSpec.model_validate(json.loads(slot["spec_json"]))
+        spec = slot_spec(slot)
         provider = self.provider_factory(spec.provider.type, self.claims)
         try:
             estimate = provider.estimate(spec)
@@ -382,13 +394,11 @@ class BatchScheduler:
         runs of its machine key need on a machine already set up (each priced like this one,
         warm). When it does not and a machine is running, the slot waits for that machine: a
         second setup must not cost runs that one machine could have finished."""
-        from controller.spec.model import RunSpec
-
         if not self.batch.get("reuse_machines") or not self._threads:
             return True
         key = machine_key(spec)
-        others = sum(1 for s in self._pending() if s["idx"] != slot["idx"] and machine_key(
-            RunSpec.model_validate(json.loads(s["spec_json"]))) == key)
+        others = sum(1 for s in self._pending()
+                     if s["idx"] != slot["idx"] and machine_key(slot_spec(s)) == key)
         if not others:
             return True
         margin = spec.budget.safety_margin
@@ -438,8 +448,6 @@ class BatchScheduler:
         slot with the same machine key whose warm estimate fits the ledger. Returns the run that
         took it (journaled as the machine's owner; its thread starts when the finished run calls
         ``Taker.start``), or None: the machine is destroyed."""
-        from controller.spec.model import RunSpec
-
         with self._lock:
             if stop_reason(self.journal, self.batch_id) is not None:
                 return None
@@ -447,7 +455,7 @@ class BatchScheduler:
             key = machine_key(spec_of(run))
             provider = self.provider_factory(run.get("provider") or "local", self.claims)
             for slot in self._pending():
-                spec = RunSpec.model_validate(json.loads(slot["spec_json"]))
+                spec = slot_spec(slot)
                 if machine_key(spec) != key:
                     continue
                 estimate = warm_estimate(self._estimate_on(spec, run_id, machine, provider))
@@ -467,7 +475,6 @@ class BatchScheduler:
                 self._waiting.discard(slot["idx"])
                 self.board.note(slot["name"], f"takes over the machine of {run['name']} "
                                               f"(already set up)")
-                self._starting.add(slot["idx"])  # counted as running until its thread starts
                 return Taker(taker, self._starter({**slot, "attempts": int(slot["attempts"]) + 1},
                                                   taker, estimate, provider))
             return None
@@ -482,8 +489,7 @@ class BatchScheduler:
                 adopted = replace(machine, instance_row=int(row["id"]),
                                   billing_started_at=float(row["billing_started_at"]),
                                   info={**machine.info, "restarted": False})
-            with self._lock:
-                self._starting.discard(slot["idx"])
+            with self._lock:  # the finished run's thread still counts until it is collected
                 self._spawn(slot, run_id, estimate, provider, machine=adopted)
         return start
 
@@ -498,7 +504,7 @@ class BatchScheduler:
         plan = getattr(previous, "plan", None)
         for planned in getattr(plan, "offers", None) or []:
             if str(planned.offer_id) == str(offer_id):
-                return estimate_on_offer(spec, planned.offer, plan,
+                return estimate_on_offer(spec, planned.offer,
                                          measured=self.journal.measured_s_per_step())
         return provider.estimate(spec)
 

@@ -153,11 +153,9 @@ def offers_estimate(spec: "RunSpec", offers: list[dict[str, Any]],
     from controller.providers.base import Estimate
 
     plan = plan_offers(spec, offers, measured_s_per_step=measured_s_per_step)
-    chosen = plan.chosen
-    if chosen is None:
+    if plan.chosen is None:
         raise BudgetError(f"no Vast.ai offer can finish {spec.name!r}: {plan.refusal()}")
-    return Estimate(provider="vast", price_per_hour=chosen.dph_total, est_usd=chosen.est_usd,
-                    est_hours=chosen.est_hours, gpu_name=chosen.gpu_name, plan=plan)
+    return Estimate.from_plan(plan)
 
 
 def estimate_runs(loaded: "LoadedFile",

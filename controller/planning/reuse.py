@@ -65,7 +65,7 @@ def warm_estimate(estimate: "Estimate") -> "Estimate":
                                            f"again"])
 
 
-def estimate_on_offer(spec: "RunSpec", offer: dict[str, Any], plan: Any, *,
+def estimate_on_offer(spec: "RunSpec", offer: dict[str, Any], *,
                       measured: dict[str, float] | None = None) -> "Estimate":
     """The cold estimate of ``spec`` on one offer (the machine a batch run would take over),
     shaped as the Vast provider's ``estimate`` returns it."""
@@ -76,6 +76,4 @@ def estimate_on_offer(spec: "RunSpec", offer: dict[str, Any], plan: Any, *,
     result = PlanResult(chosen=chosen, offers=[chosen], excluded={},
                         budget_usd=spec.budget.max_usd, safety_margin=spec.budget.safety_margin,
                         max_hours=spec.budget.max_hours, considered=1)
-    return Estimate(provider="vast",
-                    price_per_hour=chosen.dph_total, est_usd=chosen.est_usd,
-                    est_hours=chosen.est_hours, gpu_name=chosen.gpu_name, plan=result)
+    return Estimate.from_plan(result)

@@ -34,6 +34,13 @@ class Estimate:
     plan: Any = None  # controller.planning.planner.PlanResult for vast (the plan table), else None
     notes: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_plan(cls, plan: Any, provider: str = "vast") -> "Estimate":
+        """The estimate of a planner result's chosen offer (``controller.planning.planner``)."""
+        chosen = plan.chosen
+        return cls(provider=provider, price_per_hour=chosen.dph_total, est_usd=chosen.est_usd,
+                   est_hours=chosen.est_hours, gpu_name=chosen.gpu_name, plan=plan)
+
     def to_dict(self) -> dict[str, Any]:
         data = {"provider": self.provider, "price_per_hour": self.price_per_hour,
                 "est_usd": self.est_usd, "est_hours": self.est_hours, "gpu_name": self.gpu_name,

@@ -133,9 +133,7 @@ class VastProvider:
                 + (f" ({len(offers)} offers; excluded {reasons})" if offers else " (no offers)"),
                 hint="raise budget.max_usd, allow more GPU models (gpu.names) or relax gpu filters",
             )
-        return Estimate(provider=self.name, price_per_hour=chosen.dph_total,
-                        est_usd=chosen.est_usd, est_hours=chosen.est_hours,
-                        gpu_name=chosen.gpu_name, plan=plan)
+        return Estimate.from_plan(plan, self.name)
 
     def _candidates(self, spec: "RunSpec", estimate: Estimate) -> list[Any]:
         """The offers the planner ranked as fitting (safety margin and max_hours included)."""

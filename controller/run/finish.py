@@ -46,8 +46,8 @@ def machine_gone(orch: "Orchestrator", run: dict[str, Any]) -> "Outcome":
         verified = bundle_of_run(out_dir, run_id)
     except RunError:
         orch.set_state(run_id, R.FAILED, ended_at=orch.clock(),
-                  error=run.get("error") or "the run's machine is gone and no verified "
-                                             "bundle is home")
+                       error=run.get("error") or "the run's machine is gone and no verified "
+                                                 "bundle is home")
     else:
         rows = orch.journal.instances(run_id)
         if rows and not (out_dir / CONTROLLER_RECEIPT).exists():
@@ -126,7 +126,7 @@ def finish(orch: "Orchestrator", run: dict[str, Any],
         write_json_atomic(out_dir / CONTROLLER_RECEIPT, receipt)
     if untrusted:
         orch.set_state(run_id, R.FAILED, error=untrusted, ended_at=orch.clock(),
-                  **({"bundle_path": str(out_dir)} if fetched is not None else {}))
+                       **({"bundle_path": str(out_dir)} if fetched is not None else {}))
     elif fetched is not None and agent_state in ("done", "stopped"):
         final = R.DONE if agent_state == "done" else R.stopped_state(
             cap_stopped=bool(orch.journal.events(run_id, kind="cap_stop")),
@@ -135,7 +135,7 @@ def finish(orch: "Orchestrator", run: dict[str, Any],
         _publish_to_hub(orch, run_id, out_dir)
     else:
         orch.set_state(run_id, R.FAILED, error=_agent_error(host, paths, status),
-                  ended_at=orch.clock())
+                       ended_at=orch.clock())
     return orch.outcome_of(orch.run_row(run_id), receipt=receipt, extras=extras)
 
 
@@ -160,9 +160,10 @@ def _let_go(orch: "Orchestrator", run_id: str, machine: "Machine", paths: RunPat
         orch.provider.release(run_id, orch.journal)
     except FluxRemoteError as exc:
         out_dir = orch.run_row(run_id)["out_dir"]
-        orch.set_state(run_id, R.FAILED, error=f"the bundle is home in {out_dir} but destroying "
-                                          f"the machine failed: {exc}\n  retry: flux-remote "
-                                          f"down {run_id} --force", ended_at=orch.clock())
+        orch.set_state(run_id, R.FAILED,
+                       error=f"the bundle is home in {out_dir} but destroying the machine "
+                             f"failed: {exc}\n  retry: flux-remote down {run_id} --force",
+                       ended_at=orch.clock())
         raise
     return None
 

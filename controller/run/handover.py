@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from controller.run.follow import RunPaths
 
 
-
 @dataclass
 class Taker:
     """The run that took the machine (journaled as its owner already) and how to start it on

@@ -259,7 +259,7 @@ class Orchestrator:
     # ---- step: ship and start --------------------------------------------------------------
 
     def transfer_cost(self, run_id: str, machine: "Machine", direction: str,
-                       stats: Any) -> float:
+                      stats: Any) -> float:
         """Journal one transfer and its bandwidth price; returns the dollars."""
         price = float(machine.info.get("inet_down_cost" if direction == "up" else
                                        "inet_up_cost", 0.0))
@@ -339,7 +339,7 @@ class Orchestrator:
                         health=lambda: self.provider.health(run["run_id"], self.journal),
                         checkpoint_dir=Path(run["out_dir"]) / "checkpoints" if fetch else None,
                         transfer_cost=lambda stats: self.transfer_cost(run["run_id"], machine,
-                                                                        "down", stats),
+                                                                       "down", stats),
                         # the run's other machines: offers given up during readiness (each billed
                         # while it loaded) and machines lost earlier
                         prior_usd=relaunch.earlier_machines_usd(
@@ -501,8 +501,9 @@ class Orchestrator:
             remove_secrets(self._machines[run_id].host, self._machines[run_id].root, run_id)
         self.provider.release(run_id, self.journal)
         if self.state(run_id) in R.ACTIVE_STATES:  # a fetch may have ended it (done)
-            self.set_state(run_id, R.STOPPED, error="taken down by the user", ended_at=self.clock(),
-                      **({"bundle_path": fetched["bundle"]} if fetched.get("bundle") else {}))
+            self.set_state(run_id, R.STOPPED, error="taken down by the user",
+                           ended_at=self.clock(),
+                           **({"bundle_path": fetched["bundle"]} if fetched.get("bundle") else {}))
         return self.outcome_of(self.run_row(run_id), extras=fetched.get("extras") or [])
 
     def outcome(self, run_id: str, *, detached: bool = False) -> Outcome:
@@ -513,7 +514,8 @@ class Orchestrator:
         return str(self.run_row(run_id)["state"])
 
     def outcome_of(self, run: dict[str, Any], *, detached: bool = False,
-                 receipt: dict[str, Any] | None = None, extras: list[str] | None = None) -> Outcome:
+                   receipt: dict[str, Any] | None = None,
+                   extras: list[str] | None = None) -> Outcome:
         return Outcome(run_id=run["run_id"], state=run["state"], out_dir=run["out_dir"],
                        bundle=run.get("bundle_path"), spend_usd=float(run.get("spend_usd") or 0.0),
                        est_usd=run.get("est_usd"), budget_usd=float(run["budget_usd"]),

@@ -285,14 +285,13 @@ def _top_up(orch: "Orchestrator", run: dict[str, Any], spec: "RunSpec", step: in
         estimate = orch.provider.estimate(remaining_spec(spec, step=step, money_left=left + more))
     except BudgetError:
         return None
-    need = float(estimate.est_usd or 0.0) * (1 + spec.budget.safety_margin) - left
-    if need > more or not purse.grant(run["run_id"], max(0.0, need)):
+    need = max(0.0, float(estimate.est_usd or 0.0) * (1 + spec.budget.safety_margin) - left)
+    if need > more or not purse.grant(run["run_id"], need):
         return None
-    left += max(0.0, need)
-    budget = float((orch.journal.get_run(run["run_id"]) or run)["budget_usd"]) + max(0.0, need)
+    left += need
+    budget = float((orch.journal.get_run(run["run_id"]) or run)["budget_usd"]) + need
     orch.journal.update_run(run["run_id"], budget_usd=budget)  # the follower's and agent's cap
-    orch.journal.add_event(run["run_id"], "budget_top_up", {"usd": max(0.0, need),
-                                                            "money_left": left,
+    orch.journal.add_event(run["run_id"], "budget_top_up", {"usd": need, "money_left": left,
                                                             "budget_usd": budget})
     return left, remaining_spec(spec, step=step, money_left=left), estimate
 

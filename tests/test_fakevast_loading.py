@@ -3,7 +3,6 @@ with (issue 17 part 2; the reuse itself, seen from the fake's bill: tests/test_b
 
 from __future__ import annotations
 
-
 import pytest
 
 from controller.vast.client import VastClient

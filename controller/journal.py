@@ -169,8 +169,15 @@ def _m004_machine_reuse(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE batches ADD COLUMN reuse_machines INTEGER NOT NULL DEFAULT 0")
 
 
+def _m005_gpu_seats(db: sqlite3.Connection) -> None:
+    """Batches that run several runs at once on one multi-GPU instance
+    (``batch.gpus_per_machine``); older batches keep one run per instance."""
+    db.execute("ALTER TABLE batches ADD COLUMN gpus_per_machine INTEGER NOT NULL DEFAULT 1")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_follow_state,
-                                                          _m003_batches, _m004_machine_reuse]
+                                                          _m003_batches, _m004_machine_reuse,
+                                                          _m005_gpu_seats]
 
 RUN_FIELDS = {
     "state", "error", "ended_at", "est_usd", "log_offset", "remote_run_dir", "step", "total",
@@ -490,16 +497,16 @@ class Journal:
     def create_batch(self, *, batch_id: str, name: str, spec_path: str | None, out_dir: str,
                      max_usd: float, max_parallel: int, retries: int, margin: float,
                      varied: list[str], items: list[dict[str, Any]],
-                     reuse_machines: bool = False) -> None:
+                     reuse_machines: bool = False, gpus_per_machine: int = 1) -> None:
         """A batch and its run slots (``items``: idx, name, label, params, spec), all pending."""
         now = self.clock()
         with self._tx() as db:
             db.execute(
                 "INSERT INTO batches (batch_id, name, spec_path, out_dir, max_usd, max_parallel,"
-                " retries, margin, varied_json, state, created_at, updated_at, reuse_machines)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+                " retries, margin, varied_json, state, created_at, updated_at, reuse_machines,"
+                " gpus_per_machine) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
                 (batch_id, name, spec_path, out_dir, max_usd, max_parallel, retries, margin,
-                 json.dumps(varied), now, now, int(bool(reuse_machines))))
+                 json.dumps(varied), now, now, int(bool(reuse_machines)), int(gpus_per_machine)))
             for item in items:
                 db.execute(
                     "INSERT INTO batch_runs (batch_id, idx, name, label, params_json, spec_json,"

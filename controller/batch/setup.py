@@ -88,7 +88,8 @@ def create_batch(journal: "Journal", loaded: "LoadedFile", *, out_dir: Path | No
                          spec_path=str(spec_path) if spec_path else None, out_dir=str(root),
                          max_usd=loaded.batch.max_usd, max_parallel=loaded.batch.max_parallel,
                          retries=loaded.batch.retries, margin=0.0, varied=keys, items=items,
-                         reuse_machines=loaded.batch.reuse_machines)
+                         reuse_machines=loaded.batch.reuse_machines,
+                         gpus_per_machine=loaded.batch.gpus_per_machine)
     return batch_id
 
 

@@ -426,6 +426,11 @@ class BatchSpec(_Model):
         True, description="runs whose base model, trainer, gpu and provider sections match run "
                           "one after another on a machine already set up (setup paid once per "
                           "machine); false: a fresh instance per run")
+    gpus_per_machine: int = Field(
+        4, ge=1, le=8,
+        description="with reuse_machines: up to this many runs at once on one multi-GPU "
+                    "on-demand instance, one trainer per GPU, when the planner finds that cheaper "
+                    "per run than an instance each (controller.planning.packing); 1: never")
     runs: list[dict[str, Any]] | None = Field(
         None, description="overrides (dotted keys or nested), one per run")
     sweep: dict[str, list[Any]] | None = Field(

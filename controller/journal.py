@@ -39,6 +39,9 @@ INSTANCE_FAILED = "failed"  # the create never produced an instance (offer gone,
 # The run let its machine go to the batch's next run (``hand_over_instance``): the instance lives
 # on under that run's row; this row's ``destroyed_at`` is when its share of the bill ended.
 INSTANCE_HANDED_OVER = "handed_over"
+# A run left its seat on a multi-GPU instance that other runs still train on: its bill ends, the
+# instance lives on (``Journal.leave_seat``).
+INSTANCE_LEFT = "left"
 INSTANCE_ALIVE_STATES = (INSTANCE_CREATING, INSTANCE_LIVE, INSTANCE_STOPPED, INSTANCE_DESTROYING)
 
 
@@ -193,6 +196,17 @@ FAULT_ENV = "FLUX_REMOTE_FAULT"
 _fault_seen: dict[str, int] = {}
 
 
+def seat_of(row: dict[str, Any]) -> dict[str, Any]:
+    """``{"seat", "seats"}`` of an instance row on a shared multi-GPU instance, else ``{}``."""
+    try:
+        detail = json.loads(row.get("detail") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(detail, dict) or int(detail.get("seats") or 1) < 2:
+        return {}
+    return {"seat": int(detail.get("seat") or 0), "seats": int(detail["seats"])}
+
+
 def fault_point(point: str) -> None:
     """Test-only knob: ``FLUX_REMOTE_FAULT=after:<point>[@N]`` SIGKILLs this process right after
     the journal committed the N-th (default first) event ``<point>`` (an event kind such as
@@ -338,15 +352,20 @@ class Journal:
 
     def instance_intent(self, run_id: str, *, provider: str, label: str | None = None,
                         offer_id: Any = None, gpu_name: str | None = None, num_gpus: int = 1,
-                        dph_total: float = 0.0) -> int:
-        """Record that we are about to rent; returns the row id the result is written to."""
+                        dph_total: float = 0.0, seats: int = 1) -> int:
+        """Record that we are about to rent; returns the row id the result is written to.
+
+        ``seats`` > 1: the instance is rented for that many runs at once, one per GPU
+        (``controller.planning.packing``); this row is seat 0 and ``dph_total`` its share."""
         now = self.clock()
+        detail = json.dumps({"seat": 0, "seats": int(seats)}) if seats > 1 else None
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO instances (run_id, provider, offer_id, label, gpu_name, num_gpus,"
-                " dph_total, state, intent_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " dph_total, state, intent_at, updated_at, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, provider, None if offer_id is None else str(offer_id), label, gpu_name,
-                 num_gpus, dph_total, INSTANCE_CREATING, now, now),
+                 num_gpus, dph_total, INSTANCE_CREATING, now, now, detail),
             )
             self._event(db, run_id, "rent_intent", {"offer_id": offer_id, "dph_total": dph_total})
             return int(cur.lastrowid)
@@ -369,7 +388,8 @@ class Journal:
             row = db.execute("SELECT * FROM instances WHERE id = ?", (row_id,)).fetchone()
             if row is None or row["state"] != INSTANCE_LIVE or not row["instance_id"]:
                 raise ValueError(f"instance row {row_id} is not a live instance")
-            detail = json.dumps({"from_run": row["run_id"], "from_row": row_id})
+            detail = json.dumps({"from_run": row["run_id"], "from_row": row_id,
+                                 **seat_of(dict(row))})
             db.execute("UPDATE instances SET state = ?, destroyed_at = ?, updated_at = ? "
                        "WHERE id = ?", (INSTANCE_HANDED_OVER, now, now, row_id))
             cur = db.execute(
@@ -385,6 +405,71 @@ class Journal:
             self._event(db, to_run_id, "handover_in", {
                 "instance_id": row["instance_id"], "from_run": row["run_id"], "row": new_row})
             return new_row
+
+    def open_seat(self, row_id: int, to_run_id: str, seat: int) -> int:
+        """Put ``to_run_id`` on GPU ``seat`` of the shared instance that row ``row_id`` (a live
+        seat of it) is on: a new live row at the same seat price, billing from now. Refused
+        when that seat is taken."""
+        now = self.clock()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM instances WHERE id = ?", (row_id,)).fetchone()
+            if row is None or row["state"] != INSTANCE_LIVE or not row["instance_id"]:
+                raise ValueError(f"instance row {row_id} is not a live instance")
+            seats = int(seat_of(dict(row)).get("seats") or 1)
+            if not 0 < seat < seats:
+                raise ValueError(f"instance {row['instance_id']} has no seat {seat}")
+            for other in db.execute("SELECT detail FROM instances WHERE instance_id = ? AND "
+                                    "state = ?", (row["instance_id"], INSTANCE_LIVE)):
+                if seat_of(dict(other)).get("seat") == seat:
+                    raise ValueError(f"seat {seat} of instance {row['instance_id']} is taken")
+            detail = json.dumps({"seat": seat, "seats": seats, "shared_from_row": row_id})
+            cur = db.execute(
+                "INSERT INTO instances (run_id, provider, offer_id, instance_id, label, gpu_name,"
+                " num_gpus, dph_total, state, intent_at, billing_started_at, updated_at, detail,"
+                " ssh_host, ssh_port) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (to_run_id, row["provider"], row["offer_id"], row["instance_id"], row["label"],
+                 row["gpu_name"], row["num_gpus"], row["dph_total"], INSTANCE_LIVE, now, now, now,
+                 detail, row["ssh_host"], row["ssh_port"]))
+            new_row = int(cur.lastrowid)
+            self._event(db, to_run_id, "seat_open", {
+                "instance_id": row["instance_id"], "seat": seat, "seats": seats, "row": new_row})
+            return new_row
+
+    def leave_seat(self, row_id: int, *, keep: bool = False) -> str:
+        """A run lets its seat of a shared instance go, in one transaction, so that of two runs
+        leaving at once exactly one is the last. Returns what the caller must do:
+
+        * ``"left"``: other runs still train on the instance: this row ends (``left``, its bill
+          stops now; ``keep``: ``stopped``, its unfetched bundle keeps the instance from being
+          destroyed) and the instance is not touched;
+        * ``"stop"``: the last seat, and a run's bundle is still on it (``keep``, or a seat left
+          ``stopped``): stop the instance (disk kept);
+        * ``"destroy"``: the last seat: destroy the instance."""
+        now = self.clock()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM instances WHERE id = ?", (row_id,)).fetchone()
+            if row is None or not row["instance_id"]:
+                raise ValueError(f"instance row {row_id} is not an instance")
+            others = [dict(r) for r in db.execute(
+                "SELECT * FROM instances WHERE instance_id = ? AND id != ? AND state IN (?, ?)",
+                (row["instance_id"], row_id, INSTANCE_LIVE, INSTANCE_STOPPED))]
+            live = [r for r in others if r["state"] == INSTANCE_LIVE]
+            kept = [r for r in others if r["state"] == INSTANCE_STOPPED]
+            if live:
+                state = INSTANCE_STOPPED if keep else INSTANCE_LEFT
+                db.execute("UPDATE instances SET state = ?, destroyed_at = ?, updated_at = ? "
+                           "WHERE id = ?", (state, None if keep else now, now, row_id))
+                self._event(db, row["run_id"], "seat_left", {
+                    "instance_id": row["instance_id"], "keep": keep,
+                    "still_on_it": sorted(r["run_id"] for r in live)})
+                return "left"
+            if kept and not keep:
+                db.execute("UPDATE instances SET state = ?, destroyed_at = ?, updated_at = ? "
+                           "WHERE id = ?", (INSTANCE_LEFT, now, now, row_id))
+                self._event(db, row["run_id"], "seat_left", {
+                    "instance_id": row["instance_id"], "keep": False, "last": True,
+                    "kept_for": sorted(r["run_id"] for r in kept)})
+            return "stop" if keep or kept else "destroy"
 
     def machine_rows(self, instance_id: Any) -> list[dict[str, Any]]:
         """Every row of one provider instance, in order: the runs it served one after another."""

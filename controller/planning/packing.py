@@ -57,16 +57,28 @@ def seat_estimate(machine: "Estimate", seats: int) -> "Estimate":
     """One seat's share of an N-GPU machine's estimate (price and dollars divided by N)."""
     usd = None if machine.est_usd is None else machine.est_usd / seats
     return replace(machine, price_per_hour=machine.price_per_hour / seats, est_usd=usd,
+                   seats=seats,
                    notes=[*machine.notes, f"one of {seats} GPUs of this instance: "
                                           f"${machine.price_per_hour / seats:.3f}/h"])
 
 
+def boot_download_usd(machine: "Estimate") -> float:
+    """The machine's boot download (image, installs, weights) at its ``inet_down_cost``: metered
+    on the first run, which rents the machine (``VastProvider._bill_boot_download``)."""
+    chosen = getattr(getattr(machine, "plan", None), "chosen", None)
+    if chosen is None:
+        return 0.0
+    return float(chosen.offer.get("inet_down_cost") or 0.0) * \
+        float(chosen.breakdown.get("boot_gb") or 0.0)
+
+
 def idle_setup_usd(machine: "Estimate", seats: int) -> float:
     """What the seats without a run cost while the first run sets the machine up (they open
-    after its bootstrap), plus as much again for the tail: the last seat still training while
-    the others have no run left. The batch reserves this for the machine."""
-    _, setup_usd = setup_part(machine)
-    return setup_usd * (seats - 1) / seats + setup_usd / seats
+    after its bootstrap: N-1 seats for the setup time), plus one seat for as long again for the
+    tail (a seat whose runs are over while another still trains). The batch reserves this for
+    the machine: ``dph_total x setup time``."""
+    seconds, _ = setup_part(machine)
+    return machine.price_per_hour * seconds / 3600.0 * ((seats - 1) / seats + 1 / seats)
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,10 @@ class Pack:
     idle_usd: float
 
     def per_run_usd(self) -> float:
-        return float(self.lead.est_usd or 0.0) + self.idle_usd / self.seats
+        """The N runs' expected cost divided by N: the first run's seat, N-1 warm seats, the
+        idle setup and tail."""
+        return (float(self.lead.est_usd or 0.0) + (self.seats - 1) * float(self.warm.est_usd or 0.0)
+                + self.idle_usd) / self.seats
 
     def total_reserve(self, reserve: Callable[["Estimate"], float]) -> float:
         """The money the pack needs at its start: the lead's and the other seats' reservations
@@ -91,6 +106,9 @@ class Pack:
 
 def make_pack(machine: "Estimate", seats: int) -> Pack:
     lead = seat_estimate(machine, seats)
+    if lead.est_usd is not None:  # the first run's meter carries the whole boot download
+        lead = replace(lead, est_usd=lead.est_usd + boot_download_usd(machine) * (seats - 1)
+                       / seats)
     return Pack(seats=seats, machine=machine, lead=lead,
                 warm=seat_estimate(warm_estimate(machine), seats),
                 idle_usd=idle_setup_usd(machine, seats))

@@ -33,6 +33,9 @@ class Estimate:
     gpu_name: str | None = None
     plan: Any = None  # controller.planning.planner.PlanResult for vast (the plan table), else None
     notes: list[str] = field(default_factory=list)
+    # > 1: one seat of a multi-GPU instance rented for that many runs at once
+    # (controller.planning.packing); price_per_hour and est_usd are the seat's share
+    seats: int = 1
 
     @classmethod
     def from_plan(cls, plan: Any, provider: str = "vast") -> "Estimate":
@@ -44,7 +47,7 @@ class Estimate:
     def to_dict(self) -> dict[str, Any]:
         data = {"provider": self.provider, "price_per_hour": self.price_per_hour,
                 "est_usd": self.est_usd, "est_hours": self.est_hours, "gpu_name": self.gpu_name,
-                "notes": list(self.notes)}
+                "notes": list(self.notes), **({"seats": self.seats} if self.seats > 1 else {})}
         if self.plan is not None and hasattr(self.plan, "to_dict"):
             data["plan"] = self.plan.to_dict()
         return data

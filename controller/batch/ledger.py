@@ -30,6 +30,15 @@ class Entry:
     open: bool = True
 
     @property
+    def restore(self, key: str, reserved: float, spent: float, open_: bool) -> None:
+        """An entry as the journal has it (``resume``: a pack's idle seats)."""
+        with self._lock:
+            self._entries[key] = Entry(float(reserved), float(spent), bool(open_))
+
+    def open_keys(self, prefix: str = "") -> list[str]:
+        with self._lock:
+            return [k for k, e in self._entries.items() if e.open and k.startswith(prefix)]
+
     def committed(self) -> float:
         """What this run holds against the total now."""
         return max(self.reserved, self.spent) if self.open else self.spent

@@ -57,8 +57,11 @@ from controller.providers.vast import OfferClaims
 from controller.run.states import run_lock, spec_of
 from controller.journal import INSTANCE_HANDED_OVER
 from controller.planning.reuse import machine_key, warm_estimate
+from controller.batch import seats as S
+from controller.journal import seat_of
 
 if TYPE_CHECKING:
+    from controller.planning.packing import Pack
     from controller.providers.base import Machine
     from controller.run.handover import HandOver
     from controller.spec.model import RunSpec
@@ -192,6 +195,7 @@ class BatchScheduler:
         # run's thread: one claim at a time.
         self._lock = threading.RLock()
         self._estimates: dict[str, "Estimate"] = {}  # run id -> the estimate it was started on
+        self._shared: dict[str, S.SharedMachine] = {}  # first run -> a pack it rented
 
     def _default_factory(self, name: str, claims: OfferClaims) -> "Provider":
         from controller.providers import provider_named
@@ -314,6 +318,7 @@ class BatchScheduler:
         return state in (R.DONE, R.STOPPED)
 
     def _meter(self) -> None:
+        self._meter_idle()
         for slot in self.slots():
             if slot["state"] == ACTIVE and slot["run_id"]:
                 run = self.journal.get_run(slot["run_id"]) or {}
@@ -339,11 +344,44 @@ class BatchScheduler:
 
     def _start_what_fits(self) -> None:
         with self._lock:
+            self._open_seats()
+            promised = self._promised_seats()
             for slot in self._pending():
-                if len(self._threads) >= int(self.batch["max_parallel"]):
+                if self._machines_alive() >= int(self.batch["max_parallel"]):
                     return
+                key = machine_key(slot_spec(slot))
+                if promised.get(key):  # a seat of a machine being set up waits for it
+                    promised[key] -= 1
+                    continue
                 if slot["idx"] not in self._waiting:
                     self._try_start(slot)
+
+    def _machines_alive(self) -> int:
+        """Instances the batch holds now (``max_parallel`` counts machines, not runs): the
+        distinct instances of its running runs and of its packs, plus each run still renting."""
+        instances: set[str] = set()
+        renting = 0
+        for slot in self.slots():
+            if slot["idx"] not in self._threads or not slot["run_id"]:
+                continue
+            row = self.journal.current_instance(slot["run_id"])
+            if row is not None and row.get("instance_id"):
+                instances.add(str(row["instance_id"]))
+            else:
+                renting += 1
+        for machine in self._shared.values():
+            if machine.instance_id and S.alive(S.seat_rows(self.journal, machine.instance_id)):
+                instances.add(machine.instance_id)
+        return len(instances) + renting
+
+    def _promised_seats(self) -> dict[str, int]:
+        """Per machine key, the seats of packs not open yet (their first run is setting up)."""
+        promised: dict[str, int] = {}
+        for machine in self._shared.values():
+            run = self.journal.get_run(machine.lead) or {}
+            if run.get("state") in R.ACTIVE_STATES and machine.unopened > 0:
+                promised[machine.key] = promised.get(machine.key, 0) + machine.unopened
+        return promised
 
     def _try_start(self, slot: dict[str, Any]) -> None:
         reason = stop_reason(self.journal, self.batch_id)
@@ -367,10 +405,15 @@ class BatchScheduler:
             self.journal.update_batch_run(self.batch_id, slot["idx"], state=R.FAILED,
                                           note=f"could not estimate: {exc}")
             return
-        if not self._room_for_warm_runs(slot, spec, estimate):
+        pack = self._pack_for(slot, spec, estimate, provider)
+        if pack is not None:
+            estimate = pack.lead
+        elif not self._room_for_warm_runs(slot, spec, estimate):
             self._waiting.add(slot["idx"])  # a running machine takes it, warm, when it ends
             return
         run_id = self._claim(slot, spec, estimate, provider)
+        if run_id is not None and pack is not None:
+            self._start_pack(run_id, spec, pack)
         if run_id is None:
             if not self._threads:  # nothing running can give money back
                 amount = reservation_for(estimate.est_usd, spec.budget.max_usd,
@@ -406,6 +449,124 @@ class BatchScheduler:
         warm = reservation_for(warm_estimate(estimate).est_usd, spec.budget.max_usd,
                                margin=margin)
         return self.ledger.remaining() - cold >= others * warm
+
+    # ---- several runs at once on one multi-GPU instance ---------------------------------------
+
+    def _pack_for(self, slot: dict[str, Any], spec: "RunSpec", single: "Estimate",
+                  provider: "Provider") -> "Pack | None":
+        """An N-GPU offer for this slot and N-1 more pending runs of its key, when that is
+        cheaper per run than an instance each and the ledger holds the whole pack
+        (``controller.planning.packing``); None: the slot starts on its own machine."""
+        from controller.planning.packing import PACK_SIZES, can_pack, choose_pack, pack_spec
+
+        most = int(self.batch.get("gpus_per_machine") or 1)
+        if most < 2 or not self.batch.get("reuse_machines") or not can_pack(spec):
+            return None
+        key = machine_key(spec)
+        same = sum(1 for s in self._pending() if machine_key(slot_spec(s)) == key)
+        machines: dict[int, "Estimate"] = {}
+        for seats in PACK_SIZES:
+            if seats > min(same, most):
+                break
+            try:
+                machines[seats] = provider.estimate(pack_spec(spec, seats))
+            except FluxRemoteError:
+                continue  # no such offer fits
+        pack = choose_pack(single, machines)
+        if pack is None:
+            return None
+
+        def reserve(estimate: "Estimate") -> float:
+            return reservation_for(estimate.est_usd, spec.budget.max_usd,
+                                   margin=spec.budget.safety_margin)
+
+        return pack if self.ledger.fits(pack.total_reserve(reserve)) else None
+
+    def _start_pack(self, run_id: str, spec: "RunSpec", pack: "Pack") -> None:
+        """The claimed first run of a pack: reserve the machine's idle seats, remember it."""
+        key = S.idle_key(run_id)
+        self.ledger.try_reserve(key, pack.idle_usd)  # fits: _pack_for checked the whole pack
+        self.journal.add_event(run_id, S.IDLE_RESERVE, {
+            "batch_id": self.batch_id, "reserved_usd": pack.idle_usd, "seats": pack.seats})
+        self._shared[run_id] = S.SharedMachine(lead=run_id, key=machine_key(spec), pack=pack)
+        self.board.note(self.journal.get_run(run_id)["name"],
+                        f"rents a {pack.seats}-GPU instance for {pack.seats} runs at once "
+                        f"(${pack.per_run_usd():.2f} per run)")
+
+    def _open_seats(self) -> None:
+        """Put pending runs on the free seats of packs whose first run is past its setup."""
+        for machine in list(self._shared.values()):
+            if not machine.free_seats():
+                continue
+            row = self.journal.current_instance(machine.lead)
+            if row is None or not row.get("instance_id") or seat_of(row).get("seat") != 0:
+                continue  # not rented yet, or no longer on it
+            if machine.instance_id is None:
+                machine.instance_id = str(row["instance_id"])
+                self.journal.add_event(machine.lead, S.IDLE_RESERVE, {
+                    "batch_id": self.batch_id, "reserved_usd": machine.pack.idle_usd,
+                    "seats": machine.pack.seats, "instance_id": machine.instance_id})
+            if row["state"] != "live" or not S.past_setup(self.journal, machine.lead):
+                continue
+            if stop_reason(self.journal, self.batch_id) is not None:
+                machine.filled.update(machine.free_seats())
+                continue
+            for seat in machine.free_seats():
+                if not self._fill_seat(machine, int(row["id"]), seat):
+                    break
+
+    def _fill_seat(self, machine: S.SharedMachine, lead_row: int, seat: int) -> bool:
+        """The first pending slot of the machine's key whose warm seat fits takes ``seat``."""
+        run = self.journal.get_run(machine.lead) or {}
+        provider = self.provider_factory(run.get("provider") or "vast", self.claims)
+        candidates = [s for s in self._pending() if machine_key(slot_spec(s)) == machine.key]
+        if not candidates:
+            machine.filled.update(machine.free_seats())  # nobody left to take them
+            return False
+        for slot in candidates:
+            spec = slot_spec(slot)
+            run_id = self._claim(slot, spec, machine.pack.warm, provider)
+            if run_id is None:
+                continue
+            try:
+                self.journal.open_seat(lead_row, run_id, seat)
+            except ValueError as exc:
+                self.journal.update_run(run_id, state=R.FAILED, ended_at=self.clock(),
+                                        error=f"could not take a seat on the machine: {exc}")
+                self.ledger.close(run_id, 0.0)
+                self.journal.update_batch_run(self.batch_id, slot["idx"], state=PENDING,
+                                              run_id=None, attempts=int(slot["attempts"]))
+                machine.filled.add(seat)
+                return False
+            machine.filled.add(seat)
+            self.board.note(slot["name"], f"takes GPU {seat} of the instance of {run['name']} "
+                                          f"(already set up)")
+            self._spawn({**slot, "attempts": int(slot["attempts"]) + 1}, run_id,
+                        machine.pack.warm, provider)
+            return True
+        return False  # none fits now: tried again next round
+
+    def _meter_idle(self) -> None:
+        """The idle seats of each pack into the ledger (packs of an earlier process too, after
+        ``resume``); an entry is closed once its machine is gone."""
+        for key in self.ledger.open_keys(S.IDLE_PREFIX):
+            lead = key[len(S.IDLE_PREFIX):]
+            machine = self._shared.get(lead)
+            instance_id = machine.instance_id if machine else S.journaled_instance(
+                self.journal, lead)
+            if instance_id is None:
+                run = self.journal.get_run(lead) or {}
+                if run.get("state") not in R.ACTIVE_STATES:
+                    self.ledger.close(key, 0.0)  # it never got its machine
+                continue
+            rows = S.seat_rows(self.journal, instance_id)
+            idle = S.idle_usd(rows, self.clock())
+            if S.alive(rows):
+                self.ledger.meter(key, idle)
+            else:
+                self.ledger.close(key, idle)
+                self.journal.add_event(lead, "idle_seats", {
+                    "batch_id": self.batch_id, "instance_id": instance_id, "usd": idle})
 
     def _claim(self, slot: dict[str, Any], spec: "RunSpec", estimate: "Estimate",
                provider: "Provider") -> str | None:
@@ -459,6 +620,11 @@ class BatchScheduler:
                 if machine_key(spec) != key:
                     continue
                 estimate = warm_estimate(self._estimate_on(spec, run_id, machine, provider))
+                seats = int(machine.info.get("seats") or 1)
+                if seats > 1:  # one seat of a shared machine goes on
+                    from controller.planning.packing import seat_estimate
+
+                    estimate = seat_estimate(estimate, seats)
                 taker = self._claim(slot, spec, estimate, provider)
                 if taker is None:
                     continue  # a later slot may be cheaper
@@ -562,6 +728,8 @@ class BatchScheduler:
 
     def _finish(self) -> BatchResult:
         from controller.batch.report import write_report
+
+        self._meter_idle()
 
         rows = batch_rows(self.journal, self.batch_id)
         ended = [row["slot_state"] for row in rows]

@@ -106,8 +106,13 @@ def batch_ledger(journal: "Journal", batch: dict[str, Any]) -> Ledger:
     runs = journal.runs_of_batch(batch["batch_id"])
     reservations = {event["run_id"]: float(event["detail"]["reserved_usd"])
                     for run in runs for event in journal.events(run["run_id"], "ledger_reserve")}
-    return Ledger.from_runs(batch["max_usd"], runs, active_states=R.ACTIVE_STATES,
-                            reservations=reservations)
+    ledger = Ledger.from_runs(batch["max_usd"], runs, active_states=R.ACTIVE_STATES,
+                              reservations=reservations)
+    from controller.batch.seats import journaled_idle
+
+    for key, (reserved, spent, open_) in journaled_idle(journal, runs, journal.clock()).items():
+        ledger.restore(key, reserved, spent, open_)
+    return ledger
 
 
 def batch_rows(journal: "Journal", batch_id: str) -> list[dict[str, Any]]:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from controller.errors import (BudgetError, HostKeyError, OfferGoneError, ProviderError,
                                RunError, TransportError)
 from controller.journal import (INSTANCE_CREATING, INSTANCE_DESTROYED, INSTANCE_DESTROYING,
-                                INSTANCE_LIVE, INSTANCE_STOPPED)
+                                INSTANCE_LIVE, INSTANCE_STOPPED, seat_of)
+from controller.planning.packing import SEAT_DISK_GB
 from controller.providers.base import Estimate, Machine, Notify
 from controller.run.states import ACTIVE_STATES, instance_label
 from controller.vast.client import CREATE_READ_BACK_S
@@ -275,14 +276,17 @@ class VastProvider:
             tried += 1
             notify("renting", f"renting offer {offer.offer_id}: {offer.num_gpus}x {offer.gpu_name}"
                               f" at ${offer.dph_total:.3f}/h")
+            seats = max(1, int(estimate.seats))  # > 1: one seat each for that many runs
             row = journal.instance_intent(run_id, provider=self.name, label=label,
                                           offer_id=offer.offer_id, gpu_name=offer.gpu_name,
-                                          num_gpus=offer.num_gpus, dph_total=offer.dph_total)
+                                          num_gpus=offer.num_gpus,
+                                          dph_total=offer.dph_total / seats, seats=seats)
             known = [int(r["instance_id"]) for r in journal.instances(run_id)
                      if r.get("instance_id") and str(r["instance_id"]).isdigit()]
             try:
                 instance_id = self.client.create_instance(
-                    int(offer.offer_id), image=spec.gpu.image, disk_gb=spec.gpu.disk_gb,
+                    int(offer.offer_id), image=spec.gpu.image,
+                    disk_gb=spec.gpu.disk_gb + SEAT_DISK_GB * (seats - 1),
                     label=label, onstart=self._onstart(spec), known_ids=known,
                     price=offer.breakdown.get("bid_price") if offer.interruptible else None)
             except OfferGoneError:
@@ -327,11 +331,12 @@ class VastProvider:
             current = journal.get_instance(row) or {}
             return Machine(host=host, root=spec.provider.remote_root,
                            python=python,
-                           price_per_hour=float(offer.dph_total),
+                           price_per_hour=float(offer.dph_total) / seats,
                            billing_started_at=float(current.get("billing_started_at") or
                                                     self.clock()),
                            instance_row=row,
-                           info=self._info(spec, python, gpu_name=offer.gpu_name,
+                           info=self._info(spec, python, **seat_of(current),
+                                           gpu_name=offer.gpu_name,
                                            num_gpus=offer.num_gpus, offer_id=offer.offer_id,
                                            instance_id=instance_id,
                                            interruptible=offer.interruptible,
@@ -388,7 +393,7 @@ class VastProvider:
                        price_per_hour=float(row["dph_total"] or 0.0),
                        billing_started_at=float(row["billing_started_at"] or self.clock()),
                        instance_row=int(row["id"]),
-                       info=self._info(spec, python, gpu_name=row["gpu_name"],
+                       info=self._info(spec, python, **seat_of(row), gpu_name=row["gpu_name"],
                                        num_gpus=row["num_gpus"], offer_id=row["offer_id"],
                                        instance_id=row["instance_id"], restarted=restarted))
 
@@ -430,6 +435,9 @@ class VastProvider:
             row = journal.current_instance(run_id)
             if row is None:
                 return
+        if seat_of(row):
+            self._leave_seat(run_id, row, journal, keep_data=keep_data)
+            return
         if keep_data:
             if row["state"] != INSTANCE_STOPPED:
                 journal.add_event(run_id, "stop_intent", {"instance_id": row["instance_id"]})
@@ -438,6 +446,25 @@ class VastProvider:
             return
         self._destroy_row(journal, int(row["id"]))
         self._sweep_label(run_id, journal)
+
+    def _leave_seat(self, run_id: str, row: dict[str, Any], journal: "Journal", *,
+                    keep_data: bool) -> None:
+        """Release one seat of a shared multi-GPU instance: the instance is stopped or destroyed
+        only by the last run on it (``Journal.leave_seat`` decides, atomically)."""
+        if row["state"] == INSTANCE_STOPPED and keep_data:
+            return  # already kept
+        action = journal.leave_seat(int(row["id"]), keep=keep_data)
+        if action == "destroy":
+            self._destroy_row(journal, int(row["id"]))
+            self._sweep_label(run_id, journal)
+        elif action == "stop":
+            journal.add_event(run_id, "stop_intent", {"instance_id": row["instance_id"],
+                                                      "why": "a seat's bundle is not home"})
+            self.client.stop_instance(int(row["instance_id"]))
+            if keep_data:
+                journal.instance_stopped(int(row["id"]))
+            else:
+                journal.add_event(run_id, "stop_result", {"instance_id": row["instance_id"]})
 
     def hand_over(self, run_id: str, to_run_id: str, journal: "Journal") -> int:
         """The batch's next run takes the instance: journaled first, then relabelled for the new

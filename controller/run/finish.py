@@ -156,6 +156,10 @@ def _let_go(orch: "Orchestrator", run_id: str, machine: "Machine", paths: RunPat
             finally:
                 taker.start(machine)  # never left journaled as the owner but not started
             return taker.run_id
+    if hand_over is None and int(machine.info.get("seats") or 1) > 1:
+        # a seat of a shared machine: other runs may train on it still, so this run's lingering
+        # watch must not stop it (the last run's watch does)
+        handover.mark_released(machine, paths)
     try:
         orch.provider.release(run_id, orch.journal)
     except FluxRemoteError as exc:

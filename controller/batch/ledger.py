@@ -30,15 +30,6 @@ class Entry:
     open: bool = True
 
     @property
-    def restore(self, key: str, reserved: float, spent: float, open_: bool) -> None:
-        """An entry as the journal has it (``resume``: a pack's idle seats)."""
-        with self._lock:
-            self._entries[key] = Entry(float(reserved), float(spent), bool(open_))
-
-    def open_keys(self, prefix: str = "") -> list[str]:
-        with self._lock:
-            return [k for k, e in self._entries.items() if e.open and k.startswith(prefix)]
-
     def committed(self) -> float:
         """What this run holds against the total now."""
         return max(self.reserved, self.spent) if self.open else self.spent
@@ -79,6 +70,15 @@ class Ledger:
             else:
                 ledger._entries[run["run_id"]] = Entry(0.0, spent, False)
         return ledger
+
+    def restore(self, key: str, reserved: float, spent: float, open_: bool) -> None:
+        """An entry as the journal has it (``resume``: a pack's idle seats)."""
+        with self._lock:
+            self._entries[key] = Entry(float(reserved), float(spent), bool(open_))
+
+    def open_keys(self, prefix: str = "") -> list[str]:
+        with self._lock:
+            return [k for k, e in self._entries.items() if e.open and k.startswith(prefix)]
 
     def committed(self) -> float:
         with self._lock:

@@ -345,13 +345,14 @@ class BatchScheduler:
     def _start_what_fits(self) -> None:
         with self._lock:
             self._open_seats()
-            promised = self._promised_seats()
+            skipped: dict[str, int] = {}
             for slot in self._pending():
                 if self._machines_alive() >= int(self.batch["max_parallel"]):
                     return
                 key = machine_key(slot_spec(slot))
-                if promised.get(key):  # a seat of a machine being set up waits for it
-                    promised[key] -= 1
+                # a seat of a machine being set up (a pack started this round too) waits for it
+                if skipped.get(key, 0) < self._promised_seats().get(key, 0):
+                    skipped[key] = skipped.get(key, 0) + 1
                     continue
                 if slot["idx"] not in self._waiting:
                     self._try_start(slot)

@@ -18,6 +18,21 @@ estimate taken as the run's actual duration and cost. The rule it mirrors:
 5. A run that ends gives back its reservation; what it cost (its estimate: cold for the first
    run on a machine, warm for the later ones) stays counted.
 
+Several runs at once on one multi-GPU machine (``gpus_per_machine`` > 1, with ``reuse``; the
+pricing and the choice are :mod:`controller.planning.packing`'s):
+
+6. When a pending slot S would start a new machine and ``packing.can_pack`` its spec, each
+   N-GPU estimate of its item's ``packs`` with ``2 <= N <= min(pending slots of its key,
+   gpus_per_machine)`` (on an offer no live machine holds) is a candidate for
+   ``packing.choose_pack`` against S's single cold estimate. When one is chosen and the ledger
+   has room for its ``total_reserve``, S starts on seat 0 of that machine reserving the pack's
+   ``lead``, and the machine reserves the pack's ``idle_usd``. Otherwise rule 3 as it stands.
+7. The other seats open when the first run is past the machine's setup; each takes the first
+   pending slot of the key whose reservation of the pack's ``warm`` fits (else it stays empty).
+   A seat whose run ends goes the same way. The machine ends when no seat holds a run; its idle
+   seat-hours cost ``dph_total / N`` each, counted in its total and in the ledger in place of its
+   idle reserve. ``max_parallel`` counts machines, so a pack runs N runs in one of them.
+
 So a tight budget gives fewer machines and more runs per machine, and a roomy one up to
 ``max_parallel`` machines. The same runs priced one instance per run (reuse off, no batch cap)
 come with the schedule, so the saving is measured against a baseline computed in the same call.
@@ -32,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from controller.batch.ledger import Ledger, reservation_for
+from controller.planning.packing import PACK_SIZES, Pack, can_pack, choose_pack
 from controller.planning.reuse import machine_key, setup_part, warm_estimate
 
 if TYPE_CHECKING:
@@ -40,17 +56,20 @@ if TYPE_CHECKING:
     from controller.spec.model import RunSpec
 
 COLD, WARM = "cold", "warm"
+_OPEN, _END = 0, 1  # event kinds; at equal times a machine's seats open before a run ends
 
 
 @dataclass(frozen=True)
 class ScheduleItem:
     """One slot of the batch: its spec and its estimate on a fresh machine, or why there is
-    none (the provider's ``BudgetError`` message)."""
+    none (the provider's ``BudgetError`` message). ``packs``: N -> the estimate of a whole N-GPU
+    machine for it (``packing.pack_spec``); an N missing: no such offer fits."""
 
     name: str
     spec: "RunSpec"
     estimate: "Estimate | None" = None
     error: str | None = None
+    packs: dict[int, "Estimate"] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +79,7 @@ class RunRow:
     name: str
     machine: int | None = None
     order: int | None = None  # 1 for the run that pays the machine's setup
+    seat: int | None = None  # the machine's GPU it trains on (0 on a single-GPU machine)
     start: str | None = None  # COLD | WARM
     est_usd: float | None = None
     est_hours: float | None = None
@@ -70,7 +90,7 @@ class RunRow:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "machine": self.machine, "order": self.order,
-                "start": self.start, "est_usd": _r(self.est_usd), "est_hours": _r(self.est_hours),
+                "seat": self.seat, "start": self.start, "est_usd": _r(self.est_usd), "est_hours": _r(self.est_hours),
                 "reserved_usd": _r(self.reserved_usd), "start_h": _r(self.start_h),
                 "end_h": _r(self.end_h), "skipped": self.skipped}
 
@@ -89,7 +109,14 @@ class MachinePlan:
     start_h: float
     end_h: float = 0.0
     runs: list[str] = field(default_factory=list)
-    est_usd: float = 0.0
+    est_usd: float = 0.0  # its runs' estimates plus its idle
+    num_gpus: int = 1
+    seats: int = 1  # runs at once: num_gpus when packed, else 1
+    idle_usd: float = 0.0  # the seat-hours without a run, at dph_total / seats
+
+    @property
+    def packed(self) -> bool:
+        return self.seats > 1
 
     @property
     def hours(self) -> float:
@@ -100,7 +127,8 @@ class MachinePlan:
                 "dph_total": _r(self.dph_total), "interruptible": self.interruptible,
                 "setup_s": _r(self.setup_s, 1), "setup_usd": _r(self.setup_usd),
                 "start_h": _r(self.start_h), "end_h": _r(self.end_h), "hours": _r(self.hours),
-                "runs": list(self.runs), "est_usd": _r(self.est_usd)}
+                "runs": list(self.runs), "est_usd": _r(self.est_usd),
+                "num_gpus": self.num_gpus, "seats": self.seats, "idle_usd": _r(self.idle_usd)}
 
 
 @dataclass
@@ -113,10 +141,16 @@ class BatchSchedule:
     machines: list[MachinePlan]
     runs: list[RunRow]
     per_run: "BatchSchedule | None" = None
+    gpus_per_machine: int = 1
 
     @property
     def total_usd(self) -> float:
+        """Every machine's runs and idle seats."""
         return sum(m.est_usd for m in self.machines)
+
+    @property
+    def idle_usd(self) -> float:
+        return sum(m.idle_usd for m in self.machines)
 
     @property
     def wall_hours(self) -> float:
@@ -154,7 +188,8 @@ class BatchSchedule:
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "budget_usd": self.budget_usd, "max_parallel": self.max_parallel,
-            "reuse_machines": self.reuse, "fits": self.fits, "total_usd": _r(self.total_usd),
+            "reuse_machines": self.reuse, "gpus_per_machine": self.gpus_per_machine,
+            "fits": self.fits, "total_usd": _r(self.total_usd), "idle_usd": _r(self.idle_usd),
             "wall_hours": _r(self.wall_hours), "machine_hours": _r(self.machine_hours),
             "setups": self.setups, "machines": [m.to_dict() for m in self.machines],
             "runs": [row.to_dict() for row in self.runs],
@@ -184,10 +219,6 @@ class _Slot:
     row: RunRow
     margin: float
 
-    def fitting_offers(self) -> list["OfferEstimate"]:
-        plan = getattr(self.item.estimate, "plan", None)
-        return [o for o in getattr(plan, "offers", None) or [] if o.fits]
-
     def reservation(self, estimate: "Estimate") -> float:
         return reservation_for(estimate.est_usd, self.item.spec.budget.max_usd,
                                margin=self.margin)
@@ -206,18 +237,24 @@ def _offer_identity(estimate: "Estimate") -> tuple[int, bool] | None:
     return None if chosen is None else (int(chosen.offer_id), bool(chosen.interruptible))
 
 
-def _cold_estimate(slot: _Slot, claimed: set[tuple[int, bool]]) -> "Estimate | None":
-    """The slot's estimate on the cheapest fitting offer no live machine holds; None when every
-    fitting offer is held. Estimates without offers (own hardware) are used as they are."""
-    estimate = slot.item.estimate
+def _on_free_offer(estimate: "Estimate | None",
+                   claimed: set[tuple[int, bool]]) -> "Estimate | None":
+    """``estimate`` on the cheapest fitting offer of its plan no live machine holds; None when
+    every fitting offer is held. Estimates without offers (own hardware) are used as they are."""
     if estimate is None:
         return None
     if getattr(estimate, "plan", None) is None or not hasattr(estimate.plan, "offers"):
         return estimate
-    for offer in slot.fitting_offers():
+    fitting: list["OfferEstimate"] = [o for o in estimate.plan.offers or [] if o.fits]
+    for offer in fitting:
         if (int(offer.offer_id), bool(offer.interruptible)) not in claimed:
             return _on_offer(estimate, offer)
     return None
+
+
+def _cold_estimate(slot: _Slot, claimed: set[tuple[int, bool]]) -> "Estimate | None":
+    """The slot's estimate on a fresh machine (:func:`_on_free_offer`)."""
+    return _on_free_offer(slot.item.estimate, claimed)
 
 
 def _warm_on(slot: _Slot, machine_estimate: "Estimate") -> "Estimate":
@@ -243,11 +280,21 @@ def _cost(estimate: "Estimate") -> float:
 
 # ---- the simulation --------------------------------------------------------------------------
 
+@dataclass
+class _Seats:
+    """A packed machine's seats: the pack it was rented for, which slot each seat holds."""
+
+    pack: Pack
+    holders: list[int | None]
+    busy_h: float = 0.0  # run-hours on its seats so far
+
+
 class _Simulation:
     def __init__(self, items: list[ScheduleItem], *, max_parallel: int, budget_usd: float,
-                 margin: float | None, reuse: bool) -> None:
+                 margin: float | None, reuse: bool, gpus_per_machine: int = 1) -> None:
         self.max_parallel = max(1, int(max_parallel))
         self.reuse = reuse
+        self.gpus_per_machine = max(1, int(gpus_per_machine))
         self.ledger = Ledger(budget_usd)
         self.slots = [
             _Slot(idx, item, machine_key(item.spec), RunRow(item.name),
@@ -258,7 +305,9 @@ class _Simulation:
         self.machine_estimates: list["Estimate"] = []  # the cold estimate each was rented on
         self.machine_keys: list[str] = []  # the machine_key of each machine's first run
         self.claimed: dict[int, tuple[int, bool]] = {}  # machine index -> offer it holds
-        self.ends: list[tuple[float, int, int, float]] = []  # (end h, machine, slot idx, cost)
+        self.seated: dict[int, _Seats] = {}  # packed machines
+        # (time, _OPEN | _END, machine, slot idx, cost)
+        self.events: list[tuple[float, int, int, int, float]] = []
         for slot in self.slots:
             if slot.item.estimate is None:
                 slot.row.skipped = f"budget ({slot.item.error or 'no estimate'})"
@@ -267,13 +316,28 @@ class _Simulation:
 
     def run(self) -> None:
         self._start_what_fits(0.0)
-        while self.ends:
-            now, machine, idx, cost = heapq.heappop(self.ends)
-            self.ledger.close(f"slot-{idx}", cost)
-            if not (self.reuse and self._hand_over(machine, now)):
-                self.machines[machine].end_h = now
-                self.claimed.pop(machine, None)
+        while self.events:
+            now, kind, machine, idx, cost = heapq.heappop(self.events)
+            if kind == _OPEN:
+                self._open_seats(machine, now)
+            else:
+                self.ledger.close(f"slot-{idx}", cost)
+                if machine in self.seated:
+                    self._free_seat(machine, idx, now)
+                elif not (self.reuse and self._hand_over(machine, now)):
+                    self._end(machine, now)
             self._start_what_fits(now)
+
+    def _end(self, machine: int, now: float) -> None:
+        plan = self.machines[machine]
+        plan.end_h = now
+        self.claimed.pop(machine, None)
+        seats = self.seated.get(machine)
+        if seats is not None:  # its idle seat-hours, in place of its idle reserve
+            idle_h = max(0.0, plan.seats * plan.hours - seats.busy_h)
+            plan.idle_usd = idle_h * plan.dph_total / plan.seats
+            plan.est_usd += plan.idle_usd
+            self.ledger.close(f"machine-{machine}", plan.idle_usd)
 
     def _hand_over(self, machine: int, now: float) -> bool:
         """Rule 2: the first pending slot with the machine's key whose warm reservation fits
@@ -286,12 +350,41 @@ class _Simulation:
                 return True
         return False
 
+    def _open_seats(self, machine: int, now: float) -> None:
+        """Rule 7: the first run is past the setup; the other seats take runs, warm."""
+        if machine not in self.claimed:
+            return
+        seats = self.seated[machine]
+        for seat, holder in enumerate(seats.holders):
+            if holder is None:
+                self._fill_seat(machine, seat, now)
+
+    def _free_seat(self, machine: int, idx: int, now: float) -> None:
+        """Rule 7: a seat's run ended; the seat takes the next run or stays empty, and the
+        machine ends with its last run."""
+        seats = self.seated[machine]
+        seat = seats.holders.index(idx)
+        seats.holders[seat] = None
+        if not self._fill_seat(machine, seat, now) and all(holder is None for holder in seats.holders):
+            self._end(machine, now)
+
+    def _fill_seat(self, machine: int, seat: int, now: float) -> bool:
+        warm = self.seated[machine].pack.warm
+        for slot in [s for s in self.pending if s.key == self.machine_keys[machine]]:
+            amount = slot.reservation(warm)
+            if self.ledger.try_reserve(f"slot-{slot.idx}", amount):
+                self._place(slot, machine, warm, amount, now, WARM, seat=seat)
+                return True
+        return False
+
     def _start_what_fits(self, now: float) -> None:
-        """Rules 3 and 4, in batch order."""
+        """Rules 3, 4 and 6, in batch order."""
         for slot in list(self.pending):
             if len(self.claimed) >= self.max_parallel:
                 return
             estimate = _cold_estimate(slot, set(self.claimed.values()))
+            if estimate is not None and self._start_pack(slot, estimate, now):
+                continue
             amount = None if estimate is None else slot.reservation(estimate)
             if estimate is not None and amount is not None and \
                     not self._room_for_warm_runs(slot, estimate, amount):
@@ -302,19 +395,57 @@ class _Simulation:
                     self.pending.remove(slot)
                     slot.row.skipped = self._why_not(slot, estimate, amount)
                 continue
-            setup_s, setup_usd = setup_part(estimate)
-            chosen = getattr(getattr(estimate, "plan", None), "chosen", None)
-            index = len(self.machines)
-            self.machines.append(MachinePlan(
-                index=index, offer_id=None if chosen is None else int(chosen.offer_id),
-                gpu_name=estimate.gpu_name, dph_total=float(estimate.price_per_hour),
-                interruptible=bool(chosen is not None and chosen.interruptible),
-                setup_s=setup_s, setup_usd=setup_usd, start_h=now))
-            self.machine_estimates.append(estimate)
-            self.machine_keys.append(slot.key)
-            identity = _offer_identity(estimate)
-            self.claimed[index] = identity if identity is not None else (-1 - index, False)
+            index = self._rent(slot, estimate, now)
             self._place(slot, index, estimate, amount, now, COLD)
+
+    def _pack_for(self, slot: _Slot, single: "Estimate") -> Pack | None:
+        """Rule 6's choice: the pack of the slot's item cheaper per run than ``single``."""
+        if self.gpus_per_machine < 2 or not self.reuse or not slot.item.packs or \
+                not can_pack(slot.item.spec):
+            return None
+        same_key = sum(1 for s in self.pending if s.key == slot.key)
+        claimed = set(self.claimed.values())
+        machines: dict[int, "Estimate"] = {}
+        for seats in PACK_SIZES:
+            if 2 <= seats <= min(same_key, self.gpus_per_machine):
+                estimate = _on_free_offer(slot.item.packs.get(seats), claimed)
+                if estimate is not None:
+                    machines[seats] = estimate
+        return choose_pack(single, machines)
+
+    def _start_pack(self, slot: _Slot, single: "Estimate", now: float) -> bool:
+        """Rule 6: the slot starts seat 0 of a new multi-GPU machine when its pack wins and
+        the ledger has room for the whole pack."""
+        pack = self._pack_for(slot, single)
+        if pack is None or not self.ledger.fits(pack.total_reserve(slot.reservation)):
+            return False
+        amount = slot.reservation(pack.lead)
+        index = len(self.machines)
+        self.ledger.try_reserve(f"slot-{slot.idx}", amount)
+        self.ledger.try_reserve(f"machine-{index}", pack.idle_usd)
+        self._rent(slot, pack.machine, now, seats=pack.seats)
+        self.seated[index] = _Seats(pack, [None] * pack.seats)
+        self._place(slot, index, pack.lead, amount, now, COLD, seat=0)
+        heapq.heappush(self.events, (now + self.machines[index].setup_s / 3600.0, _OPEN, index,
+                                     -1, 0.0))
+        return True
+
+    def _rent(self, slot: _Slot, estimate: "Estimate", now: float, *, seats: int = 1) -> int:
+        """A new machine on ``estimate``'s offer (the whole machine's estimate); its index."""
+        setup_s, setup_usd = setup_part(estimate)
+        chosen = getattr(getattr(estimate, "plan", None), "chosen", None)
+        index = len(self.machines)
+        self.machines.append(MachinePlan(
+            index=index, offer_id=None if chosen is None else int(chosen.offer_id),
+            gpu_name=estimate.gpu_name, dph_total=float(estimate.price_per_hour),
+            interruptible=bool(chosen is not None and chosen.interruptible),
+            setup_s=setup_s, setup_usd=setup_usd, start_h=now,
+            num_gpus=1 if chosen is None else int(chosen.num_gpus), seats=seats))
+        self.machine_estimates.append(estimate)
+        self.machine_keys.append(slot.key)
+        identity = _offer_identity(estimate)
+        self.claimed[index] = identity if identity is not None else (-1 - index, False)
+        return index
 
     def _room_for_warm_runs(self, slot: _Slot, estimate: "Estimate", amount: float) -> bool:
         """Rule 3's limit (the scheduler's ``_room_for_warm_runs``): with a machine running, a new
@@ -332,39 +463,47 @@ class _Simulation:
                 f"of ${self.ledger.total_usd:.2f})")
 
     def _place(self, slot: _Slot, machine: int, estimate: "Estimate", amount: float,
-               now: float, start: str) -> None:
+               now: float, start: str, *, seat: int = 0) -> None:
         self.pending.remove(slot)
         plan = self.machines[machine]
         plan.runs.append(slot.item.name)
         plan.est_usd += _cost(estimate)
         end = now + _hours(estimate)
-        plan.end_h = end
+        plan.end_h = max(plan.end_h, end)
+        seats = self.seated.get(machine)
+        if seats is not None:
+            seats.holders[seat] = slot.idx
+            seats.busy_h += _hours(estimate)
         row = slot.row
-        row.machine, row.order, row.start = machine, len(plan.runs), start
+        row.machine, row.order, row.seat, row.start = machine, len(plan.runs), seat, start
         row.est_usd, row.est_hours = estimate.est_usd, estimate.est_hours
         row.reserved_usd, row.start_h, row.end_h = amount, now, end
-        heapq.heappush(self.ends, (end, machine, slot.idx, _cost(estimate)))
+        heapq.heappush(self.events, (end, _END, machine, slot.idx, _cost(estimate)))
 
 
 def _simulate(items: list[ScheduleItem], *, max_parallel: int, budget_usd: float,
-              margin: float | None, reuse: bool) -> BatchSchedule:
+              margin: float | None, reuse: bool, gpus_per_machine: int = 1) -> BatchSchedule:
     sim = _Simulation(items, max_parallel=max_parallel, budget_usd=budget_usd, margin=margin,
-                      reuse=reuse)
+                      reuse=reuse, gpus_per_machine=gpus_per_machine)
     sim.run()
     return BatchSchedule(budget_usd=budget_usd, max_parallel=sim.max_parallel, reuse=reuse,
-                         machines=sim.machines, runs=[slot.row for slot in sim.slots])
+                         machines=sim.machines, runs=[slot.row for slot in sim.slots],
+                         gpus_per_machine=sim.gpus_per_machine)
 
 
 def schedule_batch(items: list[ScheduleItem], *, max_parallel: int, budget_usd: float,
-                   margin: float | None = None, reuse: bool = True) -> BatchSchedule:
+                   margin: float | None = None, reuse: bool = True,
+                   gpus_per_machine: int = 1) -> BatchSchedule:
     """The batch as the scheduler would run it if every estimate came true (module docstring).
 
-    ``margin`` overrides each run's ``budget.safety_margin`` in its reservation. The result's
-    ``per_run`` prices the runs this schedule places, one instance per run, with the same
-    ``max_parallel`` and no batch cap (so it prices all of them): the baseline of the saving.
+    ``margin`` overrides each run's ``budget.safety_margin`` in its reservation.
+    ``gpus_per_machine`` > 1 lets runs share a multi-GPU machine (rules 6 and 7; the items'
+    ``packs``). The result's ``per_run`` prices the runs this schedule places, one instance per
+    run, with the same ``max_parallel`` and no batch cap (so it prices all of them): the baseline
+    of the saving.
     """
     schedule = _simulate(items, max_parallel=max_parallel, budget_usd=budget_usd,
-                         margin=margin, reuse=reuse)
+                         margin=margin, reuse=reuse, gpus_per_machine=gpus_per_machine)
     placed = {row.name for row in schedule.runs if row.skipped is None}
     schedule.per_run = _simulate([item for item in items if item.name in placed],
                                  max_parallel=max_parallel, budget_usd=math.inf, margin=margin,

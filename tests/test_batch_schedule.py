@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from controller.batch.ledger import reservation_for
 from controller.cli.main import app
 from controller.errors import EXIT_BUDGET
-from controller.batch.ledger import reservation_for
 from controller.planning.packing import choose_pack, pack_spec
 from controller.planning.planner import plan_offers
 from controller.planning.reuse import machine_key, setup_part, warm_estimate
@@ -311,3 +311,39 @@ def test_max_parallel_counts_machines_and_seats_are_handed_on() -> None:
     assert r2.start_h == pytest.approx(r0.end_h) and r3.start_h == pytest.approx(r1.end_h)
     assert r2.est_usd == pytest.approx(pack.warm.est_usd)
     assert schedule.machines[0].end_h == pytest.approx(max(r2.end_h, r3.end_h))
+
+
+def write_pair_offers(tmp_path: Path, dph_total: float) -> Path:
+    """The reference offers plus a 2-GPU machine made from the cheapest fitting one (the A100
+    host): its GPUs are the same, at ``dph_total`` for both."""
+    offers = reference_offers()
+    a100 = next(o for o in offers if o["gpu_name"] == "A100 PCIE")
+    offers.append({**a100, "id": 1, "ask_contract_id": 1, "num_gpus": 2,
+                   "dph_total": dph_total})
+    path = tmp_path / "offers.json"
+    path.write_text(json.dumps({"offers": offers}), encoding="utf-8")
+    return path
+
+
+def test_plan_batch_shows_two_runs_on_a_two_gpu_offer(tmp_path: Path) -> None:
+    batch = write_spec(tmp_path, extra="training: {steps: 3000}\n"
+                                       "batch: {max_usd: 20, max_parallel: 1, "
+                                       "sweep: {training.lr: [1e-4, 2e-4]}}\n")
+    offers = str(write_pair_offers(tmp_path, 0.22))
+    result = runner.invoke(app, ["plan", str(batch), "--offers", offers, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["gpus_per_machine"] == 4 and data["fits"] is True
+    [machine] = data["machines"]
+    assert (machine["offer_id"], machine["num_gpus"], machine["seats"]) == (1, 2, 2)
+    assert [(r["machine"], r["seat"], r["start"]) for r in data["runs"]] == [(0, 0, "cold"),
+                                                                              (0, 1, "warm")]
+    assert machine["idle_usd"] > 0 and data["idle_usd"] == machine["idle_usd"]
+    assert data["total_usd"] == pytest.approx(sum(r["est_usd"] for r in data["runs"])
+                                              + data["idle_usd"], abs=1e-3)
+    assert data["one_instance_per_run"]["setups"] == 2 and data["saving_usd"] > 0
+    result = runner.invoke(app, ["plan", str(batch), "--offers", offers],
+                           env={"COLUMNS": "140"})
+    assert result.exit_code == 0, result.output
+    assert "2x A100 PCIE" in result.output and "seat 2" in result.output
+    assert "idle seats" in result.output

@@ -214,7 +214,8 @@ def reserve(items: list[ScheduleItem]) -> Any:
 def test_a_cheaper_two_gpu_offer_runs_two_runs_on_one_machine() -> None:
     items = packed_sweep(2, CHEAP_PAIR)
     pack = the_pack(items)
-    schedule = schedule_batch(items, max_parallel=1, budget_usd=100.0, gpus_per_machine=4)
+    # Room for two machines, but r1 waits for the seat the pack promised it.
+    schedule = schedule_batch(items, max_parallel=2, budget_usd=100.0, gpus_per_machine=4)
     assert placement(schedule) == [["r0", "r1"]]
     machine = schedule.machines[0]
     assert (machine.offer_id, machine.num_gpus, machine.seats) == (3, 2, 2)

@@ -27,11 +27,16 @@ pricing and the choice are :mod:`controller.planning.packing`'s):
    ``packing.choose_pack`` against S's single cold estimate. When one is chosen and the ledger
    has room for its ``total_reserve``, S starts on seat 0 of that machine reserving the pack's
    ``lead``, and the machine reserves the pack's ``idle_usd``. Otherwise rule 3 as it stands.
-7. The other seats open when the first run is past the machine's setup; each takes the first
-   pending slot of the key whose reservation of the pack's ``warm`` fits (else it stays empty).
-   A seat whose run ends goes the same way. The machine ends when no seat holds a run; its idle
-   seat-hours cost ``dph_total / N`` each, counted in its total and in the ledger in place of its
-   idle reserve. ``max_parallel`` counts machines, so a pack runs N runs in one of them.
+7. Once that first run is past the machine's setup, and while it runs, each seat no run has
+   taken yet goes to the first pending slot of the key whose reservation of the pack's ``warm``
+   fits; none fits: tried again at the next event; none pending: those seats stay empty. Until
+   then, as many pending slots of the key as such seats wait for them (they start no machine),
+   from the moment the pack starts.
+   A seat whose run ends goes to the first pending slot of the key whose own warm estimate on
+   that offer, one seat's share, fits (rule 2); else it stays empty. The machine ends when no
+   seat holds a run; its idle seat-hours cost ``dph_total / N`` each, counted in its total and
+   in the ledger in place of its idle reserve. ``max_parallel`` counts machines, so a pack runs
+   N runs in one of them.
 
 So a tight budget gives fewer machines and more runs per machine, and a roomy one up to
 ``max_parallel`` machines. The same runs priced one instance per run (reuse off, no batch cap)
@@ -47,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from controller.batch.ledger import Ledger, reservation_for
-from controller.planning.packing import PACK_SIZES, Pack, can_pack, choose_pack
+from controller.planning.packing import PACK_SIZES, Pack, can_pack, choose_pack, seat_estimate
 from controller.planning.reuse import machine_key, setup_part, warm_estimate
 
 if TYPE_CHECKING:
@@ -56,7 +61,7 @@ if TYPE_CHECKING:
     from controller.spec.model import RunSpec
 
 COLD, WARM = "cold", "warm"
-_OPEN, _END = 0, 1  # event kinds; at equal times a machine's seats open before a run ends
+_OPEN, _END = 0, 1  # event kinds: a machine's first run past its setup; a run's end
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,8 @@ class RunRow:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "machine": self.machine, "order": self.order,
-                "seat": self.seat, "start": self.start, "est_usd": _r(self.est_usd), "est_hours": _r(self.est_hours),
+                "seat": self.seat, "start": self.start, "est_usd": _r(self.est_usd),
+                "est_hours": _r(self.est_hours),
                 "reserved_usd": _r(self.reserved_usd), "start_h": _r(self.start_h),
                 "end_h": _r(self.end_h), "skipped": self.skipped}
 
@@ -270,6 +276,19 @@ def _warm_on(slot: _Slot, machine_estimate: "Estimate") -> "Estimate":
     return warm_estimate(estimate if estimate is not None else machine_estimate)
 
 
+def _seat_on(slot: _Slot, machine_estimate: "Estimate", seats: int) -> "Estimate":
+    """The slot's estimate for a seat of a packed machine set up by another run: its own
+    estimate for that offer (its ``packs``), without the setup, one seat's share."""
+    own = slot.item.packs.get(seats)
+    identity = _offer_identity(machine_estimate)
+    plan = getattr(own, "plan", None)
+    if own is not None and identity is not None and plan is not None:
+        for offer in getattr(plan, "offers", None) or []:
+            if (int(offer.offer_id), bool(offer.interruptible)) == identity:
+                return seat_estimate(warm_estimate(_on_offer(own, offer)), seats)
+    return seat_estimate(warm_estimate(machine_estimate), seats)
+
+
 def _hours(estimate: "Estimate") -> float:
     return float(estimate.est_hours or 0.0)
 
@@ -282,10 +301,15 @@ def _cost(estimate: "Estimate") -> float:
 
 @dataclass
 class _Seats:
-    """A packed machine's seats: the pack it was rented for, which slot each seat holds."""
+    """A packed machine's seats (the scheduler's ``SharedMachine``): the pack it was rented
+    for, its first run, which slot each seat holds."""
 
     pack: Pack
+    lead: int  # the slot that rented it, on seat 0
+    opens_h: float  # when that run is past the machine's setup
     holders: list[int | None]
+    unopened: set[int]  # seats 1..N-1 no run has taken yet (closed when none is pending)
+    lead_running: bool = True
     busy_h: float = 0.0  # run-hours on its seats so far
 
 
@@ -318,9 +342,7 @@ class _Simulation:
         self._start_what_fits(0.0)
         while self.events:
             now, kind, machine, idx, cost = heapq.heappop(self.events)
-            if kind == _OPEN:
-                self._open_seats(machine, now)
-            else:
+            if kind == _END:  # (_OPEN: only the round below, which opens the seats)
                 self.ledger.close(f"slot-{idx}", cost)
                 if machine in self.seated:
                     self._free_seat(machine, idx, now)
@@ -350,40 +372,74 @@ class _Simulation:
                 return True
         return False
 
-    def _open_seats(self, machine: int, now: float) -> None:
-        """Rule 7: the first run is past the setup; the other seats take runs, warm."""
-        if machine not in self.claimed:
-            return
-        seats = self.seated[machine]
-        for seat, holder in enumerate(seats.holders):
-            if holder is None:
-                self._fill_seat(machine, seat, now)
+    def _open_seats(self, now: float) -> None:
+        """Rule 7 (the scheduler's ``_open_seats``): the seats no run has taken yet, of each
+        machine whose first run is still on it and past the setup, take pending runs."""
+        for machine, seats in self.seated.items():
+            if seats.lead_running and now >= seats.opens_h - 1e-9:
+                for seat in sorted(seats.unopened):
+                    if not self._open_seat(machine, seat, now):
+                        break
 
-    def _free_seat(self, machine: int, idx: int, now: float) -> None:
-        """Rule 7: a seat's run ended; the seat takes the next run or stays empty, and the
-        machine ends with its last run."""
+    def _open_seat(self, machine: int, seat: int, now: float) -> bool:
+        """The first pending run of the key whose reservation of the pack's warm seat fits
+        takes ``seat``; with none pending the unopened seats close (none fits: tried again on
+        the next round)."""
         seats = self.seated[machine]
-        seat = seats.holders.index(idx)
-        seats.holders[seat] = None
-        if not self._fill_seat(machine, seat, now) and all(holder is None for holder in seats.holders):
-            self._end(machine, now)
-
-    def _fill_seat(self, machine: int, seat: int, now: float) -> bool:
-        warm = self.seated[machine].pack.warm
-        for slot in [s for s in self.pending if s.key == self.machine_keys[machine]]:
-            amount = slot.reservation(warm)
+        candidates = [s for s in self.pending if s.key == self.machine_keys[machine]]
+        if not candidates:
+            seats.unopened.clear()
+            return False
+        for slot in candidates:
+            amount = slot.reservation(seats.pack.warm)
             if self.ledger.try_reserve(f"slot-{slot.idx}", amount):
-                self._place(slot, machine, warm, amount, now, WARM, seat=seat)
+                seats.unopened.discard(seat)
+                self._place(slot, machine, seats.pack.warm, amount, now, WARM, seat=seat)
                 return True
         return False
 
+    def _promised_seats(self) -> dict[str, int]:
+        """Per machine key, the seats not open yet of machines whose first run is on them: as
+        many pending runs of the key wait for them (the scheduler's ``_promised_seats``)."""
+        promised: dict[str, int] = {}
+        for machine, seats in self.seated.items():
+            if seats.lead_running and seats.unopened:
+                key = self.machine_keys[machine]
+                promised[key] = promised.get(key, 0) + len(seats.unopened)
+        return promised
+
+    def _free_seat(self, machine: int, idx: int, now: float) -> None:
+        """Rule 7: a seat's run ended; the seat goes to the first pending run of the key whose
+        own warm seat estimate fits (rule 2, one seat), or stays empty. The machine ends when no
+        seat holds a run."""
+        seats = self.seated[machine]
+        seat = seats.holders.index(idx)
+        seats.holders[seat] = None
+        if idx == seats.lead:
+            seats.lead_running = False
+        for slot in [s for s in self.pending if s.key == self.machine_keys[machine]]:
+            estimate = _seat_on(slot, self.machine_estimates[machine], seats.pack.seats)
+            amount = slot.reservation(estimate)
+            if self.ledger.try_reserve(f"slot-{slot.idx}", amount):
+                self._place(slot, machine, estimate, amount, now, WARM, seat=seat)
+                return
+        if all(holder is None for holder in seats.holders):
+            self._end(machine, now)
+
     def _start_what_fits(self, now: float) -> None:
-        """Rules 3, 4 and 6, in batch order."""
+        """Rules 3, 4, 6 and 7, in batch order."""
+        self._open_seats(now)
+        promised = self._promised_seats()
         for slot in list(self.pending):
             if len(self.claimed) >= self.max_parallel:
                 return
+            if promised.get(slot.key):  # waits for a seat of a machine being set up
+                promised[slot.key] -= 1
+                continue
             estimate = _cold_estimate(slot, set(self.claimed.values()))
-            if estimate is not None and self._start_pack(slot, estimate, now):
+            pack = None if estimate is None else self._start_pack(slot, estimate, now)
+            if pack is not None:  # its other seats are promised from now on
+                promised[slot.key] = promised.get(slot.key, 0) + pack.seats - 1
                 continue
             amount = None if estimate is None else slot.reservation(estimate)
             if estimate is not None and amount is not None and \
@@ -413,22 +469,23 @@ class _Simulation:
                     machines[seats] = estimate
         return choose_pack(single, machines)
 
-    def _start_pack(self, slot: _Slot, single: "Estimate", now: float) -> bool:
+    def _start_pack(self, slot: _Slot, single: "Estimate", now: float) -> Pack | None:
         """Rule 6: the slot starts seat 0 of a new multi-GPU machine when its pack wins and
-        the ledger has room for the whole pack."""
+        the ledger has room for the whole pack; the pack, or None."""
         pack = self._pack_for(slot, single)
         if pack is None or not self.ledger.fits(pack.total_reserve(slot.reservation)):
-            return False
+            return None
         amount = slot.reservation(pack.lead)
         index = len(self.machines)
         self.ledger.try_reserve(f"slot-{slot.idx}", amount)
         self.ledger.try_reserve(f"machine-{index}", pack.idle_usd)
         self._rent(slot, pack.machine, now, seats=pack.seats)
-        self.seated[index] = _Seats(pack, [None] * pack.seats)
+        opens_h = now + self.machines[index].setup_s / 3600.0
+        self.seated[index] = _Seats(pack, slot.idx, opens_h, [None] * pack.seats,
+                                    set(range(1, pack.seats)))
         self._place(slot, index, pack.lead, amount, now, COLD, seat=0)
-        heapq.heappush(self.events, (now + self.machines[index].setup_s / 3600.0, _OPEN, index,
-                                     -1, 0.0))
-        return True
+        heapq.heappush(self.events, (opens_h, _OPEN, index, -1, 0.0))
+        return pack
 
     def _rent(self, slot: _Slot, estimate: "Estimate", now: float, *, seats: int = 1) -> int:
         """A new machine on ``estimate``'s offer (the whole machine's estimate); its index."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 
@@ -17,7 +17,7 @@ from controller.errors import EXIT_BUDGET, SpecError
 
 if TYPE_CHECKING:
     from controller.planning.planner import PlanResult
-    from controller.planning.schedule import BatchSchedule
+    from controller.planning.schedule import BatchSchedule, ScheduleItem
     from controller.providers.base import Estimate
     from controller.spec.loader import LoadedFile
     from controller.spec.model import RunSpec
@@ -150,10 +150,43 @@ def render_plan(result: "PlanResult", out: Any, *, top: int = 10) -> None:
         )
 
 
+def with_packs(items: list["ScheduleItem"], estimate: Callable[["RunSpec"], "Estimate"], *,
+               gpus_per_machine: int, reuse: bool) -> list["ScheduleItem"]:
+    """Each item with the estimates of the multi-GPU machines the schedule may pack it on
+    (``ScheduleItem.packs``): only when the batch allows packing and at least two runs share its
+    machine key, for each N of ``packing.PACK_SIZES`` up to that count and ``gpus_per_machine``.
+    An N that no offer fits is left out."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from controller.errors import BudgetError, ProviderError
+    from controller.planning.packing import PACK_SIZES, can_pack, pack_spec
+    from controller.planning.reuse import machine_key
+
+    if gpus_per_machine < 2 or not reuse:
+        return items
+    keys = [machine_key(item.spec) for item in items]
+    counts = Counter(key for key, item in zip(keys, items) if item.estimate is not None)
+    packed = []
+    for key, item in zip(keys, items):
+        sizes = [n for n in PACK_SIZES if n <= min(counts[key], gpus_per_machine)]
+        if item.estimate is None or not sizes or not can_pack(item.spec):
+            packed.append(item)
+            continue
+        packs: dict[int, "Estimate"] = {}
+        for seats in sizes:
+            try:
+                packs[seats] = estimate(pack_spec(item.spec, seats))
+            except (BudgetError, ProviderError):
+                continue  # no N-GPU offer fits: that size is not a choice
+        packed.append(replace(item, packs=packs))
+    return packed
+
+
 def batch_schedule(loaded: "LoadedFile",
                    offers: list[dict[str, Any]] | None) -> "BatchSchedule":
     """The batch's schedule, each run estimated on ``offers`` (or a live search, one per
-    distinct query)."""
+    distinct query), with the multi-GPU machines it may share (:func:`with_packs`)."""
     from controller.batch.setup import estimate_runs, offers_estimate
     from controller.planning.planner import search_query
     from controller.planning.schedule import schedule_batch
@@ -176,8 +209,10 @@ def batch_schedule(loaded: "LoadedFile",
             found = searches[key]
         return offers_estimate(spec, found, measured)
 
-    return schedule_batch(estimate_runs(loaded, estimate_one), max_parallel=batch.max_parallel,
-                          budget_usd=batch.max_usd, reuse=batch.reuse_machines)
+    items = with_packs(estimate_runs(loaded, estimate_one), estimate_one,
+                       gpus_per_machine=batch.gpus_per_machine, reuse=batch.reuse_machines)
+    return schedule_batch(items, max_parallel=batch.max_parallel, budget_usd=batch.max_usd,
+                          reuse=batch.reuse_machines, gpus_per_machine=batch.gpus_per_machine)
 
 
 def _hours(value: float | None) -> str:
@@ -185,8 +220,9 @@ def _hours(value: float | None) -> str:
 
 
 def render_schedule(schedule: "BatchSchedule", out: Any) -> None:
-    """The schedule on a rich Console ``out``: machines with their runs in order, then the total
-    against the budget and against one instance per run."""
+    """The schedule on a rich Console ``out``: machines with their runs in order (and the seat
+    each run has on a multi-GPU machine, then what its idle seats cost), then the total against
+    the budget and against one instance per run."""
     from rich import box
     from rich.table import Table
 
@@ -200,22 +236,33 @@ def render_schedule(schedule: "BatchSchedule", out: Any) -> None:
     for machine in schedule.machines:
         offer = "own hardware" if machine.offer_id is None else f"offer {machine.offer_id}"
         bid = " (bid)" if machine.interruptible else ""
-        table.add_row(f"[bold]{machine.index + 1}[/]", "", f"[bold]{offer}, {machine.gpu_name}"
-                      f"{bid}, ${machine.dph_total:.3f}/h[/]", "setup",
+        gpu = f"{machine.num_gpus}x {machine.gpu_name}" if machine.num_gpus > 1 \
+            else str(machine.gpu_name)
+        seats = f", {machine.seats} runs at once" if machine.packed else ""
+        table.add_row(f"[bold]{machine.index + 1}[/]", "", f"[bold]{offer}, {gpu}{bid}, "
+                      f"${machine.dph_total:.3f}/h{seats}[/]", "setup",
                       f"{machine.start_h:.2f}", "", f"{machine.setup_usd:.2f}", "",
                       end_section=False)
         for name in machine.runs:
             row = rows[name]
-            table.add_row("", str(row.order), name, str(row.start), _hours(row.start_h),
+            where = f"{machine.index + 1} ({gpu}, seat {(row.seat or 0) + 1})" \
+                if machine.packed else ""
+            table.add_row(where, str(row.order), name, str(row.start), _hours(row.start_h),
                           _hours(row.end_h), f"{row.est_usd or 0.0:.2f}",
-                          f"{row.reserved_usd or 0.0:.2f}", end_section=name == machine.runs[-1])
+                          f"{row.reserved_usd or 0.0:.2f}",
+                          end_section=name == machine.runs[-1] and not machine.packed)
+        if machine.packed:
+            table.add_row("", "", "idle seats", "", "", _hours(machine.end_h),
+                          f"{machine.idle_usd:.2f}", "", end_section=True)
     if schedule.machines:
         out.print(table)
     for row in schedule.skipped:
         out.print(f"[red]skipped[/] {row.name}: {row.skipped}")
     setups = ", ".join(f"{m.setup_s / 60:.0f} min ${m.setup_usd:.2f}" for m in schedule.machines)
     out.print(f"setup paid once per machine ({len(schedule.machines)}): {setups or 'none'}")
-    out.print(f"[bold]total:[/] est ${schedule.total_usd:.2f} of the "
+    idle = f" (idle seats ${schedule.idle_usd:.2f} included)" \
+        if any(m.packed for m in schedule.machines) else ""
+    out.print(f"[bold]total:[/] est ${schedule.total_usd:.2f}{idle} of the "
               f"${schedule.budget_usd:.2f} batch budget; {schedule.wall_hours:.2f} h wall clock, "
               f"{schedule.machine_hours:.2f} machine-hours")
     per_run = schedule.per_run

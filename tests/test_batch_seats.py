@@ -101,6 +101,16 @@ def test_three_runs_share_one_two_gpu_instance(tmp_path: Path, fake_vast: Any,
     entry = result.ledger["runs"][S.idle_key(first["run_id"])]
     assert entry["spent_usd"] == pytest.approx(idle, abs=1e-6)
     assert result.ledger["spent_usd"] <= 20
+    # the summary's split: one machine, its setup and idle carried in equal thirds
+    summary = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
+    [machine] = summary["machines"]
+    assert machine["seats"] == 2 and len(machine["runs"]) == 3
+    assert machine["idle_usd"] == pytest.approx(idle, abs=1e-5)
+    assert machine["setup_share_usd"] == pytest.approx(machine["setup_usd"] / 3, abs=1e-6)
+    assert sum(e["share_usd"] for e in summary["runs"]) == pytest.approx(
+        sum(e["usd"] for e in summary["runs"]) + idle, abs=1e-4)
+    assert summary["spent_usd"] == pytest.approx(
+        sum(e["usd"] for e in summary["runs"]) + idle, abs=1e-5)
     # and so does the ledger rebuilt from the journal (resume)
     rebuilt = batch_ledger(journal, journal.get_batch(batch_id))
     assert rebuilt.spent() == pytest.approx(result.ledger["spent_usd"], abs=1e-4)

@@ -119,11 +119,14 @@ def build_summary(journal: "Journal", batch_id: str) -> dict[str, Any]:
                        machines=share["machines"])
     for machine in machines:
         machine["run_names"] = [names.get(run_id, run_id) for run_id in machine["runs"]]
+    idle = sum(float(m.get("idle_usd") or 0.0) for m in machines)
     return {
         "batch_id": batch_id, "name": batch.get("name"), "state": batch.get("state"),
         "budget_usd": batch.get("max_usd"), "max_parallel": batch.get("max_parallel"),
         "reuse_machines": bool(batch.get("reuse_machines")),
-        "spent_usd": round(sum(r["usd"] for r in runs), 6),
+        # the runs' own meters plus the idle seats of shared multi-GPU instances
+        "spent_usd": round(sum(r["usd"] for r in runs) + idle, 6),
+        "idle_usd": round(idle, 6),
         "ledger": batch_ledger(journal, batch).to_dict() if batch else {},
         "machines": machines,
         "varied": json.loads(batch.get("varied_json") or "[]"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from controller.journal import INSTANCE_FAILED
+from controller.journal import INSTANCE_FAILED, seat_of
 from controller.run.relaunch import row_usd
 
 if TYPE_CHECKING:
@@ -77,15 +77,21 @@ def machine_split(journal: "Journal", run_ids: list[str],
     taken = {_from_row(r): r for r in rows if _from_row(r) is not None}
     machines: list[dict[str, Any]] = []
     names: set[str] = set()
+    seated: dict[str, list[list[dict[str, Any]]]] = {}  # a shared instance: a chain per seat
     for head in sorted((r for r in rows if _from_row(r) is None), key=lambda r: r["id"]):
         chain = [head]
         while chain[-1]["id"] in taken:
             chain.append(taken[chain[-1]["id"]])
+        if seat_of(head) and head.get("instance_id"):
+            seated.setdefault(str(head["instance_id"]), []).append(chain)
+            continue
         iid = str(head.get("instance_id") or f"row-{head['id']}")
         if iid in names:
             iid = f"{iid}#{head['id']}"
         names.add(iid)
         machines.append(_machine(journal, iid, chain, per_run, now))
+    for iid, chains in seated.items():
+        machines.append(_shared_machine(journal, iid, chains, per_run, now))
     for run_id, entry in per_run.items():
         boot, other = _bandwidth(journal, run_id)
         entry["metered_usd"] += boot + other
@@ -94,6 +100,44 @@ def machine_split(journal: "Journal", run_ids: list[str],
         for key in ("metered_usd", "own_usd", "setup_share_usd", "share_usd"):
             entry[key] = round(entry[key], 6)
     return machines, per_run
+
+
+def _shared_machine(journal: "Journal", iid: str, chains: list[list[dict[str, Any]]],
+                    per_run: dict[str, dict[str, Any]], now: float) -> dict[str, Any]:
+    """A multi-GPU instance whose seats ran several runs at once
+    (``controller.planning.packing``). Its setup is the first run's, on seat 0, plus the
+    machine's idle seats (:func:`controller.batch.seats.idle_usd`: while it was set up, and after
+    a seat's last run while another still trained); every run on it carries an equal share. The
+    idle is metered to no run (the batch ledger holds it), so the shares add up to what the runs
+    were metered plus the idle."""
+    from controller.batch.seats import idle_usd
+
+    rows = sorted((row for chain in chains for row in chain), key=lambda r: r["id"])
+    machine = _machine(journal, iid, chains[0], per_run, now)
+    for chain in chains[1:]:
+        for row in chain:
+            usd = row_usd(row, now)
+            entry = per_run[row["run_id"]]
+            entry["metered_usd"] += usd
+            entry["own_usd"] += usd
+            entry["machines"].append(iid)
+            machine["metered_usd"] = round(machine["metered_usd"] + usd, 6)
+    # rows of runs outside this batch are not in ``rows``: the idle is over every seat's row
+    idle = idle_usd(journal.machine_rows(iid), now)
+    runs = [row["run_id"] for row in rows]
+    setup_usd = machine["setup_usd"] + idle
+    share = setup_usd / max(1, len(runs))
+    for run_id in runs:
+        per_run[run_id]["setup_share_usd"] += share - (machine["setup_share_usd"]
+                                                       if run_id in machine["runs"] else 0.0)
+    seats = max(seat_of(row).get("seats", 1) for row in rows)
+    return {**machine, "runs": runs, "seats": seats, "price_per_hour": machine["price_per_hour"]
+            * seats, "idle_usd": round(idle, 6), "setup_usd": round(setup_usd, 6),
+            "setup_share_usd": round(share, 6), "metered_usd": round(machine["metered_usd"]
+                                                                      + idle, 6),
+            "hours": round(sum(max(0.0, float(r.get("destroyed_at") or now)
+                                   - float(r.get("billing_started_at") or now))
+                               for r in rows) / 3600, 6)}
 
 
 def _machine(journal: "Journal", iid: str, chain: list[dict[str, Any]],

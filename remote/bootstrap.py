@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from remote.install_lock import install_lock
 from remote.status import StageFailed
 
 IMAGE_CHECKOUTS = ("/app/ai-toolkit",)
@@ -294,6 +295,17 @@ def check_hf_access(model: str, *, token: str | None, env: Mapping[str, str],
     return "ok" if 200 <= code < 300 else f"unverified: HTTP {code}"
 
 
+def _extras_wanted(spec: dict[str, Any], trainer_python: str,
+                   agent_python: str) -> list[tuple[str, str, bool]]:
+    """(python, package = module, required) for each extra the spec's options need."""
+    wanted: list[tuple[str, str, bool]] = []
+    if (spec.get("wandb") or {}).get("enabled"):
+        wanted.append((trainer_python, "wandb", False))
+    if (spec.get("captioning") or {}).get("mode") == "model":
+        wanted.append((agent_python, "transformers", True))
+    return wanted
+
+
 def install_extras(spec: dict[str, Any], trainer_python: str, *, env: Mapping[str, str],
                    log: Log, agent_python: str = sys.executable) -> list[str]:
     """Install what the spec's options need and the Pythons lack; returns the steps taken.
@@ -304,13 +316,8 @@ def install_extras(spec: dict[str, Any], trainer_python: str, *, env: Mapping[st
     ``captioning.mode: model`` (the caption stage runs there); without it captioning fails, so a
     failed install fails the stage now, before anything else is paid for.
     """
-    wanted: list[tuple[str, str, bool]] = []  # (python, package = module, required)
-    if (spec.get("wandb") or {}).get("enabled"):
-        wanted.append((trainer_python, "wandb", False))
-    if (spec.get("captioning") or {}).get("mode") == "model":
-        wanted.append((agent_python, "transformers", True))
     steps = []
-    for python, package, required in wanted:
+    for python, package, required in _extras_wanted(spec, trainer_python, agent_python):
         if _imports_ok(python, package, env):
             continue
         try:
@@ -329,10 +336,16 @@ def bootstrap(spec: dict[str, Any], *, cache_root: Path, env: Mapping[str, str],
               image_checkouts: tuple[str, ...] = IMAGE_CHECKOUTS,
               opener: Callable[..., Any] = urllib.request.urlopen,
               cuda: str | None = None) -> BootstrapResult:
+    """Install the trainer and the extras the spec needs. Whatever installs does so one agent of
+    this machine at a time (:mod:`remote.install_lock`: runs sharing an instance share its cache
+    root); using an existing install takes no lock and writes nothing to the cache."""
     result = _bootstrap_trainer(spec, cache_root=cache_root, env=env, log=log, driver=driver,
                                 base_model=base_model, image_checkouts=image_checkouts,
                                 opener=opener, cuda=cuda)
-    result.steps += install_extras(spec, result.python or sys.executable, env=env, log=log)
+    if _extras_wanted(spec, result.python or sys.executable, sys.executable):
+        with install_lock(cache_root, log=log):
+            result.steps += install_extras(spec, result.python or sys.executable, env=env,
+                                           log=log)
     return result
 
 
@@ -374,8 +387,9 @@ def _bootstrap_trainer(spec: dict[str, Any], *, cache_root: Path, env: Mapping[s
         raise StageFailed(f"training.ai_toolkit.path {aitk['path']} holds no run.py")
     commit = str(aitk.get("commit") or "main")
     directory = cache_root / "ai-toolkit" / re.sub(r"[^A-Za-z0-9._-]", "_", commit)
-    result = install_ai_toolkit(str(aitk.get("repo")), commit, directory, driver=driver,
-                                wandb=bool((spec.get("wandb") or {}).get("enabled")), env=env,
-                                log=log, cuda=cuda)
+    with install_lock(cache_root, log=log):  # a second agent waits, then finds it done
+        result = install_ai_toolkit(str(aitk.get("repo")), commit, directory, driver=driver,
+                                    wandb=bool((spec.get("wandb") or {}).get("enabled")),
+                                    env=env, log=log, cuda=cuda)
     result.hf_access = hf_access
     return result

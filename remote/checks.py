@@ -4,6 +4,12 @@ Each check says pass / warn / fail / skipped with the number it saw and the thre
 Everything the machine is asked goes through :class:`Probes`, so tests describe a machine with
 plain functions instead of patching. On a CPU-only box with the ``tiny`` trainer the GPU checks
 are skipped, not failed.
+
+On an instance shared by several runs (:mod:`remote.seats`) the GPU checks are about this run's
+GPU only: nvidia-smi lists every GPU of the machine in index order (which is the CUDA order once
+the agent set ``CUDA_DEVICE_ORDER=PCI_BUS_ID``), the run's is row ``seat``, and processes on the
+other GPUs are the other runs, not a problem. The RAM is shared by all the seats' trainers, so
+the total is held to ``min_ram_gb`` times ``seats`` (what the planner rented).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from remote.seats import Seat, seat_of
 
 MIN_PYTHON = (3, 10)
 # Free disk needed where caches and outputs live: Flux weights ~33 GB + venv ~8 GB + outputs.
@@ -134,38 +142,54 @@ class ChecksReport:
 
 
 # -- GPU ---------------------------------------------------------------------------------------
+SMI_GPU_FIELDS = "name,memory.total,memory.free,driver_version"
+SMI_APP_FIELDS = "pid,process_name,used_memory"
+
+
 def parse_nvidia_smi_gpus(csv_text: str) -> list[dict[str, Any]]:
     """Rows of ``nvidia-smi --query-gpu=name,memory.total,memory.free,driver_version
-    --format=csv,noheader,nounits`` (MiB)."""
+    --format=csv,noheader,nounits`` (MiB); a fifth column (``,uuid``, asked on a shared machine)
+    becomes ``uuid``."""
     gpus = []
     for line in csv_text.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) < 4:
             continue
         try:
-            gpus.append({"name": parts[0], "total_gb": float(parts[1]) / 1024,
-                         "free_gb": float(parts[2]) / 1024, "driver": parts[3]})
+            gpu = {"name": parts[0], "total_gb": float(parts[1]) / 1024,
+                   "free_gb": float(parts[2]) / 1024, "driver": parts[3]}
         except ValueError:
             continue
+        if len(parts) >= 5 and parts[4]:
+            gpu["uuid"] = parts[4]
+        gpus.append(gpu)
     return gpus
 
 
 def parse_nvidia_smi_apps(csv_text: str) -> list[dict[str, Any]]:
-    """``--query-compute-apps=pid,process_name,used_memory --format=csv,noheader,nounits``."""
+    """``--query-compute-apps=pid,process_name,used_memory --format=csv,noheader,nounits``; a
+    fourth column (``,gpu_uuid``, asked on a shared machine) becomes ``gpu_uuid``."""
     apps = []
     for line in csv_text.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) >= 3 and parts[0].isdigit():
             used = float(parts[2]) if re.fullmatch(r"[\d.]+", parts[2]) else None
-            apps.append({"pid": int(parts[0]), "name": parts[1], "used_mb": used})
+            app = {"pid": int(parts[0]), "name": parts[1], "used_mb": used}
+            if len(parts) >= 4 and parts[3]:
+                app["gpu_uuid"] = parts[3]
+            apps.append(app)
     return apps
 
 
-def gpu_facts(probes: Probes) -> dict[str, Any]:
-    """GPU name/count/VRAM/driver/CUDA from nvidia-smi when present, else from torch."""
+def gpu_facts(probes: Probes, *, shared: bool = False) -> dict[str, Any]:
+    """GPU name/count/VRAM/driver/CUDA from nvidia-smi when present, else from torch.
+
+    ``shared`` (a machine several runs share) also asks each GPU's and each process's GPU
+    uuid, so the processes can be told apart by GPU."""
     facts: dict[str, Any] = {"source": None, "devices": [], "driver": None, "cuda": None,
                              "processes": []}
-    smi = probes.run(["nvidia-smi", "--query-gpu=name,memory.total,memory.free,driver_version",
+    uuid = ",uuid" if shared else ""
+    smi = probes.run(["nvidia-smi", f"--query-gpu={SMI_GPU_FIELDS}{uuid}",
                       "--format=csv,noheader,nounits"])
     if smi:
         facts["devices"] = parse_nvidia_smi_gpus(smi)
@@ -175,8 +199,8 @@ def gpu_facts(probes: Probes) -> dict[str, Any]:
         header = probes.run(["nvidia-smi"]) or ""
         match = re.search(r"CUDA Version:\s*([\d.]+)", header)
         facts["cuda"] = match.group(1) if match else None
-        apps = probes.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
-                           "--format=csv,noheader,nounits"])
+        apps = probes.run(["nvidia-smi", f"--query-compute-apps={SMI_APP_FIELDS}"
+                           + (",gpu_uuid" if shared else ""), "--format=csv,noheader,nounits"])
         facts["processes"] = parse_nvidia_smi_apps(apps or "")
     # torch is asked only when nvidia-smi is missing but a driver is loaded (a child process that
     # imports torch costs seconds); on a box without a driver there is no GPU to find.
@@ -191,14 +215,39 @@ def gpu_facts(probes: Probes) -> dict[str, Any]:
     return facts
 
 
+def seat_facts(facts: dict[str, Any], seat: Seat, env: Mapping[str, str]) -> dict[str, Any]:
+    """The facts about the seat's GPU only: its row of the machine's GPUs (``devices`` empty
+    when the machine has no such GPU), the processes on it, the others' as ``co_tenants``,
+    and ``host_devices``, how many GPUs the machine has.
+
+    nvidia-smi ignores ``CUDA_VISIBLE_DEVICES`` and lists every GPU: the seat's is row
+    ``seat``. torch (the fallback without nvidia-smi) asks in a child of the pinned agent, which
+    sees only the seat's GPU, as device 0. A process whose GPU is unknown counts as the seat's
+    (it may hold this GPU's memory)."""
+    devices = facts["devices"]
+    pinned = facts["source"] == "torch" and env.get("CUDA_VISIBLE_DEVICES") == str(seat.seat)
+    row = 0 if pinned else seat.seat
+    mine = devices[row] if row < len(devices) else None
+    uuid = (mine or {}).get("uuid")
+    others = [p for p in facts["processes"] if uuid and p.get("gpu_uuid") not in (None, uuid)]
+    return {**facts, "devices": [mine] if mine else [], "host_devices": len(devices),
+            "processes": [p for p in facts["processes"] if p not in others],
+            "co_tenants": others, "seat": seat.seat, "seats": seat.seats}
+
+
 def _version_tuple(text: str | None) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text or ""))
 
 
 def gpu_checks(spec: dict[str, Any], facts: dict[str, Any]) -> list[Check]:
+    """``facts`` from :func:`gpu_facts`, or :func:`seat_facts` on a shared machine."""
     gpu_spec = spec.get("gpu") or {}
     tiny = (spec.get("training") or {}).get("trainer") == "tiny"
     devices = facts["devices"]
+    if "seat" in facts:
+        seat_check = _seat_gpu_check(facts, tiny)
+        if seat_check.status != "pass":
+            return [seat_check]
     if not devices:
         if tiny:
             return [Check("gpu", "skipped", 0, None, "no GPU; the tiny trainer runs on the CPU")]
@@ -207,7 +256,9 @@ def gpu_checks(spec: dict[str, Any], facts: dict[str, Any]) -> list[Check]:
     names = ", ".join(sorted({d["name"] for d in devices}))
     checks = [Check("gpu", "pass", len(devices), gpu_spec.get("num_gpus", 1), names)]
     need_count = int(gpu_spec.get("num_gpus", 1))
-    if not tiny and len(devices) < need_count:
+    if "seat" in facts:
+        checks = [seat_check]
+    elif not tiny and len(devices) < need_count:
         checks[0].status = "fail"
         checks[0].detail += f": {len(devices)} GPU(s), the spec asks for {need_count}"
     min_vram = None if tiny else float(gpu_spec.get("min_vram_gb", 24.0))
@@ -219,8 +270,10 @@ def gpu_checks(spec: dict[str, Any], facts: dict[str, Any]) -> list[Check]:
     status = "pass" if min_vram is None or free >= min_vram * 0.9 else "warn"
     holders = ", ".join(f"{p['name']} (pid {p['pid']}, {p['used_mb']} MB)"
                         for p in facts["processes"])
-    checks.append(Check("vram_free_gb", status, round(free, 1), min_vram,
-                        f"held by: {holders}" if holders else "no other processes hold VRAM"))
+    detail = f"held by: {holders}" if holders else "no other processes hold VRAM"
+    if facts.get("co_tenants"):
+        detail += f"; {len(facts['co_tenants'])} process(es) of the other runs on other GPUs"
+    checks.append(Check("vram_free_gb", status, round(free, 1), min_vram, detail))
     min_driver = gpu_spec.get("min_driver")
     if facts["driver"]:
         ok = not min_driver or _version_tuple(facts["driver"]) >= _version_tuple(min_driver)
@@ -231,6 +284,20 @@ def gpu_checks(spec: dict[str, Any], facts: dict[str, Any]) -> list[Check]:
         checks.append(Check("cuda", "pass" if ok else "fail", facts["cuda"], min_cuda,
                             "highest CUDA the driver supports"))
     return checks
+
+
+def _seat_gpu_check(facts: dict[str, Any], tiny: bool) -> Check:
+    """A shared machine must have the seat's GPU: at least ``seat + 1`` GPUs. Without one the
+    tiny trainer still runs (on the CPU)."""
+    host, seat, seats = facts["host_devices"], facts["seat"], facts["seats"]
+    if facts["devices"]:
+        name = facts["devices"][0]["name"]
+        return Check("gpu", "pass", host, seat + 1,
+                     f"{name}: GPU {seat} is this run's, one of {seats} runs on this machine")
+    if not host and tiny:
+        return Check("gpu", "skipped", 0, None, "no GPU; the tiny trainer runs on the CPU")
+    return Check("gpu", "warn" if tiny else "fail", host, seat + 1,
+                 f"this run's seat is GPU {seat} of {seats}, the machine has {host} GPU(s)")
 
 
 # -- host --------------------------------------------------------------------------------------
@@ -270,7 +337,9 @@ def software_checks(spec: dict[str, Any], probes: Probes) -> list[Check]:
     return checks
 
 
-def ram_check(spec: dict[str, Any], probes: Probes) -> Check:
+def ram_check(spec: dict[str, Any], probes: Probes, *, seats: int = 1) -> Check:
+    """The machine's total RAM against ``min_ram_gb`` (times ``seats``: the trainers of a shared
+    machine each quantize in it)."""
     tiny = (spec.get("training") or {}).get("trainer") == "tiny"
     info = meminfo_gb(probes.read("/proc/meminfo") or "")
     if "MemTotal" not in info:
@@ -278,11 +347,13 @@ def ram_check(spec: dict[str, Any], probes: Probes) -> Check:
     total, available = info["MemTotal"], info.get("MemAvailable", info["MemTotal"])
     gpu_spec = spec.get("gpu") or {}
     quantize = (spec.get("training") or {}).get("quantize", True)
-    need = None if tiny or not quantize else float(gpu_spec.get("min_ram_gb", 48.0))
+    need = None if tiny or not quantize else float(gpu_spec.get("min_ram_gb", 48.0)) * seats
     status = "pass" if need is None or total >= need * 0.95 else "warn"
+    shared = f" (shared by {seats} runs)" if seats > 1 else ""
     return Check("ram_gb", status, round(total, 1), need,
-                 f"{available:.1f} GB available" + ("" if status == "pass" else
-                                                     "; quantizing Flux needs about 50 GB"))
+                 f"{available:.1f} GB available{shared}" + (
+                     "" if status == "pass" else "; quantizing Flux needs about 50 GB"
+                     + (" per run" if seats > 1 else "")))
 
 
 def disk_check(path: str, spec: dict[str, Any], probes: Probes) -> Check:
@@ -378,8 +449,12 @@ def run_checks(spec: dict[str, Any], plan: dict[str, Any], *, probes: Probes | N
     else:
         cache_root = str(Path(remote_root) / "cache")
         choice = {"chosen": cache_root, "reason": "auto_mount_paths off or local provider"}
-    facts = gpu_facts(probes)
-    checks = software_checks(spec, probes) + gpu_checks(spec, facts) + [ram_check(spec, probes)]
+    seat = seat_of(plan)
+    facts = gpu_facts(probes, shared=seat.shared)
+    if seat.shared:
+        facts = seat_facts(facts, seat, probes.env)
+    checks = (software_checks(spec, probes) + gpu_checks(spec, facts)
+              + [ram_check(spec, probes, seats=seat.seats)])
     checks.append(disk_check(_nearest_existing(cache_root), spec, probes))
     if plan.get("bandwidth_url"):
         checks.append(bandwidth_check(plan["bandwidth_url"], spec, opener=opener, clock=clock))
@@ -388,4 +463,7 @@ def run_checks(spec: dict[str, Any], plan: dict[str, Any], *, probes: Probes | N
            "name": facts["devices"][0]["name"] if facts["devices"] else None,
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "ram_gb": next((c.value for c in checks if c.name == "ram_gb"), None)}
+    if seat.shared:
+        gpu.update(seat=seat.seat, seats=seat.seats, host_devices=facts["host_devices"],
+                   co_tenants=facts["co_tenants"])
     return ChecksReport(checks=checks, gpu=gpu, cache_root=cache_root, mount_choice=choice)

@@ -13,6 +13,13 @@ publishing would cross the cap, training stops now and the run packs what it has
 With ``budget.on_cap: hard_stop`` (``hard``) the trainer is stopped at once instead of after its
 next save, so no checkpoint is projected: training stops when the reserve for validating and
 publishing would cross the cap.
+
+On an instance shared by several runs (:mod:`remote.seats`) ``price_per_hour`` is already the
+seat's share (the controller divided it), but the received-bytes counter is the container's: it
+counts every seat's downloads. The guard bills this seat ``1/seats`` of that traffic
+(``inet_down_cost / seats`` per GB); nothing on the machine tells one seat's bytes from
+another's. The first seat's setup downloads (ai-toolkit, weights) are shared the same way, like
+the machine's price.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from remote.seats import seat_of
 
 # Seconds kept back for validate + publish after training stops.
 DEFAULT_RESERVE_S = 120.0
@@ -92,12 +101,13 @@ class CostGuard:
     def from_plan(cls, plan: dict, *, clock: Callable[[], float] = time.time,
                   rx_bytes: Callable[[], int | None] = lambda: None) -> "CostGuard":
         instance = plan.get("instance") or {}
+        seats = seat_of(plan).seats  # the traffic counter is the whole container's
         return cls(price_per_hour=float(plan.get("price_per_hour") or 0.0),
                    budget_usd=float(plan.get("budget_usd") or 0.0),
                    max_hours=plan.get("max_hours"),
                    started_at=float(plan.get("billing_started_at") or clock()), clock=clock,
                    hard=on_cap(plan) == "hard_stop",
-                   down_usd_per_gb=float(instance.get("inet_down_cost") or 0.0),
+                   down_usd_per_gb=float(instance.get("inet_down_cost") or 0.0) / seats,
                    rx_bytes=rx_bytes)
 
     def hours(self) -> float:

@@ -20,7 +20,10 @@ Keys:
     provider           "vast" | "ssh" | "local"
     instance           {"gpu_name", "num_gpus", "offer_id", "instance_id"} (what the controller knows);
                        on Vast also "python" (the image's interpreter found on the instance) and
-                       "env_file" (the 0600 file onstart wrote with CONTAINER_ID/_API_KEY)
+                       "env_file" (the 0600 file onstart wrote with CONTAINER_ID/_API_KEY);
+                       on a machine shared by several runs also "seat" (the 0-based GPU this run
+                       owns) and "seats" (how many runs share it; absent or 1 = the whole
+                       machine), see :mod:`remote.seats`; price_per_hour is then the seat's share
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from remote.seats import seat_problem
 
 PLAN_VERSION = 1
 REQUIRED = ("version", "run_id", "name", "spec", "run_dir", "dataset_dir")
@@ -86,6 +91,9 @@ def load_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise PlanError(f"{path}: plan lacks {', '.join(missing)}")
     if plan["version"] != PLAN_VERSION:
         raise PlanError(f"{path}: plan version {plan['version']} is not {PLAN_VERSION}")
+    problem = seat_problem(plan)
+    if problem:
+        raise PlanError(f"{path}: {problem}")
     return plan
 
 

@@ -16,7 +16,9 @@ starts (:mod:`remote.resume`); a path is validated in the checks stage already.
 
 The stage bodies live in :mod:`remote.stages` (one module per concern); this module drives them.
 A trainer left behind by a killed agent is ended when the next agent starts
-(:mod:`remote.stages.orphans`).
+(:mod:`remote.stages.orphans`). On an instance shared by several runs (the plan's
+``instance.seat`` / ``seats``) the agent pins itself and its children to its own GPU before
+anything else (:mod:`remote.seats`) and journals a ``gpu_seat`` event.
 
 Exit codes: 0 done or stopped with a bundle, 1 failed (or another agent holds the run), 2 bad plan.
 """
@@ -36,6 +38,7 @@ from typing import Any, Callable, Mapping
 from remote.checks import Probes
 from remote.costguard import CostGuard, ReceivedSince
 from remote.plan import PlanError, load_plan
+from remote.seats import pin_gpu, seat_of
 from remote.secrets import load_secrets, redactor_for
 from remote.stages import dataset, finish, prepare, training
 from remote.stages.orphans import trainer_pids
@@ -100,7 +103,12 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.work = self.run_dir / "work"
         self.output = self.run_dir / "output"
+        # on a shared machine: this run's GPU only, before any child starts (remote.seats)
+        self.seat = seat_of(plan)
+        if env is None:
+            pin_gpu(self.seat, os.environ)
         self.env = dict(os.environ if env is None else env)
+        pin_gpu(self.seat, self.env)
         self.clock = clock
         self.probes = probes
         self.image_checkouts = image_checkouts
@@ -210,6 +218,11 @@ class Runner:
         self.recorder.update(state="running", pid=os.getpid(), error=None, cause=None)
         self.recorder.event("agent_start", pid=os.getpid(), resumed=resumed)
         self.log.agent(("resuming" if resumed else "starting") + f" run {self.plan['run_id']}")
+        if self.seat.shared:
+            self.recorder.event("gpu_seat", seat=self.seat.seat, seats=self.seat.seats,
+                                cuda_visible_devices=self.env.get("CUDA_VISIBLE_DEVICES"))
+            self.log.agent(f"GPU {self.seat.seat} of this machine is this run's "
+                           f"({self.seat.seats} runs share it)")
         if not packed:
             self.recorder.stage("publish")["state"] = "pending"  # the bundle went missing: repack
         if not all(self.recorder.stage_done(s) for s in DATASET_STAGES):
@@ -287,6 +300,7 @@ def run_plan(plan_path: str) -> int:
     if problem:
         print(f"bad plan: {plan_path}: {problem}", file=sys.stderr)
         return EXIT_BAD_PLAN
+    pin_gpu(seat_of(plan), os.environ)  # first: nothing may see the other runs' GPUs
     run_dir = Path(plan["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)

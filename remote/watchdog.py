@@ -17,6 +17,12 @@ and on Vast the checks stage fails instead (nothing would stop a forgotten insta
 Every action is an event. Clock, sleep and the HTTP opener are injectable. After the run the agent exits (the
 controller fetches when it does) and on Vast hands the watch to ``python -m remote.watchdog``
 (:func:`linger`), which ends when the instance is stopped or a new agent starts on the run.
+
+The instance is never stopped while another run on it is busy (runs sharing a multi-GPU
+instance, :mod:`remote.seats`; the busy rule is :mod:`remote.siblings`): the watchdog journals one
+``stop_instance_deferred`` event naming them and keeps watching, and stops the instance once
+they have ended, been released or gone stale. With one run per machine there are no such
+siblings (a run handed over before is ``released`` or removed).
 """
 
 from __future__ import annotations
@@ -30,11 +36,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from remote.siblings import RELEASED_MARKER, busy_siblings
+
 DEFAULT_VAST_URL = "https://console.vast.ai"
 CHECK_INTERVAL_S = 30.0
-# Written into a finished run's dir when its machine is handed to the batch's next run
-# (``controller.run.handover``): the run's lingering watch ends, the next run's agent takes over.
-RELEASED_MARKER = "released"
 INSTANCE_VARS = ("CONTAINER_ID", "CONTAINER_API_KEY", "VAST_URL")
 
 
@@ -107,6 +112,8 @@ class Watchdog:
         self.interval_s = interval_s
         self.started_at = clock()
         self.instance_stopped = False
+        self.run_dir = run_dir
+        self._deferred_for: list[str] = []  # the busy siblings last journaled
         self._training_stop_sent = False
         self._thread: threading.Thread | None = None
         self._halt = threading.Event()
@@ -129,7 +136,7 @@ class Watchdog:
         if silence <= self.grace_s or self.instance_stopped:
             return None
         if self.is_finished():
-            if self.can_stop_instance:
+            if self.can_stop_instance and not self._siblings_busy(silence):
                 return "stop_instance" if self._stop_instance(silence) else None
             return None
         if self.cap_reached() and not self._training_stop_sent:
@@ -139,6 +146,15 @@ class Watchdog:
             self.stop_training("watchdog: cap reached and the controller is silent")
             return "stop_training"
         return None
+
+    def _siblings_busy(self, silence: float) -> bool:
+        """Another run on this machine is busy: journal it (once per set of runs), don't stop."""
+        busy = busy_siblings(self.run_dir, grace_s=self.grace_s, now=self.clock())
+        if busy and busy != self._deferred_for:
+            self.event("watchdog", action="stop_instance_deferred", siblings=busy,
+                       silence_s=round(silence))
+        self._deferred_for = busy
+        return bool(busy)
 
     def _stop_instance(self, silence: float) -> bool:
         request = stop_instance_request(self.env)

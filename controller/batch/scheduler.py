@@ -358,22 +358,20 @@ class BatchScheduler:
                     self._try_start(slot)
 
     def _machines_alive(self) -> int:
-        """Instances the batch holds now (``max_parallel`` counts machines, not runs): the
-        distinct instances of its running runs and of its packs, plus each run still renting."""
-        instances: set[str] = set()
-        renting = 0
+        """Machines the batch holds now (``max_parallel`` counts machines, not runs): one per
+        running run, except that the runs on the seats of one multi-GPU instance count once,
+        and a pack's instance counts while any seat is alive."""
+        machines: set[str] = set()
         for slot in self.slots():
             if slot["idx"] not in self._threads or not slot["run_id"]:
                 continue
             row = self.journal.current_instance(slot["run_id"])
-            if row is not None and row.get("instance_id"):
-                instances.add(str(row["instance_id"]))
-            else:
-                renting += 1
+            shared = row is not None and row.get("instance_id") and seat_of(row)
+            machines.add(f"instance:{row['instance_id']}" if shared else f"run:{slot['run_id']}")
         for machine in self._shared.values():
             if machine.instance_id and S.alive(S.seat_rows(self.journal, machine.instance_id)):
-                instances.add(machine.instance_id)
-        return len(instances) + renting
+                machines.add(f"instance:{machine.instance_id}")
+        return len(machines)
 
     def _promised_seats(self) -> dict[str, int]:
         """Per machine key, the seats of packs not open yet (their first run is setting up)."""

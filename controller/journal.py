@@ -418,6 +418,7 @@ class Journal:
             seats = int(seat_of(dict(row)).get("seats") or 1)
             if not 0 < seat < seats:
                 raise ValueError(f"instance {row['instance_id']} has no seat {seat}")
+            # (an instance whose last seat is leaving has no live row: ``leave_seat``)
             for other in db.execute("SELECT detail FROM instances WHERE instance_id = ? AND "
                                     "state = ?", (row["instance_id"], INSTANCE_LIVE)):
                 if seat_of(dict(other)).get("seat") == seat:
@@ -469,7 +470,13 @@ class Journal:
                 self._event(db, row["run_id"], "seat_left", {
                     "instance_id": row["instance_id"], "keep": False, "last": True,
                     "kept_for": sorted(r["run_id"] for r in kept)})
-            return "stop" if keep or kept else "destroy"
+            if keep or kept:
+                return "stop"
+            # claimed in this transaction: no seat opens on an instance about to be destroyed
+            db.execute("UPDATE instances SET state = ?, updated_at = ? WHERE id = ?",
+                       (INSTANCE_DESTROYING, now, row_id))
+            self._event(db, row["run_id"], "seat_last", {"instance_id": row["instance_id"]})
+            return "destroy"
 
     def machine_rows(self, instance_id: Any) -> list[dict[str, Any]]:
         """Every row of one provider instance, in order: the runs it served one after another."""

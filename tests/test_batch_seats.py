@@ -146,6 +146,10 @@ def test_two_seats_leaving_at_once_leave_exactly_one_destroy(tmp_path: Path) -> 
     assert journal.leave_seat(lead) == "left"
     assert journal.get_instance(lead)["state"] == "left"
     assert journal.leave_seat(seat) == "destroy"
+    # the last seat is claimed for the destroy in the same transaction: no seat opens on it now
+    assert journal.get_instance(seat)["state"] == "destroying"
+    with pytest.raises(ValueError, match="not a live instance"):
+        journal.open_seat(seat, "c", 1)
 
 
 def test_a_seat_whose_bundle_is_not_home_keeps_the_machine(tmp_path: Path) -> None:

@@ -497,16 +497,20 @@ class BatchScheduler:
         for machine in list(self._shared.values()):
             if not machine.free_seats():
                 continue
-            row = self.journal.current_instance(machine.lead)
-            if row is None or not row.get("instance_id") or seat_of(row).get("seat") != 0:
-                continue  # not rented yet, or no longer on it
             if machine.instance_id is None:
+                row = self.journal.current_instance(machine.lead)
+                if row is None or not row.get("instance_id") or not seat_of(row):
+                    continue  # not rented yet
                 machine.instance_id = str(row["instance_id"])
                 self.journal.add_event(machine.lead, S.IDLE_RESERVE, {
                     "batch_id": self.batch_id, "reserved_usd": machine.pack.idle_usd,
                     "seats": machine.pack.seats, "instance_id": machine.instance_id})
-            if row["state"] != "live" or not S.past_setup(self.journal, machine.lead):
+            # any live seat anchors the new one (the first run may have handed seat 0 on)
+            live = [r for r in S.seat_rows(self.journal, machine.instance_id)
+                    if r["state"] == "live"]
+            if not live or not S.past_setup(self.journal, machine.lead):
                 continue
+            row = live[0]
             if stop_reason(self.journal, self.batch_id) is not None:
                 machine.filled.update(machine.free_seats())
                 continue

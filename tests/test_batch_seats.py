@@ -16,6 +16,7 @@ from controller.journal import open_journal, seat_of
 from controller.run.fetch import verify_sums
 from controller.spec.loader import load_file
 from tests.test_batch_scheduler import FAST, batch_file
+from tests.test_launch_local import invoke
 from tests.test_launch_vast_e2e import vast_provider, vast_spec
 
 
@@ -111,6 +112,11 @@ def test_three_runs_share_one_two_gpu_instance(tmp_path: Path, fake_vast: Any,
         sum(e["usd"] for e in summary["runs"]) + idle, abs=1e-4)
     assert summary["spent_usd"] == pytest.approx(
         sum(e["usd"] for e in summary["runs"]) + idle, abs=1e-5)
+    # `cost BATCH` counts the idle GPUs too
+    cost = json.loads(invoke("cost", batch_id, "--json").output)
+    assert cost["idle_usd"] == pytest.approx(idle, abs=1e-5)
+    assert cost["total_spend_usd"] == pytest.approx(
+        sum(r["spend_usd"] for r in runs) + idle, abs=1e-5)
     # and so does the ledger rebuilt from the journal (resume)
     rebuilt = batch_ledger(journal, journal.get_batch(batch_id))
     assert rebuilt.spent() == pytest.approx(result.ledger["spent_usd"], abs=1e-4)

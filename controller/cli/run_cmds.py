@@ -605,12 +605,20 @@ def cost(
         rows = [_find_run(journal, run)] if run else journal.list_runs()
     data = [{"run_id": r["run_id"], "state": r["state"], "est_usd": r["est_usd"],
              "spend_usd": r["spend_usd"], "budget_usd": r["budget_usd"]} for r in rows]
+    idle = 0.0
+    if batch is not None:  # the idle GPUs of its multi-GPU instances: billed, but to no run
+        from controller.batch.seats import journaled_idle
+
+        idle = sum(spent for _, spent, _ in journaled_idle(journal, rows,
+                                                            journal.clock()).values())
     if as_json:
-        emit_json({"ok": True, "runs": data,
-                   "total_spend_usd": sum(r["spend_usd"] or 0.0 for r in data),
+        emit_json({"ok": True, "runs": data, "idle_usd": idle,
+                   "total_spend_usd": sum(r["spend_usd"] or 0.0 for r in data) + idle,
                    "total_est_usd": sum(r["est_usd"] or 0.0 for r in data)})
     else:
-        console().print(cost_table(data))
+        idle_row = [{"run_id": "(idle GPUs)", "state": "-", "est_usd": None,
+                     "spend_usd": idle, "budget_usd": None}] if idle else []
+        console().print(cost_table(data + idle_row))
 
 
 def register(app: typer.Typer) -> None:

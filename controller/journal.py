@@ -196,6 +196,20 @@ FAULT_ENV = "FLUX_REMOTE_FAULT"
 _fault_seen: dict[str, int] = {}
 
 
+def _live_row_like(db: sqlite3.Connection, row: Any, run_id: str, detail: str,
+                   now: float) -> int:
+    """A new live row for ``run_id`` on the same instance as ``row`` (same endpoint and price),
+    billing from ``now``; returns its id."""
+    cur = db.execute(
+        "INSERT INTO instances (run_id, provider, offer_id, instance_id, label, gpu_name,"
+        " num_gpus, dph_total, state, intent_at, billing_started_at, updated_at, detail,"
+        " ssh_host, ssh_port) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (run_id, row["provider"], row["offer_id"], row["instance_id"], row["label"],
+         row["gpu_name"], row["num_gpus"], row["dph_total"], INSTANCE_LIVE, now, now, now,
+         detail, row["ssh_host"], row["ssh_port"]))
+    return int(cur.lastrowid)
+
+
 def seat_of(row: dict[str, Any]) -> dict[str, Any]:
     """``{"seat", "seats"}`` of an instance row on a shared multi-GPU instance, else ``{}``."""
     try:
@@ -392,14 +406,7 @@ class Journal:
                                  **seat_of(dict(row))})
             db.execute("UPDATE instances SET state = ?, destroyed_at = ?, updated_at = ? "
                        "WHERE id = ?", (INSTANCE_HANDED_OVER, now, now, row_id))
-            cur = db.execute(
-                "INSERT INTO instances (run_id, provider, offer_id, instance_id, label, gpu_name,"
-                " num_gpus, dph_total, state, intent_at, billing_started_at, updated_at, detail,"
-                " ssh_host, ssh_port) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (to_run_id, row["provider"], row["offer_id"], row["instance_id"], row["label"],
-                 row["gpu_name"], row["num_gpus"], row["dph_total"], INSTANCE_LIVE, now, now, now,
-                 detail, row["ssh_host"], row["ssh_port"]))
-            new_row = int(cur.lastrowid)
+            new_row = _live_row_like(db, row, to_run_id, detail, now)
             self._event(db, row["run_id"], "handover_out", {
                 "instance_id": row["instance_id"], "to_run": to_run_id, "row": new_row})
             self._event(db, to_run_id, "handover_in", {
@@ -424,14 +431,7 @@ class Journal:
                 if seat_of(dict(other)).get("seat") == seat:
                     raise ValueError(f"seat {seat} of instance {row['instance_id']} is taken")
             detail = json.dumps({"seat": seat, "seats": seats, "shared_from_row": row_id})
-            cur = db.execute(
-                "INSERT INTO instances (run_id, provider, offer_id, instance_id, label, gpu_name,"
-                " num_gpus, dph_total, state, intent_at, billing_started_at, updated_at, detail,"
-                " ssh_host, ssh_port) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (to_run_id, row["provider"], row["offer_id"], row["instance_id"], row["label"],
-                 row["gpu_name"], row["num_gpus"], row["dph_total"], INSTANCE_LIVE, now, now, now,
-                 detail, row["ssh_host"], row["ssh_port"]))
-            new_row = int(cur.lastrowid)
+            new_row = _live_row_like(db, row, to_run_id, detail, now)
             self._event(db, to_run_id, "seat_open", {
                 "instance_id": row["instance_id"], "seat": seat, "seats": seats, "row": new_row})
             return new_row

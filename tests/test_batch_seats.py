@@ -136,7 +136,9 @@ def test_a_dear_two_gpu_offer_is_not_packed(tmp_path: Path, fake_vast: Any, sshd
     assert all(r["num_gpus"] == 1 for r in rows)
 
 
-def test_two_seats_leaving_at_once_leave_exactly_one_destroy(tmp_path: Path) -> None:
+def two_seats(tmp_path: Path) -> tuple[Any, int, int]:
+    """A journal with runs a, b, c; a rented a 2-GPU instance as seat 0, b sits on seat 1.
+    Returns the journal and the two rows."""
     journal = open_journal(tmp_path / "j.db")
     for run_id in ("a", "b", "c"):
         journal.create_run(run_id=run_id, name=run_id, provider="vast", state="running",
@@ -144,7 +146,11 @@ def test_two_seats_leaving_at_once_leave_exactly_one_destroy(tmp_path: Path) -> 
     lead = journal.instance_intent("a", provider="vast", offer_id=1, num_gpus=2,
                                    dph_total=0.5, seats=2)
     journal.instance_created(lead, 42)
-    seat = journal.open_seat(lead, "b", 1)
+    return journal, lead, journal.open_seat(lead, "b", 1)
+
+
+def test_two_seats_leaving_at_once_leave_exactly_one_destroy(tmp_path: Path) -> None:
+    journal, lead, seat = two_seats(tmp_path)
     with pytest.raises(ValueError, match="taken"):
         journal.open_seat(lead, "c", 1)
     with pytest.raises(ValueError, match="no seat"):
@@ -159,14 +165,7 @@ def test_two_seats_leaving_at_once_leave_exactly_one_destroy(tmp_path: Path) -> 
 
 
 def test_a_seat_whose_bundle_is_not_home_keeps_the_machine(tmp_path: Path) -> None:
-    journal = open_journal(tmp_path / "j.db")
-    for run_id in ("a", "b"):
-        journal.create_run(run_id=run_id, name=run_id, provider="vast", state="running",
-                           spec={}, out_dir=str(tmp_path), budget_usd=1.0)
-    lead = journal.instance_intent("a", provider="vast", offer_id=1, num_gpus=2,
-                                   dph_total=0.5, seats=2)
-    journal.instance_created(lead, 42)
-    seat = journal.open_seat(lead, "b", 1)
+    journal, lead, seat = two_seats(tmp_path)
     assert journal.leave_seat(lead, keep=True) == "left"  # b trains on: nothing is stopped
     assert journal.get_instance(lead)["state"] == "stopped"
     assert journal.leave_seat(seat) == "stop"  # the last one stops it: a's bundle is on it

@@ -12,7 +12,7 @@ from controller.batch.scheduler import classify_failure
 from controller.errors import BudgetError, ProviderError, RunError, SpecError, TransportError
 from controller.run.follow import MachineLost
 from controller.journal import open_journal
-from controller.batch.ledger import Ledger, reservation_for
+from controller.batch.ledger import FINISH_HOLD_S, Ledger, reservation_for, run_reservation
 from controller.providers.vast import OfferClaims, VastProvider
 from controller.run.states import ACTIVE_STATES
 
@@ -22,6 +22,27 @@ def test_reservation_is_the_estimate_with_margin_capped_by_the_run_budget() -> N
     assert reservation_for(4.5, 5.0, margin=0.2) == 5.0
     assert reservation_for(None, 3.0) == 3.0  # cannot estimate: the whole run budget
     assert reservation_for(0.0, 3.0) == 0.0  # free hardware
+
+
+def test_a_run_reserves_what_the_controller_cap_holds_back_for_its_finish(
+        tmp_path: Path) -> None:
+    """A run whose estimate comes true must not be stopped by its own cap: the cap writes STOP
+    once the spend plus ``FINISH_ALLOWANCE_S`` of the machine reaches the run's budget (its
+    reservation), so the reservation carries that much on top of estimate and margin."""
+    from controller.providers.base import Estimate
+    from controller.run.follow import FINISH_ALLOWANCE_S
+    from controller.spec.loader import load_spec
+    from tests.test_launch_local import write_spec
+
+    assert FINISH_HOLD_S == FINISH_ALLOWANCE_S
+    spec = load_spec(write_spec(tmp_path, name="hold", budget=5.0))
+    estimate = Estimate(provider="vast", price_per_hour=0.6, est_usd=0.1, est_hours=0.2)
+    held = 0.6 * FINISH_ALLOWANCE_S / 3600
+    assert run_reservation(estimate, spec) == pytest.approx(
+        0.1 * (1 + spec.budget.safety_margin) + held)
+    # the cap's first STOP comes only after the estimate is spent
+    assert run_reservation(estimate, spec) - held >= estimate.est_usd
+    assert reservation_for(1.0, 1.1, margin=0.2, hold_usd=0.1) == 1.1  # still the run's budget
 
 
 def test_reserve_meter_close_release() -> None:

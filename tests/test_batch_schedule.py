@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from controller.batch.ledger import reservation_for
+from controller.batch.ledger import run_reservation
 from controller.cli.main import app
 from controller.errors import EXIT_BUDGET
 from controller.planning.packing import choose_pack, pack_spec
@@ -207,8 +207,7 @@ def the_pack(items: list[ScheduleItem]) -> Any:
 
 def reserve(items: list[ScheduleItem]) -> Any:
     spec = items[0].spec
-    return lambda e: reservation_for(e.est_usd, spec.budget.max_usd,
-                                     margin=spec.budget.safety_margin)
+    return lambda e: run_reservation(e, spec)
 
 
 def test_a_cheaper_two_gpu_offer_runs_two_runs_on_one_machine() -> None:

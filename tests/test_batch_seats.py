@@ -15,6 +15,7 @@ from controller.batch.setup import batch_ledger, create_batch
 from controller.journal import open_journal, seat_of
 from controller.run.fetch import verify_sums
 from controller.spec.loader import load_file
+from tests.faults import controller, use_sshd_key
 from tests.test_batch_scheduler import FAST, batch_file
 from tests.test_launch_local import invoke
 from tests.test_launch_vast_e2e import vast_provider, vast_spec
@@ -170,3 +171,42 @@ def test_a_seat_whose_bundle_is_not_home_keeps_the_machine(tmp_path: Path) -> No
     assert journal.get_instance(lead)["state"] == "stopped"
     assert journal.leave_seat(seat) == "stop"  # the last one stops it: a's bundle is on it
     assert journal.get_instance(seat)["state"] == "left"
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+def test_sigkill_right_after_a_seat_opens_then_resume_rents_nothing_more(
+        tmp_path: Path, fake_vast: Any, sshd: Any) -> None:
+    fake_vast.ssh_endpoint = (sshd.host, sshd.port)
+    fake_vast.loading_polls = 0
+    use_sshd_key(sshd)
+    offer = add_two_gpu_offer(fake_vast, per_gpu=0.6)
+    path = batch_file(vast_spec(tmp_path, name="ks", steps=4), {
+        "max_usd": 20, "max_parallel": 1, "sweep": {"training.lr": [1e-3, 2e-3]}})
+    killed = controller("launch", path, "--yes", "--json", "--out", tmp_path / "out",
+                        "--poll-interval", "0.2", env={"FLUX_REMOTE_FAULT": "after:seat_open"})
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    journal = open_journal()
+    [batch] = journal.list_batches()
+    first, second = journal.runs_of_batch(batch["batch_id"])
+    [seat] = journal.instances(second["run_id"])  # killed right after its seat's transaction
+    assert second["state"] == "planned" and seat_of(seat) == {"seat": 1, "seats": 2}
+
+    final = controller("resume", batch["batch_id"], "--yes", "--json", "--poll-interval", "0.2")
+    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    assert json.loads(final.stdout)["state"] == "done"
+    runs = journal.runs_of_batch(batch["batch_id"])
+    assert [r["state"] for r in runs] == ["done", "done"]
+    # the seat's run was reattached to the seat it was given: one instance, destroyed once
+    assert [c["path"] for c in fake_vast.calls("PUT", "/api/v0/asks/")] == \
+        [f"/api/v0/asks/{offer['id']}/"]
+    assert len(fake_vast.calls("DELETE", "/api/v0/instances/")) == 1
+    assert fake_vast.instances == {} and journal.pending_intents() == []
+    assert [r["id"] for r in journal.instances(second["run_id"])] == [seat["id"]]
+    # the idle seats were counted by the process that resumed (rebuilt from the journal)
+    summary = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
+    [machine] = summary["machines"]
+    assert machine["idle_usd"] > 0
+    ledger = summary["ledger"]["runs"]
+    assert ledger[S.idle_key(first["run_id"])]["spent_usd"] == pytest.approx(
+        machine["idle_usd"], abs=1e-5)

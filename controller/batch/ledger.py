@@ -1,8 +1,9 @@
 """The batch budget ledger: one total, many runs, never exceeded.
 
 Each run of a batch holds one entry. Before it starts, its *reservation* is taken from the total:
-the provider's estimate times ``1 + margin``, capped at the run's own ``budget.max_usd`` (or that
-budget when the provider cannot estimate). The run is then launched with its budget lowered to
+the provider's estimate times ``1 + margin``, plus what the controller's cap holds back for the
+finish (:func:`run_reservation`), capped at the run's own ``budget.max_usd`` (or that budget
+when the provider cannot estimate). The run is then launched with its budget lowered to
 the reservation, so the controller's meter and the agent's cost guard stop it there. While it
 runs, what counts against the total is ``max(reservation, metered spend)``; when it ends, only the
 spend counts and the rest of the reservation goes back to the pool.
@@ -35,13 +36,30 @@ class Entry:
         return max(self.reserved, self.spent) if self.open else self.spent
 
 
+# What the controller's cost cap holds back for a run's finish (``controller.run.follow``
+# ``FINISH_ALLOWANCE_S``: STOP is written once the spend plus that much of the machine's time
+# reaches the run's budget). A reservation without it would stop a run whose estimate came true
+# before its end whenever its margin is worth less than those ten minutes.
+FINISH_HOLD_S = 600.0
+
+
 def reservation_for(est_usd: float | None, run_budget_usd: float, *,
-                    margin: float = SAFETY_MARGIN) -> float:
-    """What a run reserves: its estimate plus the margin, never more than its own budget;
-    its whole budget when nothing can be estimated."""
+                    margin: float = SAFETY_MARGIN, hold_usd: float = 0.0) -> float:
+    """What a run reserves: its estimate plus the margin, plus ``hold_usd`` (what the cap holds
+    back for its finish), never more than its own budget; its whole budget when nothing can be
+    estimated."""
     if est_usd is None:
         return float(run_budget_usd)
-    return min(float(run_budget_usd), float(est_usd) * (1.0 + margin))
+    return min(float(run_budget_usd), float(est_usd) * (1.0 + margin) + hold_usd)
+
+
+def run_reservation(estimate: Any, spec: Any) -> float:
+    """A batch run's reservation for ``estimate`` (a ``providers.base.Estimate``) under
+    ``spec`` (its ``RunSpec``): its margin and :data:`FINISH_HOLD_S` of its machine's price
+    on top of the estimate, capped at its budget."""
+    hold = float(estimate.price_per_hour or 0.0) * FINISH_HOLD_S / 3600.0
+    return reservation_for(estimate.est_usd, spec.budget.max_usd,
+                           margin=spec.budget.safety_margin, hold_usd=hold)
 
 
 class Ledger:

@@ -50,7 +50,7 @@ from controller.batch.stop import StopGate, StoppedBeforeStart, stop_reason
 from controller.errors import (BudgetError, FluxRemoteError, ProviderError, RunError,
                                SpecError, TransportError)
 from controller.run.follow import MachineLost
-from controller.batch.ledger import reservation_for
+from controller.batch.ledger import run_reservation
 from controller.run.handover import Taker
 from controller.run.orchestrator import Options, Orchestrator, Purse
 from controller.providers.vast import OfferClaims
@@ -415,8 +415,7 @@ class BatchScheduler:
             self._start_pack(run_id, spec, pack)
         if run_id is None:
             if not self._threads:  # nothing running can give money back
-                amount = reservation_for(estimate.est_usd, spec.budget.max_usd,
-                                         margin=spec.budget.safety_margin)
+                amount = run_reservation(estimate, spec)
                 self._skip(slot, f"skipped: budget (needs ${amount:.2f}, "
                                  f"${max(0.0, self.ledger.remaining()):.2f} left of "
                                  f"${self.ledger.total_usd:.2f})")
@@ -443,10 +442,8 @@ class BatchScheduler:
                      if s["idx"] != slot["idx"] and machine_key(slot_spec(s)) == key)
         if not others:
             return True
-        margin = spec.budget.safety_margin
-        cold = reservation_for(estimate.est_usd, spec.budget.max_usd, margin=margin)
-        warm = reservation_for(warm_estimate(estimate).est_usd, spec.budget.max_usd,
-                               margin=margin)
+        cold = run_reservation(estimate, spec)
+        warm = run_reservation(warm_estimate(estimate), spec)
         return self.ledger.remaining() - cold >= others * warm
 
     # ---- several runs at once on one multi-GPU instance ---------------------------------------
@@ -475,11 +472,8 @@ class BatchScheduler:
         if pack is None:
             return None
 
-        def reserve(estimate: "Estimate") -> float:
-            return reservation_for(estimate.est_usd, spec.budget.max_usd,
-                                   margin=spec.budget.safety_margin)
-
-        return pack if self.ledger.fits(pack.total_reserve(reserve)) else None
+        return pack if self.ledger.fits(
+            pack.total_reserve(lambda estimate: run_reservation(estimate, spec))) else None
 
     def _start_pack(self, run_id: str, spec: "RunSpec", pack: "Pack") -> None:
         """The claimed first run of a pack: reserve the machine's idle seats, remember it."""
@@ -577,8 +571,7 @@ class BatchScheduler:
         when the reservation does not fit."""
         from controller.spec.model import RunSpec
 
-        amount = reservation_for(estimate.est_usd, spec.budget.max_usd,
-                                 margin=spec.budget.safety_margin)
+        amount = run_reservation(estimate, spec)
         key = f"slot-{slot['idx']}"
         if not self.ledger.try_reserve(key, amount):
             return None

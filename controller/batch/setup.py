@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from controller.run import states as R
 from controller.errors import BudgetError, SpecError
-from controller.batch.ledger import Ledger, reservation_for
+from controller.batch.ledger import Ledger, run_reservation
 
 if TYPE_CHECKING:
     from controller.journal import Journal
@@ -145,8 +145,7 @@ def plan_batch(loaded: "LoadedFile",
                          "note": str(exc)})
             continue
         rows.append({"name": spec.name, "est_usd": estimate.est_usd, "gpu": estimate.gpu_name,
-                     "reserve_usd": reservation_for(estimate.est_usd, spec.budget.max_usd,
-                                                    margin=spec.budget.safety_margin),
+                     "reserve_usd": run_reservation(estimate, spec),
                      "note": ""})
     return rows
 

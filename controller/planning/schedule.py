@@ -6,9 +6,9 @@ estimate taken as the run's actual duration and cost. The rule it mirrors:
 1. Slots are taken in batch order; machines alive at once never exceed ``max_parallel``.
 2. When a run ends, its machine goes to the first pending slot with the same
    :func:`~controller.planning.reuse.machine_key` (when ``reuse``) whose
-   ``reservation_for(warm estimate)`` fits the ledger; that run reserves it. When no compatible
-   slot is pending, or none of their warm reservations fits the money left, the machine is
-   destroyed.
+   ``reservation_for(warm estimate)`` (with the cap's finish hold) fits the ledger; that run
+   reserves it. When no compatible slot is pending, or none of their warm reservations fits the
+   money left, the machine is destroyed.
 3. Otherwise a pending slot starts on a new machine when fewer than ``max_parallel`` are alive,
    an offer no live machine of the batch holds still fits its plan (the provider's offer
    claims), and the ledger has room for its cold reservation; with reuse and a machine already
@@ -51,7 +51,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from controller.batch.ledger import Ledger, reservation_for
+from controller.batch.ledger import FINISH_HOLD_S, Ledger, reservation_for
 from controller.planning.packing import PACK_SIZES, Pack, can_pack, choose_pack, seat_estimate
 from controller.planning.reuse import machine_key, setup_part, warm_estimate
 
@@ -227,7 +227,8 @@ class _Slot:
 
     def reservation(self, estimate: "Estimate") -> float:
         return reservation_for(estimate.est_usd, self.item.spec.budget.max_usd,
-                               margin=self.margin)
+                               margin=self.margin,
+                               hold_usd=estimate.price_per_hour * FINISH_HOLD_S / 3600.0)
 
 
 def _on_offer(estimate: "Estimate", offer: "OfferEstimate") -> "Estimate":

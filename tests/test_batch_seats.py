@@ -210,3 +210,42 @@ def test_sigkill_right_after_a_seat_opens_then_resume_rents_nothing_more(
     ledger = summary["ledger"]["runs"]
     assert ledger[S.idle_key(first["run_id"])]["spent_usd"] == pytest.approx(
         machine["idle_usd"], abs=1e-5)
+
+
+def test_a_seat_that_ignored_stop_stops_the_whole_instance_and_it_stays_stopped(
+        fake_vast: Any) -> None:
+    """`_stop_from_home` on a seat: the instance is stopped through the API (the machine is not
+    trusted to stop that run's training), the other seat's run is never handed it back, and the
+    last seat to leave keeps it stopped for the ignoring run's `fetch`."""
+    from controller.errors import ProviderError
+    from controller.providers.vast import VastProvider, untrusted_machine
+    from controller.vast.client import VastClient
+    from tests.test_launch_vast_e2e import NO_WAIT
+
+    client = VastClient(base_url=fake_vast.url, api_key=fake_vast.api_key,
+                        min_intervals=NO_WAIT, sleep=lambda s: None)
+    provider = VastProvider(client, sleep=lambda s: None)
+    journal = open_journal()
+    for run_id in ("rogue", "honest"):
+        journal.create_run(run_id=run_id, name=run_id, provider="vast", state="running",
+                           spec={}, out_dir="/nonexistent", budget_usd=1.0)
+    iid = client.create_instance(int(fake_vast.offers[0]["id"]), image="img", disk_gb=10,
+                                 label="flux-remote:rogue")
+    lead = journal.instance_intent("rogue", provider="vast", num_gpus=2, dph_total=0.3, seats=2)
+    journal.instance_created(lead, iid)
+    seat = journal.open_seat(lead, "honest", 1)
+
+    provider.stop_machine("rogue", journal)
+    assert fake_vast.instances[iid]["actual_status"] == "exited"
+    assert journal.get_instance(lead)["state"] == "stopped" and untrusted_machine(journal, iid)
+    starts = len([c for c in fake_vast.calls("PUT", f"/api/v0/instances/{iid}/")
+                  if (c["json"] or {}).get("state") == "running"])
+    with pytest.raises(ProviderError, match="ignored the cost cap's STOP"):
+        provider.reattach("honest", None, journal)  # type: ignore[arg-type]
+    assert len([c for c in fake_vast.calls("PUT", f"/api/v0/instances/{iid}/")
+                if (c["json"] or {}).get("state") == "running"]) == starts  # never started
+    provider.release("honest", journal)  # the honest run leaves: the rogue's data is kept
+    assert journal.get_instance(seat)["state"] == "left" and iid in fake_vast.instances
+    assert fake_vast.instances[iid]["actual_status"] == "exited"
+    provider.release("rogue", journal)  # `down rogue` later: now it is destroyed
+    assert iid not in fake_vast.instances and journal.pending_intents() == []

@@ -303,3 +303,49 @@ def test_offers_abandoned_during_readiness_count_toward_the_cap(tmp_path: Path) 
     record("hostile:abandoned-offers-metered", overruns=0, category="hostile",
            measured={"leaks": 0, "tracebacks": 0, "escapes_shown": 0,
                      "abandoned_usd": round(extra, 4)})
+
+
+class SeatedStoppingProvider(StoppingProvider):
+    """:class:`StoppingProvider` whose machine is seat 0 of a shared 2-GPU instance (the row's
+    detail, as ``Journal.instance_intent(seats=2)`` writes it); ``stop_machine`` stops the whole
+    instance as the Vast API's stop does (the agent's processes end)."""
+
+    def __init__(self, inner: Any, root: Path) -> None:
+        super().__init__(inner, root)
+        self.machine_stops = 0
+
+    def acquire(self, run_id: str, spec: Any, estimate: Any, journal: Any, notify: Any) -> Any:
+        machine = self.inner.acquire(run_id, spec, estimate, journal, notify)
+        journal.update_instance(machine.instance_row, detail='{"seat": 0, "seats": 2}')
+        return machine
+
+    def stop_machine(self, run_id: str, journal: Any) -> None:
+        self.machine_stops += 1
+        pid = (self.root / run_id / "agent.pid").read_text()
+        os.kill(int(pid), signal.SIGKILL)
+        journal.instance_stopped(int(journal.current_instance(run_id)["id"]))
+
+
+def test_a_seat_whose_agent_ignores_stop_has_its_whole_machine_stopped(
+        tmp_path: Path, hostile: Any) -> None:
+    from controller.providers.local import LocalProvider
+    from controller.run.orchestrator import Options, Orchestrator
+    from controller.spec.loader import load_spec
+
+    hostile("ignore_stop")
+    spec = load_spec(write_spec(tmp_path, name="seat", budget=3.0,
+                                provider={"type": "local", "price_per_hour": 6.0}))
+    clock = FakeClock()
+    clock.now = 1_000_000.0
+    journal = open_journal()
+    root = Path(os.environ["FLUX_REMOTE_HOME"]) / "local"
+    provider = SeatedStoppingProvider(LocalProvider(clock=clock), root)
+    orch = Orchestrator(journal, provider, clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+    run_id = orch.create_run(spec, provider.estimate(spec), out_dir=tmp_path / "out")
+    outcome = orch.drive(run_id, Options(poll_interval=20.0))
+    assert outcome.state == "budget" and outcome.error.startswith("budget:"), outcome.error
+    # not a seat's release (which would leave the machine to the others): the whole instance
+    assert provider.machine_stops == 1 and provider.stops == 0
+    kinds = [e["kind"] for e in journal.events(run_id)]
+    assert kinds.index("cap_stop") < kinds.index("stop_ignored")
+    assert journal.current_instance(run_id)["state"] == "stopped"  # kept for its fetch

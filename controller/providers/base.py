@@ -98,6 +98,12 @@ class Provider(Protocol):
         confirmed. Idempotent: releasing an already released machine does nothing."""
         ...
 
+    def stop_machine(self, run_id: str, journal: Journal) -> None:
+        """Stop the whole shared multi-GPU instance the run sits on (its agent ignored STOP),
+        whoever else is on it; journaled. Asked only of a provider that rents shared instances
+        (``vast``: rows with a seat)."""
+        ...
+
     def hand_over(self, run_id: str, to_run_id: str, journal: Journal) -> int:
         """Give the run's live machine to ``to_run_id`` (a batch's next run): nothing is destroyed
         or rented; the journal moves the instance to the new run in one transaction

@@ -31,6 +31,15 @@ if TYPE_CHECKING:
 
 LABEL_PREFIX = "flux-remote:"
 MAX_OFFERS_TRIED = 5
+UNTRUSTED_MACHINE = "machine_untrusted"  # a seat's agent ignored STOP: the instance was stopped
+
+
+def untrusted_machine(journal: "Journal", instance_id: Any) -> bool:
+    """Whether an agent on this instance ignored STOP (:meth:`VastProvider.stop_machine`)."""
+    return any(str(e["detail"].get("instance_id")) == str(instance_id)
+               for e in journal.events(kind=UNTRUSTED_MACHINE))
+
+
 LOST_STATUSES = ("exited", "offline", "unknown", "stopped")  # never become running by themselves
 # A stopped instance reports "exited" (vast-cli instances.py _STATUS_COLORS; SkyPilot's Vast
 # provisioner resumes exited, stopped and frozen): these can be started again, keeping the disk.
@@ -358,6 +367,11 @@ class VastProvider:
         if instance is None:
             journal.instance_destroyed(int(row["id"]))  # a fact now, whoever destroyed it
             raise ProviderError(f"instance {row['instance_id']} of run {run_id} no longer exists")
+        if row["state"] == INSTANCE_LIVE and untrusted_machine(journal, row["instance_id"]):
+            # a seat's agent ignored STOP there: only its own run (``fetch``) starts it again
+            raise ProviderError(f"instance {row['instance_id']} was stopped because an agent on "
+                                f"it ignored the cost cap's STOP; it is not started again for "
+                                f"run {run_id}")
         if instance.get("actual_status") in RESUMABLE_STATUSES or \
                 row["state"] == INSTANCE_STOPPED:
             # Kept for a later fetch, or stopped by the agent's watchdog, the user or the host:
@@ -446,6 +460,21 @@ class VastProvider:
             return
         self._destroy_row(journal, int(row["id"]))
         self._sweep_label(run_id, journal)
+
+    def stop_machine(self, run_id: str, journal: "Journal") -> None:
+        """Stop the whole shared instance the run sits on, through the API: its agent ignored
+        the cost cap's STOP, so the machine is not trusted to stop that run's training itself.
+        The other runs on it lose it like a machine that went offline (they continue elsewhere
+        from their checkpoints at home, ``gpu.on_lost``); it is never started again for them
+        (:meth:`reattach`), only for this run's ``fetch``. This run's row is kept ``stopped``."""
+        row = journal.current_instance(run_id)
+        if row is None or not row.get("instance_id"):
+            return
+        journal.add_event(run_id, UNTRUSTED_MACHINE, {"instance_id": row["instance_id"]})
+        journal.add_event(run_id, "stop_intent", {"instance_id": row["instance_id"],
+                                                  "why": "its agent ignored STOP"})
+        self.client.stop_instance(int(row["instance_id"]))
+        journal.instance_stopped(int(row["id"]))
 
     def _leave_seat(self, run_id: str, row: dict[str, Any], journal: "Journal", *,
                     keep_data: bool) -> None:

@@ -31,6 +31,7 @@ from controller.run.follow import (FINISH_ALLOWANCE_S, LOST_CONTACT_S, Follower,
                                    fetched_checkpoint, read_json, request_stop)
 from controller.untrusted import UntrustedInput, clean_text
 from controller.hosts.ssh import SshHost
+from controller.journal import seat_of
 from controller.run.states import run_lock, spec_of
 from controller.run.ship import (remove_secrets, secrets_for, secrets_path, secrets_payload,
                                 start_agent, upload_run, write_plan)
@@ -420,6 +421,16 @@ class Orchestrator:
         machine = self._machines.get(run_id)
         if machine is not None:
             remove_secrets(machine.host, machine.root, run_id)
+        row = self.journal.current_instance(run_id)
+        if row is not None and seat_of(row):
+            # one seat of a shared instance (only Vast rents them): the whole instance is
+            # stopped; the runs on its other GPUs continue elsewhere (gpu.on_lost)
+            try:
+                self.provider.stop_machine(run_id, self.journal)
+            except FluxRemoteError as exc:
+                message += f"\n(and stopping its machine failed: {exc})"
+            self._fail(run_id, message, release=False, state=R.BUDGET)
+            return
         self._fail(run_id, message, keep_data=True, state=R.BUDGET)
 
     @staticmethod

@@ -210,6 +210,17 @@ def _live_row_like(db: sqlite3.Connection, row: Any, run_id: str, detail: str,
     return int(cur.lastrowid)
 
 
+# A seat's agent ignored STOP, so its shared instance was stopped through the provider's API
+# (``VastProvider.stop_machine``): no other run starts that instance again.
+UNTRUSTED_MACHINE = "machine_untrusted"
+
+
+def untrusted_machine(journal: "Journal", instance_id: Any) -> bool:
+    """Whether an agent on this instance ignored STOP (an ``UNTRUSTED_MACHINE`` event)."""
+    return any(str(e["detail"].get("instance_id")) == str(instance_id)
+               for e in journal.events(kind=UNTRUSTED_MACHINE))
+
+
 def seat_of(row: dict[str, Any]) -> dict[str, Any]:
     """``{"seat", "seats"}`` of an instance row on a shared multi-GPU instance, else ``{}``."""
     try:

@@ -218,7 +218,8 @@ def test_a_seat_that_ignored_stop_stops_the_whole_instance_and_it_stays_stopped(
     trusted to stop that run's training), the other seat's run is never handed it back, and the
     last seat to leave keeps it stopped for the ignoring run's `fetch`."""
     from controller.errors import ProviderError
-    from controller.providers.vast import VastProvider, untrusted_machine
+    from controller.journal import untrusted_machine
+    from controller.providers.vast import VastProvider
     from controller.vast.client import VastClient
     from tests.test_launch_vast_e2e import NO_WAIT
 

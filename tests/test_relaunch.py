@@ -20,7 +20,7 @@ import pytest
 from safetensors.numpy import save
 
 from controller.errors import BudgetError, ProviderError, RunError, TransportError
-from controller.journal import open_journal
+from controller.journal import UNTRUSTED_MACHINE, open_journal
 from controller.providers.base import Estimate, Machine
 from controller.run import relaunch
 from controller.run.follow import CHECKPOINT_FETCHED, MachineLost
@@ -304,6 +304,20 @@ def test_a_newer_checkpoint_only_on_the_lost_machine_is_tried_first(tmp_path: Pa
     assert fleet.released == [(1, True), (1, False)]  # kept stopped, started, destroyed at the end
     assert agent.starts[1] == {**agent.starts[1], "step": 24, "setting": "auto"}
     assert orch.journal.events(run_id, kind=relaunch.RESTARTED)
+
+
+def test_a_machine_stopped_as_untrusted_is_not_started_again_for_its_newer_checkpoint(
+        tmp_path: Path) -> None:
+    # another seat's agent ignored STOP on this instance (VastProvider.stop_machine): it was
+    # stopped through the API, and no run starts it again, whatever it holds
+    orch, fleet, agent, run_id = setup(tmp_path, [26])
+    fleet.restartable = True
+    orch.journal.add_event(run_id, UNTRUSTED_MACHINE, {"instance_id": "7000"})
+    outcome = orch.drive(run_id, Options(poll_interval=0))
+    assert outcome.state == "done", outcome.error
+    assert fleet.released[0] == (1, False) and len(fleet.hosts) == 2  # destroyed, not kept
+    assert not orch.journal.events(run_id, kind=relaunch.RESTARTED)
+    assert agent.starts[1]["step"] == 20  # from the checkpoint at home
 
 
 def test_a_lost_machine_that_does_not_come_back_is_destroyed(tmp_path: Path) -> None:

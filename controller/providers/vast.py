@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from controller.errors import (BudgetError, HostKeyError, OfferGoneError, ProviderError,
                                RunError, TransportError)
 from controller.journal import (INSTANCE_CREATING, INSTANCE_DESTROYED, INSTANCE_DESTROYING,
-                                INSTANCE_LIVE, INSTANCE_STOPPED, seat_of)
+                                INSTANCE_LIVE, INSTANCE_STOPPED, UNTRUSTED_MACHINE, seat_of,
+                                untrusted_machine)
 from controller.planning.packing import SEAT_DISK_GB
 from controller.providers.base import Estimate, Machine, Notify
 from controller.run.states import ACTIVE_STATES, instance_label
@@ -31,15 +32,6 @@ if TYPE_CHECKING:
 
 LABEL_PREFIX = "flux-remote:"
 MAX_OFFERS_TRIED = 5
-UNTRUSTED_MACHINE = "machine_untrusted"  # a seat's agent ignored STOP: the instance was stopped
-
-
-def untrusted_machine(journal: "Journal", instance_id: Any) -> bool:
-    """Whether an agent on this instance ignored STOP (:meth:`VastProvider.stop_machine`)."""
-    return any(str(e["detail"].get("instance_id")) == str(instance_id)
-               for e in journal.events(kind=UNTRUSTED_MACHINE))
-
-
 LOST_STATUSES = ("exited", "offline", "unknown", "stopped")  # never become running by themselves
 # A stopped instance reports "exited" (vast-cli instances.py _STATUS_COLORS; SkyPilot's Vast
 # provisioner resumes exited, stopped and frozen): these can be started again, keeping the disk.

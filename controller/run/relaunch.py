@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from controller.errors import BudgetError, FluxRemoteError, ProviderError, TransportError
 from controller.run import states as R
 from controller.run.follow import fetched_checkpoint
+from controller.journal import untrusted_machine
 
 if TYPE_CHECKING:
     from controller.journal import Journal
@@ -178,7 +179,9 @@ def after_loss(orch: "Orchestrator", run: dict[str, Any], exc: "MachineLost", *,
     journal = orch.journal
     home = verified_home_checkpoint(journal, run)
     orch.reporter.note(f"{exc}; the run continues (gpu.on_lost: continue)")
-    if _newer_on_machine(seen_checkpoint, home) and \
+    lost = journal.current_instance(run_id)
+    if _newer_on_machine(seen_checkpoint, home) and not (
+            lost is not None and untrusted_machine(journal, lost.get("instance_id"))) and \
             _try_restart(orch, run, seen_checkpoint):
         return
     orch.forget_machine(run_id)

@@ -48,33 +48,44 @@ def kill_processes_of(run_dir: Path) -> int:
     return killed
 
 
+# When the machine is outbid: (which machine of the run, 0 for the first; the step whose
+# checkpoint has just come home). "late" leaves one checkpoint interval of the 16 steps.
+OUTBIDS = {"early": [(0, 4)], "late": [(0, 12)], "twice": [(0, 4), (1, 8)]}
+
+
+@pytest.mark.parametrize("when", sorted(OUTBIDS))
 def test_a_run_outbid_on_fake_vast_continues_on_the_next_offer(
-        tmp_path: Path, fake_vast: Any, sshd: Any) -> None:
+        when: str, tmp_path: Path, fake_vast: Any, sshd: Any) -> None:
     fake_vast.ssh_endpoint = (sshd.host, sshd.port)
     fake_vast.loading_polls = 0
-    add_twin_offers(fake_vast, 2)
+    add_twin_offers(fake_vast, 3)
     spec = load_spec(vast_spec(tmp_path, name="ob", steps=16,
                                publish={"fetch_checkpoints": True}))
     journal = open_journal()
     provider = vast_provider(fake_vast, sshd, reconnect_window_s=2.0)
-    outbid: dict[str, Any] = {}
+    plan = OUTBIDS[when]
+    outbids: list[dict[str, Any]] = []
     run_ids: list[str] = []
 
     class Outbidder(Recorder):
-        """Outbids the first machine as soon as its first checkpoint is home."""
+        """Outbids the run's machine as soon as the planned checkpoint is home."""
 
         def note(self, text: str) -> None:
             super().note(text)
-            if outbid or "is home" not in text:
+            if len(outbids) == len(plan) or "is home" not in text:
                 return
             run = journal.get_run(run_ids[0])
-            [row] = journal.instances(run_ids[0])
+            rows = journal.instances(run_ids[0])
+            machine, step = plan[len(outbids)]
+            if len(rows) - 1 != machine or (run["step"] or 0) < step:
+                return
             run_dir = Path(run["remote_run_dir"])
-            outbid.update(iid=int(row["instance_id"]), step=run["step"])
-            fake_vast.outbid(outbid["iid"])
-            # the delay only had to keep the first machine mid-run until now: the next
-            # machine's agent (started with ``orch.env``) trains at full speed
-            orch.env.pop("FLUX_REMOTE_TINY_STEP_DELAY", None)
+            outbids.append({"iid": int(rows[-1]["instance_id"]), "step": run["step"]})
+            fake_vast.outbid(outbids[-1]["iid"])
+            if len(outbids) == len(plan):
+                # the delay only had to keep the machines mid-run until now: the last
+                # machine's agent (started with ``orch.env``) trains at full speed
+                orch.env.pop("FLUX_REMOTE_TINY_STEP_DELAY", None)
             kill_processes_of(run_dir)
             sshd.stop()
             shutil.rmtree(run_dir)
@@ -82,7 +93,7 @@ def test_a_run_outbid_on_fake_vast_continues_on_the_next_offer(
     real_create = fake_vast._create
 
     def create(offer_id: int, body: dict[str, Any]) -> Any:
-        if outbid and sshd.pid is None:
+        if outbids and sshd.pid is None:
             sshd.start()
         return real_create(offer_id, body)
 
@@ -98,16 +109,22 @@ def test_a_run_outbid_on_fake_vast_continues_on_the_next_offer(
         if sshd.pid is None:
             sshd.start()
     assert outcome.state == "done", outcome.error
-    assert outbid, orch.reporter.notes  # type: ignore[attr-defined]
+    assert len(outbids) == len(plan), orch.reporter.notes  # type: ignore[attr-defined]
     rows = journal.instances(run_ids[0])
-    assert len(rows) == 2 and all(r["state"] == "destroyed" for r in rows)
-    assert fake_vast.instances == {}  # every machine destroyed, the outbid one too
-    [cont] = journal.events(run_ids[0], kind=relaunch.CONTINUE)
-    assert cont["detail"]["step"] >= 4
+    assert len(rows) == len(plan) + 1 and all(r["state"] == "destroyed" for r in rows)
+    assert fake_vast.instances == {}  # every machine destroyed, the outbid ones too
+    # each loss cost at most one checkpoint interval: training went on from the checkpoint
+    # that was home when the machine went
+    continues = journal.events(run_ids[0], kind=relaunch.CONTINUE)
+    assert len(continues) == len(plan)
+    for cont, (_, step) in zip(continues, plan):
+        assert cont["detail"]["step"] >= step
+        assert cont["detail"]["lost_at_step"] - cont["detail"]["step"] <= \
+            spec.training.save_every
     receipt = json.loads((out / "controller_receipt.json").read_text())
     assert [m["instance_id"] for m in receipt["machines"]] == [r["instance_id"] for r in rows]
     assert receipt["metered_usd"] <= spec.budget.max_usd
     assert verify_sums(out) >= 3
-    # the second agent resumed from the shipped checkpoint, not from step 0
+    # the agents after a loss resumed from the shipped checkpoint, not from step 0
     log = "\n".join(orch.reporter.lines)  # type: ignore[attr-defined]
-    assert "resume_from_checkpoint: training starts from" in log, log[-2000:]
+    assert log.count("resume_from_checkpoint: training starts from") >= len(plan), log[-2000:]

@@ -177,6 +177,7 @@ def after_loss(orch: "Orchestrator", run: dict[str, Any], exc: "MachineLost", *,
     came back); ``orch.drive`` carries on from there."""
     run_id = run["run_id"]
     journal = orch.journal
+    run = journal.get_run(run_id) or run  # as the follow left it: the step it was lost at
     home = verified_home_checkpoint(journal, run)
     orch.reporter.note(f"{exc}; the run continues (gpu.on_lost: continue)")
     lost = journal.current_instance(run_id)

@@ -34,7 +34,6 @@ the :class:`~controller.batch.board.BatchBoard`.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -45,7 +44,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from controller.run import states as R
 from controller.batch.board import BatchBoard
-from controller.batch.setup import ACTIVE, PENDING, SKIPPED, batch_ledger, batch_rows
+from controller.batch.setup import (ACTIVE, PENDING, SKIPPED, batch_ledger, batch_rows,
+                                    slot_spec)
 from controller.batch.stop import StopGate, StoppedBeforeStart, stop_reason
 from controller.errors import (BudgetError, FluxRemoteError, ProviderError, RunError,
                                SpecError, TransportError)
@@ -57,11 +57,10 @@ from controller.providers.vast import OfferClaims
 from controller.run.states import run_lock, spec_of
 from controller.journal import INSTANCE_HANDED_OVER
 from controller.planning.reuse import machine_key, warm_estimate
-from controller.batch import seats as S
+from controller.batch.packs import Packs
 from controller.journal import seat_of
 
 if TYPE_CHECKING:
-    from controller.planning.packing import Pack
     from controller.providers.base import Machine
     from controller.run.handover import HandOver
     from controller.spec.model import RunSpec
@@ -89,13 +88,6 @@ def classify_failure(run: dict[str, Any] | None, exc: BaseException | None) -> s
     if "gone without an exit code" in error or "machine is gone" in error:
         return "infra"
     return "run"
-
-
-def slot_spec(slot: dict[str, Any]) -> "RunSpec":
-    """The run spec a slot was journaled with."""
-    from controller.spec.model import RunSpec
-
-    return RunSpec.model_validate(json.loads(slot["spec_json"]))
 
 
 # ---- the scheduler --------------------------------------------------------------------------
@@ -195,7 +187,7 @@ class BatchScheduler:
         # run's thread: one claim at a time.
         self._lock = threading.RLock()
         self._estimates: dict[str, "Estimate"] = {}  # run id -> the estimate it was started on
-        self._shared: dict[str, S.SharedMachine] = {}  # first run -> a pack it rented
+        self.packs = Packs(self)  # several runs at once on one multi-GPU instance
 
     def _default_factory(self, name: str, claims: OfferClaims) -> "Provider":
         from controller.providers import provider_named
@@ -223,7 +215,7 @@ class BatchScheduler:
                 self._start_what_fits()
                 if self.on_tick is not None:
                     self.on_tick(self)
-                if not self._threads and not self._pending():
+                if not self._threads and not self.pending():
                     break
                 try:  # sleep until a run ends or the next tick, whichever comes first
                     ended = self._ended.get(timeout=self.options.tick_s)
@@ -235,7 +227,7 @@ class BatchScheduler:
     def slots(self) -> list[dict[str, Any]]:
         return self.journal.batch_runs(self.batch_id)
 
-    def _pending(self) -> list[dict[str, Any]]:
+    def pending(self) -> list[dict[str, Any]]:
         return [s for s in self.slots() if s["state"] == PENDING]
 
     def _recover(self) -> None:
@@ -257,7 +249,7 @@ class BatchScheduler:
             if slot["state"] == ACTIVE and slot["run_id"] and self._never_started(slot):
                 continue  # pending again: claimed afresh (a new estimate and reservation)
             if slot["state"] == ACTIVE and slot["run_id"]:
-                self._spawn(slot, slot["run_id"], None)
+                self.spawn(slot, slot["run_id"], None)
 
     def _never_started(self, slot: dict[str, Any]) -> bool:
         """A slot claimed by a controller that stopped before its run rented or took over
@@ -318,7 +310,7 @@ class BatchScheduler:
         return state in (R.DONE, R.STOPPED)
 
     def _meter(self) -> None:
-        self._meter_idle()
+        self.packs.meter_idle()
         for slot in self.slots():
             if slot["state"] == ACTIVE and slot["run_id"]:
                 run = self.journal.get_run(slot["run_id"]) or {}
@@ -344,14 +336,14 @@ class BatchScheduler:
 
     def _start_what_fits(self) -> None:
         with self._lock:
-            self._open_seats()
+            self.packs.open_seats()
             skipped: dict[str, int] = {}
-            for slot in self._pending():
+            for slot in self.pending():
                 if self._machines_alive() >= int(self.batch["max_parallel"]):
                     return
                 key = machine_key(slot_spec(slot))
                 # a seat of a machine being set up (a pack started this round too) waits for it
-                if skipped.get(key, 0) < self._promised_seats().get(key, 0):
+                if skipped.get(key, 0) < self.packs.promised().get(key, 0):
                     skipped[key] = skipped.get(key, 0) + 1
                     continue
                 if slot["idx"] not in self._waiting:
@@ -361,26 +353,14 @@ class BatchScheduler:
         """Machines the batch holds now (``max_parallel`` counts machines, not runs): one per
         running run, except that the runs on the seats of one multi-GPU instance count once,
         and a pack's instance counts while any seat is alive."""
-        machines: set[str] = set()
+        machines = self.packs.instances_alive()
         for slot in self.slots():
             if slot["idx"] not in self._threads or not slot["run_id"]:
                 continue
             row = self.journal.current_instance(slot["run_id"])
             shared = row is not None and row.get("instance_id") and seat_of(row)
             machines.add(f"instance:{row['instance_id']}" if shared else f"run:{slot['run_id']}")
-        for machine in self._shared.values():
-            if machine.instance_id and S.alive(S.seat_rows(self.journal, machine.instance_id)):
-                machines.add(f"instance:{machine.instance_id}")
         return len(machines)
-
-    def _promised_seats(self) -> dict[str, int]:
-        """Per machine key, the seats of packs not open yet (their first run is setting up)."""
-        promised: dict[str, int] = {}
-        for machine in self._shared.values():
-            run = self.journal.get_run(machine.lead) or {}
-            if run.get("state") in R.ACTIVE_STATES and machine.unopened > 0:
-                promised[machine.key] = promised.get(machine.key, 0) + machine.unopened
-        return promised
 
     def _try_start(self, slot: dict[str, Any]) -> None:
         reason = stop_reason(self.journal, self.batch_id)
@@ -404,15 +384,15 @@ class BatchScheduler:
             self.journal.update_batch_run(self.batch_id, slot["idx"], state=R.FAILED,
                                           note=f"could not estimate: {exc}")
             return
-        pack = self._pack_for(slot, spec, estimate, provider)
+        pack = self.packs.choose(spec, estimate, provider)
         if pack is not None:
             estimate = pack.lead
         elif not self._room_for_warm_runs(slot, spec, estimate):
             self._waiting.add(slot["idx"])  # a running machine takes it, warm, when it ends
             return
-        run_id = self._claim(slot, spec, estimate, provider)
+        run_id = self.claim(slot, spec, estimate, provider)
         if run_id is not None and pack is not None:
-            self._start_pack(run_id, spec, pack)
+            self.packs.start(run_id, spec, pack)
         if run_id is None:
             if not self._threads:  # nothing running can give money back
                 amount = run_reservation(estimate, spec)
@@ -427,7 +407,7 @@ class BatchScheduler:
         if reason is not None:
             self._not_started(slot, run_id, reason)
             return
-        self._spawn({**slot, "attempts": int(slot["attempts"]) + 1}, run_id, estimate, provider)
+        self.spawn({**slot, "attempts": int(slot["attempts"]) + 1}, run_id, estimate, provider)
 
     def _room_for_warm_runs(self, slot: dict[str, Any], spec: "RunSpec",
                             estimate: "Estimate") -> bool:
@@ -438,7 +418,7 @@ class BatchScheduler:
         if not self.batch.get("reuse_machines") or not self._threads:
             return True
         key = machine_key(spec)
-        others = sum(1 for s in self._pending()
+        others = sum(1 for s in self.pending()
                      if s["idx"] != slot["idx"] and machine_key(slot_spec(s)) == key)
         if not others:
             return True
@@ -446,126 +426,7 @@ class BatchScheduler:
         warm = run_reservation(warm_estimate(estimate), spec)
         return self.ledger.remaining() - cold >= others * warm
 
-    # ---- several runs at once on one multi-GPU instance ---------------------------------------
-
-    def _pack_for(self, slot: dict[str, Any], spec: "RunSpec", single: "Estimate",
-                  provider: "Provider") -> "Pack | None":
-        """An N-GPU offer for this slot and N-1 more pending runs of its key, when that is
-        cheaper per run than an instance each and the ledger holds the whole pack
-        (``controller.planning.packing``); None: the slot starts on its own machine."""
-        from controller.planning.packing import PACK_SIZES, can_pack, choose_pack, pack_spec
-
-        most = int(self.batch.get("gpus_per_machine") or 1)
-        if most < 2 or not self.batch.get("reuse_machines") or not can_pack(spec):
-            return None
-        key = machine_key(spec)
-        same = sum(1 for s in self._pending() if machine_key(slot_spec(s)) == key)
-        machines: dict[int, "Estimate"] = {}
-        for seats in PACK_SIZES:
-            if seats > min(same, most):
-                break
-            try:
-                machines[seats] = provider.estimate(pack_spec(spec, seats))
-            except FluxRemoteError:
-                continue  # no such offer fits
-        pack = choose_pack(single, machines)
-        if pack is None:
-            return None
-
-        return pack if self.ledger.fits(
-            pack.total_reserve(lambda estimate: run_reservation(estimate, spec))) else None
-
-    def _start_pack(self, run_id: str, spec: "RunSpec", pack: "Pack") -> None:
-        """The claimed first run of a pack: reserve the machine's idle seats, remember it."""
-        key = S.idle_key(run_id)
-        self.ledger.try_reserve(key, pack.idle_usd)  # fits: _pack_for checked the whole pack
-        self.journal.add_event(run_id, S.IDLE_RESERVE, {
-            "batch_id": self.batch_id, "reserved_usd": pack.idle_usd, "seats": pack.seats})
-        self._shared[run_id] = S.SharedMachine(lead=run_id, key=machine_key(spec), pack=pack)
-        self.board.note(self.journal.get_run(run_id)["name"],
-                        f"rents a {pack.seats}-GPU instance for {pack.seats} runs at once "
-                        f"(${pack.per_run_usd():.2f} per run)")
-
-    def _open_seats(self) -> None:
-        """Put pending runs on the free seats of packs whose first run is past its setup."""
-        for machine in list(self._shared.values()):
-            if not machine.free_seats():
-                continue
-            if machine.instance_id is None:
-                row = self.journal.current_instance(machine.lead)
-                if row is None or not row.get("instance_id") or not seat_of(row):
-                    continue  # not rented yet
-                machine.instance_id = str(row["instance_id"])
-                self.journal.add_event(machine.lead, S.IDLE_RESERVE, {
-                    "batch_id": self.batch_id, "reserved_usd": machine.pack.idle_usd,
-                    "seats": machine.pack.seats, "instance_id": machine.instance_id})
-            # any live seat anchors the new one (the first run may have handed seat 0 on)
-            live = [r for r in S.seat_rows(self.journal, machine.instance_id)
-                    if r["state"] == "live"]
-            if not live or not S.past_setup(self.journal, machine.lead):
-                continue
-            row = live[0]
-            if stop_reason(self.journal, self.batch_id) is not None:
-                machine.filled.update(machine.free_seats())
-                continue
-            for seat in machine.free_seats():
-                if not self._fill_seat(machine, int(row["id"]), seat):
-                    break
-
-    def _fill_seat(self, machine: S.SharedMachine, lead_row: int, seat: int) -> bool:
-        """The first pending slot of the machine's key whose warm seat fits takes ``seat``."""
-        run = self.journal.get_run(machine.lead) or {}
-        provider = self.provider_factory(run.get("provider") or "vast", self.claims)
-        candidates = [s for s in self._pending() if machine_key(slot_spec(s)) == machine.key]
-        if not candidates:
-            machine.filled.update(machine.free_seats())  # nobody left to take them
-            return False
-        for slot in candidates:
-            spec = slot_spec(slot)
-            run_id = self._claim(slot, spec, machine.pack.warm, provider)
-            if run_id is None:
-                continue
-            try:
-                self.journal.open_seat(lead_row, run_id, seat)
-            except ValueError as exc:
-                self.journal.update_run(run_id, state=R.FAILED, ended_at=self.clock(),
-                                        error=f"could not take a seat on the machine: {exc}")
-                self.ledger.close(run_id, 0.0)
-                self.journal.update_batch_run(self.batch_id, slot["idx"], state=PENDING,
-                                              run_id=None, attempts=int(slot["attempts"]))
-                machine.filled.add(seat)
-                return False
-            machine.filled.add(seat)
-            self.board.note(slot["name"], f"takes GPU {seat} of the instance of {run['name']} "
-                                          f"(already set up)")
-            self._spawn({**slot, "attempts": int(slot["attempts"]) + 1}, run_id,
-                        machine.pack.warm, provider)
-            return True
-        return False  # none fits now: tried again next round
-
-    def _meter_idle(self) -> None:
-        """The idle seats of each pack into the ledger (packs of an earlier process too, after
-        ``resume``); an entry is closed once its machine is gone."""
-        for key in self.ledger.open_keys(S.IDLE_PREFIX):
-            lead = key[len(S.IDLE_PREFIX):]
-            machine = self._shared.get(lead)
-            instance_id = machine.instance_id if machine else S.journaled_instance(
-                self.journal, lead)
-            if instance_id is None:
-                run = self.journal.get_run(lead) or {}
-                if run.get("state") not in R.ACTIVE_STATES:
-                    self.ledger.close(key, 0.0)  # it never got its machine
-                continue
-            rows = S.seat_rows(self.journal, instance_id)
-            idle = S.idle_usd(rows, self.clock())
-            if S.alive(rows):
-                self.ledger.meter(key, idle)
-            else:
-                self.ledger.close(key, idle)
-                self.journal.add_event(lead, "idle_seats", {
-                    "batch_id": self.batch_id, "instance_id": instance_id, "usd": idle})
-
-    def _claim(self, slot: dict[str, Any], spec: "RunSpec", estimate: "Estimate",
+    def claim(self, slot: dict[str, Any], spec: "RunSpec", estimate: "Estimate",
                provider: "Provider") -> str | None:
         """Reserve the slot's estimate in the ledger and journal its run (``planned``); None
         when the reservation does not fit."""
@@ -611,7 +472,7 @@ class BatchScheduler:
             run = self.journal.get_run(run_id) or {}
             key = machine_key(spec_of(run))
             provider = self.provider_factory(run.get("provider") or "local", self.claims)
-            for slot in self._pending():
+            for slot in self.pending():
                 spec = slot_spec(slot)
                 if machine_key(spec) != key:
                     continue
@@ -621,7 +482,7 @@ class BatchScheduler:
                     from controller.planning.packing import seat_estimate
 
                     estimate = seat_estimate(estimate, seats)
-                taker = self._claim(slot, spec, estimate, provider)
+                taker = self.claim(slot, spec, estimate, provider)
                 if taker is None:
                     continue  # a later slot may be cheaper
                 try:
@@ -652,7 +513,7 @@ class BatchScheduler:
                                   billing_started_at=float(row["billing_started_at"]),
                                   info={**machine.info, "restarted": False})
             with self._lock:  # the finished run's thread still counts until it is collected
-                self._spawn(slot, run_id, estimate, provider, machine=adopted)
+                self.spawn(slot, run_id, estimate, provider, machine=adopted)
         return start
 
     def _estimate_on(self, spec: "RunSpec", from_run: str, machine: "Machine",
@@ -682,7 +543,7 @@ class BatchScheduler:
         self.board.note(slot["name"], note)
         self.journal.update_batch_run(self.batch_id, slot["idx"], state=SKIPPED, note=note)
 
-    def _spawn(self, slot: dict[str, Any], run_id: str, estimate: "Estimate | None",
+    def spawn(self, slot: dict[str, Any], run_id: str, estimate: "Estimate | None",
                provider: "Provider | None" = None, *, machine: "Machine | None" = None) -> None:
         run = self.journal.get_run(run_id) or {}
         provider = provider or self.provider_factory(run.get("provider") or "local", self.claims)
@@ -725,7 +586,7 @@ class BatchScheduler:
     def _finish(self) -> BatchResult:
         from controller.batch.report import write_report
 
-        self._meter_idle()
+        self.packs.meter_idle()
 
         rows = batch_rows(self.journal, self.batch_id)
         ended = [row["slot_state"] for row in rows]

@@ -12,7 +12,6 @@ whole machine: seats plus idle add up to ``dph_total x the machine's lifetime``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from controller.journal import (INSTANCE_ALIVE_STATES, INSTANCE_FAILED, seat_of)
@@ -20,7 +19,6 @@ from controller.run.relaunch import row_usd
 
 if TYPE_CHECKING:
     from controller.journal import Journal
-    from controller.planning.packing import Pack
 
 SETUP_STAGES = ("checks", "bootstrap")
 IDLE_RESERVE = "ledger_reserve_idle"  # the journal event of a pack's idle reserve
@@ -70,24 +68,6 @@ def idle_usd(rows: list[dict[str, Any]], now: float) -> float:
     end = now if alive(rows) else max(float(r.get("destroyed_at") or now) for r in rows)
     whole = max(0.0, end - start) / 3600.0 * price * seats
     return max(0.0, whole - sum(row_usd(r, end) for r in rows))
-
-
-@dataclass
-class SharedMachine:
-    """A pack the scheduler started in this process: its first run, its key and its seats."""
-
-    lead: str
-    key: str
-    pack: "Pack"
-    instance_id: str | None = None
-    filled: set[int] = field(default_factory=set)  # seats 1..N-1 that got a run
-
-    @property
-    def unopened(self) -> int:
-        return self.pack.seats - 1 - len(self.filled)
-
-    def free_seats(self) -> list[int]:
-        return [seat for seat in range(1, self.pack.seats) if seat not in self.filled]
 
 
 def journaled_idle(journal: "Journal", runs: list[dict[str, Any]],

@@ -101,6 +101,13 @@ def find_batch(journal: "Journal", ref: str | None) -> dict[str, Any] | None:
     return found[0] if len(found) == 1 else None
 
 
+def slot_spec(slot: dict[str, Any]) -> "RunSpec":
+    """The run spec a slot was journaled with."""
+    from controller.spec.model import RunSpec
+
+    return RunSpec.model_validate(json.loads(slot["spec_json"]))
+
+
 def batch_ledger(journal: "Journal", batch: dict[str, Any]) -> Ledger:
     """The batch's ledger as the journal has it (what ``resume`` starts from)."""
     runs = journal.runs_of_batch(batch["batch_id"])

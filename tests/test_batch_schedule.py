@@ -186,7 +186,7 @@ CHEAP_PAIR, DEAR_PAIR = 0.5, 0.9
 
 def packed_sweep(n: int, pair_dph: float) -> list[ScheduleItem]:
     """``n`` runs of one machine key, each with its estimate on a 2-GPU offer at ``pair_dph``
-    (as ``plan_cmds.with_packs`` gives them)."""
+    (as ``schedule.with_packs`` gives them)."""
     offers = [*OFFERS, offer(3, num_gpus=2, dph_total=pair_dph, inet_down=200, cpu_ram=256000)]
     items = []
     for i in range(n):

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from controller.batch import seats as S
 from controller.batch.ledger import run_reservation
-from controller.batch.setup import PENDING, slot_spec
+from controller.batch.setup import slot_spec
 from controller.batch.stop import stop_reason
 from controller.errors import FluxRemoteError
-from controller.journal import seat_of
+from controller.journal import INSTANCE_LIVE, seat_of
 from controller.planning.reuse import machine_key
 from controller.run import states as R
 
@@ -53,6 +53,8 @@ class Runs(Protocol):
 
     def spawn(self, slot: dict[str, Any], run_id: str, estimate: "Estimate | None",
               provider: "Provider | None" = None) -> None: ...
+
+    def unclaim(self, slot: dict[str, Any], run_id: str, error: str) -> None: ...
 
 
 @dataclass
@@ -130,8 +132,8 @@ class Packs:
             "seats": pack.seats})
         self.shared[run_id] = SharedMachine(lead=run_id, key=machine_key(spec), pack=pack)
         self.sched.board.note(self.journal.get_run(run_id)["name"],
-                        f"rents a {pack.seats}-GPU instance for {pack.seats} runs at once "
-                        f"(${pack.per_run_usd():.2f} per run)")
+                              f"rents a {pack.seats}-GPU instance for {pack.seats} runs at once "
+                              f"(${pack.per_run_usd():.2f} per run)")
 
     def open_seats(self) -> None:
         """Put pending runs on the free seats of packs whose first run is past its setup."""
@@ -148,7 +150,7 @@ class Packs:
                     "seats": machine.pack.seats, "instance_id": machine.instance_id})
             # any live seat anchors the new one (the first run may have handed seat 0 on)
             live = [r for r in S.seat_rows(self.journal, machine.instance_id)
-                    if r["state"] == "live"]
+                    if r["state"] == INSTANCE_LIVE]
             if not live or not S.past_setup(self.journal, machine.lead):
                 continue
             row = live[0]
@@ -176,11 +178,7 @@ class Packs:
             try:
                 self.journal.open_seat(lead_row, run_id, seat)
             except ValueError as exc:
-                self.journal.update_run(run_id, state=R.FAILED, ended_at=sched.clock(),
-                                        error=f"could not take a seat on the machine: {exc}")
-                sched.ledger.close(run_id, 0.0)
-                self.journal.update_batch_run(sched.batch_id, slot["idx"], state=PENDING,
-                                              run_id=None, attempts=int(slot["attempts"]))
+                sched.unclaim(slot, run_id, f"could not take a seat on the machine: {exc}")
                 machine.filled.add(seat)
                 return False
             machine.filled.add(seat)

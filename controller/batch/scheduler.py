@@ -337,17 +337,19 @@ class BatchScheduler:
     def _start_what_fits(self) -> None:
         with self._lock:
             self.packs.open_seats()
+            alive, promised = self._machines_alive(), self.packs.promised()
             skipped: dict[str, int] = {}
             for slot in self.pending():
-                if self._machines_alive() >= int(self.batch["max_parallel"]):
+                if alive >= int(self.batch["max_parallel"]):
                     return
                 key = machine_key(slot_spec(slot))
                 # a seat of a machine being set up (a pack started this round too) waits for it
-                if skipped.get(key, 0) < self.packs.promised().get(key, 0):
+                if skipped.get(key, 0) < promised.get(key, 0):
                     skipped[key] = skipped.get(key, 0) + 1
                     continue
                 if slot["idx"] not in self._waiting:
-                    self._try_start(slot)
+                    self._try_start(slot)  # may start a machine, or a pack that promises seats
+                    alive, promised = self._machines_alive(), self.packs.promised()
 
     def _machines_alive(self) -> int:
         """Machines the batch holds now (``max_parallel`` counts machines, not runs): one per
@@ -459,6 +461,14 @@ class BatchScheduler:
                                       attempts=int(slot["attempts"]) + 1)
         return run_id
 
+    def unclaim(self, slot: dict[str, Any], run_id: str, error: str) -> None:
+        """A claimed run that could not get the machine it was claimed for: it ends ``failed``
+        (nothing spent), its reservation goes back and its slot is pending again."""
+        self.journal.update_run(run_id, state=R.FAILED, ended_at=self.clock(), error=error)
+        self.ledger.close(run_id, 0.0)
+        self.journal.update_batch_run(self.batch_id, slot["idx"], state=PENDING, run_id=None,
+                                      attempts=int(slot["attempts"]))
+
     # ---- machines handed from one run to the next --------------------------------------------
 
     def _offer_machine(self, run_id: str, machine: "Machine") -> Taker | None:
@@ -488,11 +498,7 @@ class BatchScheduler:
                 try:
                     provider.hand_over(run_id, taker, self.journal)
                 except Exception as exc:  # noqa: BLE001 - the slot must not stay claimed
-                    self.journal.update_run(taker, state=R.FAILED, ended_at=self.clock(),
-                                            error=f"could not take over the machine: {exc}")
-                    self.ledger.close(taker, 0.0)
-                    self.journal.update_batch_run(self.batch_id, slot["idx"], state=PENDING,
-                                                  run_id=None, attempts=int(slot["attempts"]))
+                    self.unclaim(slot, taker, f"could not take over the machine: {exc}")
                     self.journal.add_event(run_id, "handover_failed", {"error": str(exc)})
                     return None
                 self._waiting.discard(slot["idx"])

@@ -70,6 +70,11 @@ def idle_usd(rows: list[dict[str, Any]], now: float) -> float:
     return max(0.0, whole - sum(row_usd(r, end) for r in rows))
 
 
+def batch_idle_usd(journal: "Journal", runs: list[dict[str, Any]], now: float) -> float:
+    """What the idle GPUs of these runs' multi-GPU instances cost so far (``cost BATCH``)."""
+    return sum(spent for _, spent, _ in journaled_idle(journal, runs, now).values())
+
+
 def journaled_idle(journal: "Journal", runs: list[dict[str, Any]],
                    now: float) -> dict[str, tuple[float, float, bool]]:
     """For ``resume``: each pack of these runs as ``idle_key -> (reserved, idle so far, open)``,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -17,7 +17,7 @@ from controller.errors import EXIT_BUDGET, SpecError
 
 if TYPE_CHECKING:
     from controller.planning.planner import PlanResult
-    from controller.planning.schedule import BatchSchedule, ScheduleItem
+    from controller.planning.schedule import BatchSchedule
     from controller.providers.base import Estimate
     from controller.spec.loader import LoadedFile
     from controller.spec.model import RunSpec
@@ -150,46 +150,14 @@ def render_plan(result: "PlanResult", out: Any, *, top: int = 10) -> None:
         )
 
 
-def with_packs(items: list["ScheduleItem"], estimate: Callable[["RunSpec"], "Estimate"], *,
-               gpus_per_machine: int, reuse: bool) -> list["ScheduleItem"]:
-    """Each item with the estimates of the multi-GPU machines the schedule may pack it on
-    (``ScheduleItem.packs``): only when the batch allows packing and at least two runs share its
-    machine key, for each N of ``packing.PACK_SIZES`` up to that count and ``gpus_per_machine``.
-    An N that no offer fits is left out."""
-    from collections import Counter
-    from dataclasses import replace
-
-    from controller.errors import BudgetError, ProviderError
-    from controller.planning.packing import PACK_SIZES, can_pack, pack_spec
-    from controller.planning.reuse import machine_key
-
-    if gpus_per_machine < 2 or not reuse:
-        return items
-    keys = [machine_key(item.spec) for item in items]
-    counts = Counter(key for key, item in zip(keys, items) if item.estimate is not None)
-    packed = []
-    for key, item in zip(keys, items):
-        sizes = [n for n in PACK_SIZES if n <= min(counts[key], gpus_per_machine)]
-        if item.estimate is None or not sizes or not can_pack(item.spec):
-            packed.append(item)
-            continue
-        packs: dict[int, "Estimate"] = {}
-        for seats in sizes:
-            try:
-                packs[seats] = estimate(pack_spec(item.spec, seats))
-            except (BudgetError, ProviderError):
-                continue  # no N-GPU offer fits: that size is not a choice
-        packed.append(replace(item, packs=packs))
-    return packed
-
-
 def batch_schedule(loaded: "LoadedFile",
                    offers: list[dict[str, Any]] | None) -> "BatchSchedule":
     """The batch's schedule, each run estimated on ``offers`` (or a live search, one per
-    distinct query), with the multi-GPU machines it may share (:func:`with_packs`)."""
+    distinct query), with the multi-GPU machines it may share
+    (:func:`controller.planning.schedule.with_packs`)."""
     from controller.batch.setup import estimate_runs, offers_estimate
     from controller.planning.planner import search_query
-    from controller.planning.schedule import schedule_batch
+    from controller.planning.schedule import schedule_batch, with_packs
     from controller.providers.base import own_machine_estimate
 
     batch = loaded.batch

@@ -607,10 +607,9 @@ def cost(
              "spend_usd": r["spend_usd"], "budget_usd": r["budget_usd"]} for r in rows]
     idle = 0.0
     if batch is not None:  # the idle GPUs of its multi-GPU instances: billed, but to no run
-        from controller.batch.seats import journaled_idle
+        from controller.batch.seats import batch_idle_usd
 
-        idle = sum(spent for _, spent, _ in journaled_idle(journal, rows,
-                                                            journal.clock()).values())
+        idle = batch_idle_usd(journal, rows, journal.clock())
     if as_json:
         emit_json({"ok": True, "runs": data, "idle_usd": idle,
                    "total_spend_usd": sum(r["spend_usd"] or 0.0 for r in data) + idle,

@@ -6,7 +6,7 @@ A batch with ``batch.reuse_machines`` may rent an offer with N GPUs for N runs o
 its reservation and the agent's cost guard use that share, and the time a seat holds no run
 (while the first run sets the machine up, and after a seat's last run ended while another still
 trains) is the machine's *idle* cost, metered into the batch ledger
-(:func:`controller.batch.shares.idle_usd`).
+(:func:`controller.batch.seats.idle_usd`).
 
 The choice (:func:`choose_pack`) is made from the estimates the planner already has: a pack of
 N wins when one seat's share of the N-GPU machine (the machine's estimate for one run's duration,

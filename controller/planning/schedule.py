@@ -49,7 +49,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from controller.batch.ledger import FINISH_HOLD_S, Ledger, reservation_for
 from controller.planning.packing import PACK_SIZES, Pack, can_pack, choose_pack, seat_estimate
@@ -547,6 +547,37 @@ def _simulate(items: list[ScheduleItem], *, max_parallel: int, budget_usd: float
     return BatchSchedule(budget_usd=budget_usd, max_parallel=sim.max_parallel, reuse=reuse,
                          machines=sim.machines, runs=[slot.row for slot in sim.slots],
                          gpus_per_machine=sim.gpus_per_machine)
+
+
+def with_packs(items: list[ScheduleItem], estimate: Callable[["RunSpec"], "Estimate"], *,
+               gpus_per_machine: int, reuse: bool) -> list[ScheduleItem]:
+    """Each item with the estimates of the multi-GPU machines the schedule may pack it on
+    (``ScheduleItem.packs``): only when the batch allows packing and at least two runs share its
+    machine key, for each N of ``packing.PACK_SIZES`` up to that count and ``gpus_per_machine``.
+    An N that no offer fits is left out."""
+    from collections import Counter
+
+    from controller.errors import BudgetError, ProviderError
+    from controller.planning.packing import pack_spec
+
+    if gpus_per_machine < 2 or not reuse:
+        return items
+    keys = [machine_key(item.spec) for item in items]
+    counts = Counter(key for key, item in zip(keys, items) if item.estimate is not None)
+    packed = []
+    for key, item in zip(keys, items):
+        sizes = [n for n in PACK_SIZES if n <= min(counts[key], gpus_per_machine)]
+        if item.estimate is None or not sizes or not can_pack(item.spec):
+            packed.append(item)
+            continue
+        packs: dict[int, "Estimate"] = {}
+        for seats in sizes:
+            try:
+                packs[seats] = estimate(pack_spec(item.spec, seats))
+            except (BudgetError, ProviderError):
+                continue  # no N-GPU offer fits: that size is not a choice
+        packed.append(replace(item, packs=packs))
+    return packed
 
 
 def schedule_batch(items: list[ScheduleItem], *, max_parallel: int, budget_usd: float,
